@@ -1,0 +1,210 @@
+"""Typed run configuration: one YAML recipe per job, overridden by ``key.sub=value`` arguments.
+
+A recipe has the sections ``model``, ``data``, ``objective``, ``optim`` and ``train`` (plus ``run_name``,
+``run_dir``, ``seed``, ``tokenizer``). Strings may use ``${VAR}`` / ``${VAR:-default}`` environment
+variables; ``LLADA_DATA`` defaults to ``../shared/data`` next to the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llada_scale.model import PRESETS, ModelConfig
+from llada_scale.objectives import ObjectiveConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = str(REPO_ROOT.parent / "shared" / "data")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says which key and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are cut.
+
+    train_shards / val_shards: directories written by ``tools/build_shards.py`` (``val_shards`` defaults to
+    ``train_shards``; its ``val`` split is used). seq_len: tokens per packed row.
+    """
+
+    train_shards: str = ""
+    val_shards: str = ""
+    seq_len: int = 256
+    num_workers: int = 1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (see :mod:`llada_scale.schedule`)."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainLoopConfig:
+    """Batch sizes (sequences), step counts, checkpointing, logging.
+
+    global_batch_size = micro_batch_size x gradient accumulation steps x world size (checked at start).
+    resume: ``auto`` (latest complete checkpoint in run_dir, if any), ``none``, or a checkpoint tag directory.
+    init_from: a checkpoint tag directory (ours, any ZeRO stage) or consolidated ``.safetensors`` whose
+    weights initialise the model (AR -> diffusion); the mask-token rows are added when missing.
+    """
+
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    max_steps: int = 1000
+    log_every: int = 10
+    val_every: int = 200
+    val_batches: int = 8
+    save_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"
+    init_from: str = ""
+    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
+    wandb_project: str = "llada_scale"
+    peak_flops: float = 0.0  # per device, FLOP/s; 0 = look up the GPU (H100/H200/A100) or skip MFU
+    num_samples: int = 2  # generated samples printed at each validation
+    sample_tokens: int = 32
+    nonfinite: str = "skip"  # skip | stop: what to do when the loss is NaN/inf
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe."""
+
+    run_name: str = "run"
+    run_dir: str = ""
+    seed: int = 0
+    tokenizer: str = "${LLADA_DATA}/tokenizer/minimind"
+    model_preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; ``LLADA_DATA`` defaults to ``../shared/data``.
+
+    Raises ConfigError for an unset variable without a default.
+    """
+
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if name == "LLADA_DATA":
+            return DEFAULT_DATA
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set (used in {value!r})")
+
+    return _ENV.sub(sub, value)
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    kwargs = {}
+    for k, v in values.items():
+        if isinstance(v, str):
+            v = expand_env(v)
+        if names[k].name == "betas" and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=3e-4'`` -> ``(['optim', 'lr'], 0.0003)`` (value parsed as YAML). Raises ConfigError."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value != "" else ""
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply ``overrides`` and return a validated :class:`RunConfig`.
+
+    The model section may name ``preset`` (see :data:`llada_scale.model.PRESETS`); other model keys override
+    the preset. Raises ConfigError (missing file, bad YAML, unknown keys, invalid values).
+    """
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = value
+    sections = {"model", "data", "objective", "optim", "train"}
+    top = {k: v for k, v in raw.items() if k not in sections}
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", top.pop("model_preset", "tiny"))
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    model = _build(ModelConfig, {**PRESETS[preset], **model_raw}, "model")
+    cfg = _build(RunConfig, top, "the top level")
+    cfg.model_preset = preset
+    cfg.model = model
+    cfg.data = _build(DataConfig, raw.get("data") or {}, "data")
+    cfg.objective = _build(ObjectiveConfig, raw.get("objective") or {}, "objective")
+    cfg.optim = _build(OptimConfig, raw.get("optim") or {}, "optim")
+    cfg.train = _build(TrainLoopConfig, raw.get("train") or {}, "train")
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / cfg.run_name)
+    if not cfg.data.val_shards:
+        cfg.data.val_shards = cfg.data.train_shards
+    if cfg.train.micro_batch_size <= 0 or cfg.train.global_batch_size <= 0:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (as stored in checkpoints)."""
+    d = dict(d)
+    model = _build(ModelConfig, d.pop("model"), "model")
+    parts = {k: d.pop(k) for k in ("data", "objective", "optim", "train")}
+    cfg = _build(RunConfig, d, "the top level")
+    cfg.model = model
+    cfg.data = _build(DataConfig, parts["data"], "data")
+    cfg.objective = _build(ObjectiveConfig, parts["objective"], "objective")
+    cfg.optim = _build(OptimConfig, parts["optim"], "optim")
+    cfg.train = _build(TrainLoopConfig, parts["train"], "train")
+    return cfg

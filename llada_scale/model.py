@@ -1,0 +1,310 @@
+"""Llama-style decoder backbone shared by AR and masked-diffusion (LLaDA) models.
+
+RMSNorm, rotary position embeddings, SwiGLU MLP and grouped-query attention, with module names that
+follow Hugging Face ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj`` ...) so a state dict
+exports to HF Llama without renaming. The only difference between an AR model and a LLaDA mask
+predictor is ``ModelConfig.causal`` (LLaDA GUIDELINES.md, "Model Architecture": remove the causal mask).
+
+This module knows nothing about distribution, objectives or data; attention masks come from
+:mod:`llada_scale.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llada_scale import attention
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of the backbone.
+
+    vocab_size is the embedding/head row count (the tokenizer's vocabulary plus the mask token, padded to
+    a multiple of 64). ``num_kv_heads < num_heads`` gives grouped-query attention. ``qk_norm`` and
+    ``norm_weight=False`` exist to import Nano-LLaDA / minimind variants.
+    """
+
+    vocab_size: int = 6464
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    causal: bool = True
+    qk_norm: bool = False
+    norm_weight: bool = True
+    mask_token_id: int | None = None
+    init_std: float = 0.02
+    attention_backend: str = "auto"  # auto | sdpa | flex
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named shapes. FFN sizes follow Llama's round(8/3 * hidden) to a multiple of 64 except where a
+# reference fixes them (LLaDA-8B: 12288).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384, max_seq_len=256),
+    "small": dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=704, max_seq_len=512),
+    # Nano-LLaDA size (~30M with vocab 6464).
+    "30m": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1408, max_seq_len=512),
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=5632, max_seq_len=2048),
+    # LLaDA-8B shape (ML-GSAI/LLaDA config.json): 32 layers, d 4096, 32 heads, FFN 12288, vocab 126464.
+    "llada-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
+                     vocab_size=126464, max_seq_len=4096, rope_theta=500000.0, mask_token_id=126336),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """Return the :class:`ModelConfig` for a named preset with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown preset name (the message lists the known ones).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Computed in float32 and cast back. ``elementwise_affine=False`` gives the weightless variant.
+    Input/output: [..., dim], any float dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary embedding tables (Su et al. 2021, RoFormer eq. 34; HF Llama's rotate-half layout).
+
+    Args:
+        position_ids: int64 [B, L] positions (restart at each packed document).
+    Returns:
+        cos, sin: [B, 1, L, head_dim] in ``dtype``, to broadcast over heads.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, L, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, L, D] by the tables from :func:`rotary_cos_sin` (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, RoPE and optional QK-norm (per-head RMSNorm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
+
+    def forward(self, x, cos, sin, mask):
+        b, l, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention.attend(q, k, v, mask)  # [B, H, L, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020, eq. 6): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers and final norm (HF name: ``model``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
+
+
+class Transformer(nn.Module):
+    """Llama-style language model; ``cfg.causal`` picks AR (True) or LLaDA mask predictor (False).
+
+    ``forward(input_ids, position_ids=None, document_ids=None, attention_mask=None) -> logits``
+
+    Args:
+        input_ids: int64 [B, L].
+        position_ids: int64 [B, L]; default ``arange(L)`` for every row.
+        document_ids: int [B, L] segment ids of packed documents; tokens attend only within their
+            document (and causally when ``cfg.causal``). Ignored when ``attention_mask`` is given.
+        attention_mask: a prebuilt mask from :mod:`llada_scale.attention` (dense bool [B, 1, Lq, Lk],
+            True = attend, or a FlexAttention ``BlockMask``) for custom patterns such as block diffusion.
+    Returns:
+        logits: [B, L, vocab_size] in the dtype of the weights.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 / OLMo style: scale residual output projections by 1/sqrt(2 * num_layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):
+        """Final-norm hidden states [B, L, hidden_size]; arguments as :meth:`forward`."""
+        cfg = self.config
+        b, l = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
+        mask = attention_mask
+        if mask is None:
+            mask = attention.build_mask(document_ids, causal=cfg.causal, q_len=l, kv_len=l, batch_size=b,
+                                        device=input_ids.device, backend=cfg.attention_backend)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):
+        h = self.hidden_states(input_ids, position_ids, document_ids, attention_mask)
+        return F.linear(h, self.output_weight())
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; ``exclude_embeddings`` drops the input embedding (kept if tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.lm_head is not None:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+
+def resize_vocab(state_dict: dict, new_vocab_size: int, std: float = 0.02, seed: int = 0,
+                 init_rows: str = "mean") -> dict:
+    """Return ``state_dict`` with embedding/head rows grown (or cut) to ``new_vocab_size``.
+
+    New rows (e.g. the mask token added for AR -> diffusion) are initialised to the mean of the
+    existing rows (``init_rows="mean"``) or N(0, std^2) (``"normal"``); existing rows are unchanged.
+    Keys touched: ``model.embed_tokens.weight`` and ``lm_head.weight`` when present.
+    """
+    out = dict(state_dict)
+    gen = torch.Generator().manual_seed(seed)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key not in out:
+            continue
+        w = out[key]
+        old = w.shape[0]
+        if old >= new_vocab_size:
+            out[key] = w[:new_vocab_size].clone()
+            continue
+        if init_rows == "mean":
+            extra = w.float().mean(0, keepdim=True).expand(new_vocab_size - old, -1).to(w.dtype)
+        else:
+            extra = (torch.randn(new_vocab_size - old, w.shape[1], generator=gen) * std).to(w.dtype)
+        out[key] = torch.cat([w, extra], 0)
+    return out
+
+
+def load_weights(model: Transformer, state_dict: dict, source: str = "checkpoint") -> None:
+    """Copy ``state_dict`` into ``model`` after checking every key and shape.
+
+    Raises:
+        ValueError: one line naming missing / unexpected keys and shape mismatches, e.g.
+            ``checkpoint does not fit the model: model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs model [384, 128]``.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad = [f"{k}: {source} {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+           for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    problems += bad[:4]
+    if problems:
+        raise ValueError(f"{source} does not fit the model ({'; '.join(problems)}); check the model preset/overrides "
+                         "match the checkpoint's config")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state_dict[k].to(v.dtype))
