@@ -1,0 +1,356 @@
+"""Packed, rank-equalised, exactly resumable loader over llada_scale token shards.
+
+:class:`PackedDataset` turns a shard directory (see :mod:`llada_scale.data.shards`) into an endless (or
+one-epoch) stream of micro batches, and :func:`build_dataloader` wraps it in a torchdata
+``StatefulDataLoader`` whose ``state_dict()`` resumes the stream exactly.
+
+Batch contract (every tensor has shape ``[micro_batch_size, seq_len]``):
+
+==================  =======  ===========================================================================
+key                 dtype    meaning
+==================  =======  ===========================================================================
+``input_ids``       int64    token ids
+``position_ids``    int64    restart at 0 at every segment: each document start and each row start (a
+                             document split across rows continues in the next row as a new segment)
+``document_ids``    int32    0, 1, 2, ... per segment within a row (changes exactly where positions
+                             restart); SFT rows are a single segment (all 0, padding included)
+``prompt_mask``     bool     SFT: True on conversation tokens outside assistant turns (system/user text,
+                             role headers); False on assistant tokens and on padding. Pretraining: False
+``padding_mask``    bool     SFT: True on the EOS padding after the conversation. Pretraining: False
+==================  =======  ===========================================================================
+
+Pretraining packs documents, each followed by the EOS token, into rows of exactly ``seq_len`` tokens
+(no padding), carrying the remainder of a document into the next row. SFT puts one conversation per row,
+truncated to ``seq_len``, padded with EOS (``position_ids`` keep counting through the padding); a row
+whose assistant tokens were all truncated away is skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from llada_scale.data.shards import ShardError, index_sha256, load_index, read_shard, shard_paths
+
+__all__ = ["LoaderError", "LoaderStateError", "PackedDataset", "build_dataloader", "ShardError"]
+
+_STATE_VERSION = 1
+
+
+class LoaderError(ValueError):
+    """Bad loader configuration (message says how to fix it)."""
+
+
+class LoaderStateError(LoaderError):
+    """A loader state dict that does not belong to this dataset configuration."""
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise LoaderError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class PackedDataset(IterableDataset):
+    """Micro batches of packed (pretraining) or padded (SFT) token rows from a shard directory.
+
+    Args:
+        shard_dir: directory with ``index.json`` written by ``tools/build_shards.py``.
+        split: ``"train"`` or ``"val"``.
+        seq_len: tokens per row ``L``.
+        micro_batch_size: rows per batch ``B``.
+        rank, world_size: data-parallel position of this process.
+        seed: shuffling seed (shard order per epoch, document order within a shard).
+        eos_token_id: separator/padding token; default: the index's tokenizer ``eos_token_id``.
+        num_workers: loader worker processes this dataset will run in (0 = main process). Must equal the
+            ``num_workers`` given to :func:`build_dataloader`; it is part of the deterministic split.
+        infinite: True: epochs follow each other forever (training). False: stop after one epoch
+            (validation; a new ``iter`` then starts the epoch again from the beginning).
+
+    Sharding (WebDataset's ``split_by_node`` + ``split_by_worker``, done explicitly so the assignment is
+    deterministic, testable and changes every epoch): at epoch ``e`` the split's shard list is shuffled
+    with ``random.Random(seed + e)`` -- identically on every rank -- then rank ``r`` takes
+    ``shards[r::world_size]`` and its worker ``w`` takes ``that[w::max(1, num_workers)]``. Within a
+    shard the documents are shuffled with a generator seeded by (seed, epoch, shard, pass). Shards are
+    read with a WebDataset pipeline (``SimpleShardList`` + ``tarfile_to_samples``), one shard at a time.
+
+    Equal batches: every (rank, worker) yields exactly ``K = batches_per_epoch() / max(1, num_workers)``
+    batches per epoch, so uneven shards never desynchronise ranks. ``K`` comes from the index alone and
+    holds for every epoch: each of the ``P = world_size * max(1, num_workers)`` streams gets at least
+    ``k = n_shards // P`` shards, so its capacity is at least the size of the ``k`` smallest shards:
+    pretraining ``K = floor(sum(tokens + documents of the k smallest) / (L * B))`` (each document adds an
+    EOS), SFT ``K = floor(sum(documents of the k smallest) / B)``. Data beyond ``K`` batches in a stream
+    is dropped for that epoch (waste: at most about one shard per stream plus the difference between its
+    shards and the k smallest; another epoch assigns shards differently). If SFT truncation skips so many
+    rows that a stream runs dry before ``K`` batches, it wraps around to its first shard (pass + 1).
+
+    State: :meth:`state_dict` describes the position AFTER the last yielded batch (epoch, index into this
+    worker's shard list, documents consumed in that shard, tokens of the current document already packed
+    -- the packer's leftover --, batches yielded this epoch, pass) plus a fingerprint checked by
+    :meth:`load_state_dict`. Rows are filled strictly from the document stream, so this position is the
+    whole packer state; resume re-opens the shard list at that shard and skips the consumed documents.
+
+    Raises (constructor):
+        ShardIndexNotFoundError / ShardError: missing or invalid index, unknown split, missing shard.
+        LoaderError: bad sizes, fewer shards than ``world_size * max(1, num_workers)``, or shards too small
+            for even one batch per stream.
+    Iteration raises ShardError naming the shard path on a truncated/corrupt tar.
+    """
+
+    def __init__(self, shard_dir: str, split: str, seq_len: int, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, eos_token_id: int | None = None, num_workers: int = 0,
+                 infinite: bool = True) -> None:
+        super().__init__()
+        self.seq_len = _positive_int("seq_len", seq_len)
+        self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
+        self.world_size = _positive_int("world_size", world_size)
+        self.rank = _positive_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise LoaderError(f"rank {rank} must be < world_size {world_size}")
+        self.num_workers = _positive_int("num_workers", num_workers, 0)
+        self.seed = int(seed)
+        self.infinite = bool(infinite)
+        self.shard_dir = shard_dir
+        self.split = split
+        self.index = load_index(shard_dir)
+        self.kind = self.index["kind"]
+        self.index_hash = index_sha256(shard_dir)
+        self.shards = shard_paths(shard_dir, split, self.index)
+        if eos_token_id is None:
+            eos_token_id = self.index["tokenizer"].get("eos_token_id")
+            if eos_token_id is None:
+                raise LoaderError(f"{shard_dir}/index.json has no tokenizer eos_token_id; pass eos_token_id=")
+        self.eos_token_id = _positive_int("eos_token_id", eos_token_id, 0)
+
+        streams = self.world_size * max(1, self.num_workers)
+        n = len(self.shards)
+        if n < streams:
+            raise LoaderError(
+                f"{shard_dir}: split {split!r} has {n} shards but world_size {self.world_size} x "
+                f"{max(1, self.num_workers)} loader workers needs at least {streams}; rebuild with a smaller "
+                f"--shard_tokens (or use fewer workers)")
+        k = n // streams
+        if self.kind == "pretrain":
+            sizes = sorted(tokens + docs for _, docs, tokens in self.shards)
+            per_batch = self.seq_len * self.micro_batch_size
+        else:
+            sizes = sorted(docs for _, docs, _ in self.shards)
+            per_batch = self.micro_batch_size
+        self._worker_batches = sum(sizes[:k]) // per_batch
+        if self._worker_batches == 0:
+            raise LoaderError(
+                f"{shard_dir}: split {split!r} is too small: each of the {streams} streams (ranks x workers) "
+                f"gets at least {k} shard(s) holding {sum(sizes[:k])} {'tokens' if self.kind == 'pretrain' else 'rows'}, "
+                f"less than one batch ({per_batch}); use a smaller seq_len/micro_batch_size or more data")
+        self._pos: dict | None = None  # None = fresh start
+
+    # ------------------------------------------------------------------ public helpers
+    def batches_per_epoch(self) -> int:
+        """Batches this rank yields per epoch (identical on every rank): per-worker batches x workers."""
+        return self._worker_batches * max(1, self.num_workers)
+
+    def fingerprint(self) -> dict:
+        """Configuration a state dict must match: index hash, split, kind, sizes, ranks, workers, seed, eos."""
+        return {"index_sha256": self.index_hash, "split": self.split, "kind": self.kind, "seq_len": self.seq_len,
+                "micro_batch_size": self.micro_batch_size, "world_size": self.world_size, "rank": self.rank,
+                "num_workers": self.num_workers, "seed": self.seed, "eos_token_id": self.eos_token_id}
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices (into the split's index list) of all shards in epoch ``epoch``'s order (same on all ranks)."""
+        order = list(range(len(self.shards)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def worker_shards(self, epoch: int, worker: int = 0) -> list[int]:
+        """Shard indices read by (this rank, ``worker``) in epoch ``epoch``, in reading order."""
+        return self.shard_order(epoch)[self.rank::self.world_size][worker::max(1, self.num_workers)]
+
+    # ------------------------------------------------------------------ state
+    def _worker_id(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            if self.num_workers > 1:
+                raise LoaderError(f"dataset was built for num_workers={self.num_workers} but is iterated in the "
+                                  f"main process; use build_dataloader(dataset, {self.num_workers})")
+            return 0
+        if info.num_workers != max(1, self.num_workers):
+            raise LoaderError(f"dataset was built for num_workers={self.num_workers} but runs in a loader with "
+                              f"{info.num_workers} workers; pass the same number to both")
+        return info.id
+
+    @staticmethod
+    def _fresh_pos() -> dict:
+        return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "token_pos": 0, "batches": 0, "pass": 0,
+                "finished": False}
+
+    def state_dict(self) -> dict:
+        """Position after the last yielded batch of the current worker (JSON-serialisable dict).
+
+        Keys: ``version``, ``fingerprint`` (see :meth:`fingerprint`), ``worker``, ``epoch``, ``shard_pos``
+        (index into this worker's shard list for the epoch), ``sample_pos`` (documents fully consumed in
+        that shard), ``token_pos`` (tokens of the next document already packed, the packer's leftover),
+        ``batches`` (yielded this epoch), ``pass``, ``finished``.
+        """
+        pos = dict(self._pos) if self._pos is not None else self._fresh_pos()
+        return {"version": _STATE_VERSION, "fingerprint": self.fingerprint(), "worker": self._worker_id(), **pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` output; the next ``iter`` continues right after that batch.
+
+        Raises:
+            LoaderStateError: not a state dict of this loader, or its fingerprint (data, seq_len, batch size,
+                world size, rank, workers, seed, eos) or worker id differs from this dataset's.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "fingerprint" not in state:
+            raise LoaderStateError("not a PackedDataset state dict (missing version/fingerprint)")
+        mine = self.fingerprint()
+        theirs = state["fingerprint"]
+        diff = [f"{k}: saved {theirs.get(k)!r} != now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diff:
+            raise LoaderStateError("loader state does not match this dataset (" + "; ".join(diff) +
+                                   "); resume with the same shards and loader settings, or start fresh")
+        worker = self._worker_id()
+        if state.get("worker") != worker:
+            raise LoaderStateError(f"loader state is for worker {state.get('worker')}, loaded into worker {worker}")
+        pos = self._fresh_pos()
+        for key in pos:
+            if key not in state:
+                raise LoaderStateError(f"loader state lacks {key!r}")
+            pos[key] = state[key]
+        self._pos = pos
+
+    # ------------------------------------------------------------------ iteration
+    def _load_docs(self, shard_idx: int, epoch: int, pas: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        path, docs, tokens = self.shards[shard_idx]
+        samples = read_shard(path, expected_documents=docs, expected_tokens=tokens)
+        order = np.random.default_rng([self.seed, epoch, shard_idx, pas]).permutation(len(samples))
+        out = []
+        for i in order:
+            _, ids, mask = samples[i]
+            if self.kind == "pretrain":
+                arr = np.empty(ids.size + 1, dtype=np.int64)
+                arr[:-1] = ids
+                arr[-1] = self.eos_token_id
+                out.append((arr, None))
+            else:
+                out.append((ids.astype(np.int64), mask.astype(bool)))
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield micro batches ``{input_ids, position_ids, document_ids, prompt_mask, padding_mask}``.
+
+        Shapes ``[micro_batch_size, seq_len]``, dtypes as in the module docstring. Raises ShardError on a
+        corrupt shard, LoaderError on a worker-count mismatch.
+        """
+        worker = self._worker_id()
+        pos = dict(self._pos) if self._pos is not None else self._fresh_pos()
+        if pos["finished"]:
+            pos = self._fresh_pos()
+        L, B, K = self.seq_len, self.micro_batch_size, self._worker_batches
+        eos = self.eos_token_id
+        cache_key, docs = None, []
+        shards: list[int] = []
+        shards_epoch = None
+        rows_this_pass = 0
+
+        while True:
+            if pos["batches"] >= K:  # epoch done
+                if not self.infinite:
+                    pos["finished"] = True
+                    self._pos = pos
+                    return
+                pos = {**self._fresh_pos(), "epoch": pos["epoch"] + 1}
+            if shards_epoch != pos["epoch"]:
+                shards = self.worker_shards(pos["epoch"], worker)
+                shards_epoch = pos["epoch"]
+
+            input_ids = np.empty((B, L), dtype=np.int64)
+            position_ids = np.empty((B, L), dtype=np.int64)
+            document_ids = np.empty((B, L), dtype=np.int32)
+            prompt_mask = np.zeros((B, L), dtype=bool)
+            padding_mask = np.zeros((B, L), dtype=bool)
+            b = 0
+            filled = 0
+            seg = 0
+            while b < B:
+                if pos["shard_pos"] >= len(shards):  # stream ran dry before K batches: wrap around
+                    if rows_this_pass == 0 and pos["pass"] > 0:
+                        raise LoaderError(f"{self.shard_dir}: worker {worker} of rank {self.rank} found no usable "
+                                          f"row in its shards (all assistant tokens beyond seq_len {L}?)")
+                    pos.update(shard_pos=0, sample_pos=0, token_pos=0, **{"pass": pos["pass"] + 1})
+                    rows_this_pass = 0
+                key = (pos["epoch"], shards[pos["shard_pos"]], pos["pass"])
+                if key != cache_key:
+                    docs = self._load_docs(shards[pos["shard_pos"]], pos["epoch"], pos["pass"])
+                    cache_key = key
+                if pos["sample_pos"] >= len(docs):
+                    pos.update(shard_pos=pos["shard_pos"] + 1, sample_pos=0, token_pos=0)
+                    continue
+                ids, mask = docs[pos["sample_pos"]]
+                if self.kind == "pretrain":
+                    start = pos["token_pos"]
+                    take = min(ids.size - start, L - filled)
+                    input_ids[b, filled:filled + take] = ids[start:start + take]
+                    position_ids[b, filled:filled + take] = np.arange(take)
+                    document_ids[b, filled:filled + take] = seg
+                    filled += take
+                    seg += 1
+                    if start + take == ids.size:
+                        pos.update(sample_pos=pos["sample_pos"] + 1, token_pos=0)
+                    else:
+                        pos["token_pos"] = start + take
+                    if filled == L:
+                        b += 1
+                        filled = 0
+                        seg = 0
+                        rows_this_pass += 1
+                else:
+                    pos.update(sample_pos=pos["sample_pos"] + 1)
+                    n = min(ids.size, L)
+                    if not mask[:n].any():
+                        continue  # every assistant token truncated away
+                    input_ids[b, :n] = ids[:n]
+                    input_ids[b, n:] = eos
+                    position_ids[b] = np.arange(L)
+                    document_ids[b] = 0
+                    prompt_mask[b, :n] = ~mask[:n]
+                    padding_mask[b, n:] = True
+                    b += 1
+                    rows_this_pass += 1
+            pos["batches"] += 1
+            self._pos = dict(pos)  # position AFTER this batch, recorded before yielding
+            yield {
+                "input_ids": torch.from_numpy(input_ids),
+                "position_ids": torch.from_numpy(position_ids),
+                "document_ids": torch.from_numpy(document_ids),
+                "prompt_mask": torch.from_numpy(prompt_mask),
+                "padding_mask": torch.from_numpy(padding_mask),
+            }
+
+
+def build_dataloader(dataset: PackedDataset, num_workers: int):
+    """Wrap ``dataset`` in a ``torchdata.stateful_dataloader.StatefulDataLoader`` (``batch_size=None``).
+
+    The dataset already yields whole micro batches; the loader only moves them across worker processes
+    (round-robin over workers, each yielding the same number per epoch) and records every worker's
+    :meth:`PackedDataset.state_dict` so ``loader.state_dict()`` / ``load_state_dict()`` resume exactly.
+
+    Raises:
+        LoaderError: ``num_workers`` differs from the ``num_workers`` the dataset was built with.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if not isinstance(dataset, PackedDataset):
+        raise LoaderError(f"build_dataloader needs a PackedDataset, got {type(dataset).__name__}")
+    if int(num_workers) != dataset.num_workers:
+        raise LoaderError(f"build_dataloader(num_workers={num_workers}) but the dataset was built with "
+                          f"num_workers={dataset.num_workers}; they must match (it fixes the shard split)")
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=2, persistent_workers=False)
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
+                              pin_memory=torch.cuda.is_available(), **kwargs)
