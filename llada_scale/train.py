@@ -1,0 +1,544 @@
+"""Train a model (AR pretraining, LLaDA diffusion continual pretraining, SFT) with DeepSpeed ZeRO.
+
+Launch with any of::
+
+    deepspeed --num_gpus 2 llada_scale/train.py --deepspeed_config ds_configs/zero2.json --config configs/X.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m llada_scale.train --deepspeed_config ds_configs/zero2.json --config configs/X.yaml
+    python -m llada_scale.train --config configs/X.yaml          # one process
+
+The trainer knows the model only through ``Transformer(cfg)`` and the objective's ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+
+from llada_scale import checkpointer
+from llada_scale.config import ConfigError, RunConfig, load_config
+from llada_scale.metrics import SpeedMonitor, device_peak_flops, flops_per_token
+from llada_scale.model import Transformer, load_weights, resize_vocab
+from llada_scale.objectives import NUM_T_BUCKETS, compute_loss, is_diffusion
+from llada_scale.schedule import lr_multiplier
+
+log = logging.getLogger("llada_scale")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; printed as one line by :func:`main`."""
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU).
+
+    A plain ``python -m llada_scale.train`` gets a one-process group on a free local port.
+    Returns (rank, local_rank, world_size).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: torch.device) -> dict:
+    """Read a DeepSpeed JSON and fill its ``"auto"`` fields from the recipe.
+
+    Batch sizes: train_batch_size = global_batch_size = micro_batch_size x gradient_accumulation_steps x
+    world_size. bf16 ``auto`` means on for CUDA devices with bf16 support, off on CPU (bf16 matmuls run
+    ~200x slower than fp32 on CPUs without AVX512-BF16; measured in docs/LOG.md).
+
+    Raises:
+        TrainError: missing/invalid JSON or a global batch that the world size cannot divide.
+    """
+    if path:
+        try:
+            ds = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"DeepSpeed config {path} does not exist (see ds_configs/)") from None
+        except json.JSONDecodeError as e:
+            raise TrainError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    else:
+        ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise TrainError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+            f"{t.micro_batch_size} x world_size {world_size} = {per_step}; set train.global_batch_size to a "
+            f"multiple of {per_step} or change train.micro_batch_size")
+    gas = t.global_batch_size // per_step
+    for key, value in (("train_batch_size", t.global_batch_size), ("train_micro_batch_size_per_gpu",
+                       t.micro_batch_size), ("gradient_accumulation_steps", gas)):
+        if ds.get(key, "auto") not in ("auto", value):
+            raise TrainError(f"{path}: {key}={ds[key]} contradicts the recipe ({value}); set it to \"auto\"")
+        ds[key] = value
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
+        ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                                     "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2 dims), none on norm weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_init_weights(model: Transformer, path: str) -> dict:
+    """Initialise ``model`` from a checkpoint (ours at any ZeRO stage, or consolidated safetensors).
+
+    Rows are added to the embedding/head when the source vocabulary is smaller (AR -> diffusion adds the mask
+    token). Returns the source metadata. Raises TrainError with the mismatch when shapes do not fit.
+    """
+    from llada_scale import checkpoint_io
+
+    try:
+        state, meta = checkpoint_io.load_model_state(path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise TrainError(f"train.init_from={path}: {e}") from None
+    state = resize_vocab(state, model.config.vocab_size)
+    try:
+        load_weights(model, state, source=f"init_from checkpoint {path}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    return meta
+
+
+class Logger:
+    """Console lines on rank 0 and, when enabled, wandb (offline without an API key)."""
+
+    def __init__(self, cfg: RunConfig, rank: int):
+        self.rank = rank
+        self.run = None
+        mode = cfg.train.wandb
+        if rank != 0 or mode == "off":
+            return
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        run_dir = Path(cfg.run_dir)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb_cache"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        id_file = run_dir / "wandb_id"
+        import wandb
+
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.run_name, id=run_id, resume="allow",
+                              mode=mode, config=cfg.to_dict())
+
+    def log(self, step: int, metrics: dict, line: str | None = None):
+        if self.rank != 0:
+            return
+        if line:
+            log.info(line)
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the DeepSpeed engine, the loaders, the noise RNG and the loop. Construct on every rank."""
+
+    def __init__(self, cfg: RunConfig, ds_config_path: str | None, loader_factory=None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from llada_scale.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world_size = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), \
+            dist.get_world_size()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.tokenizer = Tokenizer.load(cfg.tokenizer)
+        cfg.model.vocab_size = self.tokenizer.padded_vocab_size()
+        cfg.model.mask_token_id = self.tokenizer.mask_token_id
+        self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
+
+        resume_dir = self._resume_dir()
+        torch.manual_seed(cfg.seed)
+        model = Transformer(cfg.model)
+        self.init_meta = None
+        if cfg.train.init_from and resume_dir is None:
+            self.init_meta = load_init_weights(model, cfg.train.init_from)
+        n_flop_params = model.num_params(exclude_embeddings=True)
+        self.num_params = model.num_params()
+
+        ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
+        self.grad_accum = ds_cfg["gradient_accumulation_steps"]
+        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        o = cfg.optim
+        lr_fn = lambda step: lr_multiplier(step, schedule=o.schedule, max_steps=cfg.train.max_steps,  # noqa: E731
+                                           warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
+                                           decay_fraction=o.decay_fraction)
+        optimizer = None
+        if "optimizer" not in ds_cfg:
+            optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                          fused=self.device.type == "cuda")
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_cfg,
+            model_parameters=param_groups(model, o.weight_decay) if optimizer is None else None,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.loader = loader_factory() if loader_factory else self._build_loader("train")
+        self.step = 0
+        if resume_dir is not None:
+            self._load(resume_dir)
+        self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
+                                                  cfg.data.seq_len),
+                                  self.world_size, device_peak_flops(cfg.train.peak_flops))
+        self.logger = Logger(cfg, self.rank)
+        self._stop_signal = 0
+        self.skipped_batches = 0
+
+    # -- data
+    def _build_loader(self, split: str, rank: int | None = None, world_size: int | None = None):
+        from llada_scale.data.loader import PackedDataset, build_dataloader
+
+        d = self.cfg.data
+        shard_dir = d.train_shards if split == "train" else d.val_shards
+        if not shard_dir:
+            raise TrainError("data.train_shards is not set; build shards with tools/build_shards.py first")
+        ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
+                           rank=self.rank if rank is None else rank,
+                           world_size=self.world_size if world_size is None else world_size,
+                           seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
+                           num_workers=d.num_workers if split == "train" else 0)
+        self._check_tokenizer(shard_dir)
+        return build_dataloader(ds, d.num_workers if split == "train" else 0)
+
+    def _check_tokenizer(self, shard_dir: str):
+        from llada_scale.data.shards import load_index
+
+        ident = load_index(shard_dir).get("tokenizer", {})
+        mine = self.tokenizer.identity()
+        if ident.get("sha256") and ident.get("sha256") != mine.get("sha256"):
+            raise TrainError(f"shards in {shard_dir} were built with another tokenizer ({ident.get('path')}) than "
+                             f"the recipe's {self.cfg.tokenizer}; rebuild the shards or fix `tokenizer:`")
+
+    def _next_batch(self, it):
+        batch = next(it)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- checkpoints
+    def _resume_dir(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if mode in ("none", "", None):
+            return None
+        if mode == "auto":
+            return checkpointer.find_latest(self.ckpt_dir)
+        try:
+            return checkpointer.resolve(mode)
+        except checkpointer.CheckpointError as e:
+            raise TrainError(f"train.resume: {e}") from None
+
+    def _meta(self) -> dict:
+        return {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.identity(), "zero_stage": self.zero_stage,
+                "world_size": self.world_size, "num_params": self.num_params}
+
+    def save(self):
+        """Collective: save engine, loader and RNG states of every rank at the current step."""
+        loader_states = [None] * self.world_size
+        rng_states = [None] * self.world_size
+        dist.all_gather_object(loader_states, self.loader.state_dict())
+        dist.all_gather_object(rng_states, self.generator.get_state().cpu())
+        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.skipped_batches}
+        path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
+        if self.rank == 0:
+            log.info(f"saved checkpoint {path}")
+
+    def _load(self, tag_dir: Path):
+        meta = checkpointer.read_meta(tag_dir)
+        saved = meta.get("config", {}).get("model", {})
+        mine = self.cfg.model.to_dict()
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v and k != "attention_backend"}
+        if diff:
+            raise TrainError(f"checkpoint {tag_dir} is of another model (checkpoint vs recipe: {diff}); "
+                             "resume with the recipe it was trained with, or use train.init_from")
+        if meta.get("world_size") != self.world_size:
+            raise TrainError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} ranks but this run has "
+                             f"{self.world_size}; convert it to a universal checkpoint (see README) or use "
+                             "train.init_from to start from its weights")
+        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if load_path is None:
+            raise TrainError(f"DeepSpeed could not load {tag_dir}")
+        self.step = client["step"]
+        self.skipped_batches = client.get("skipped", 0)
+        self.loader.load_state_dict(client["loader"][self.rank])
+        self.generator.set_state(client["rng"][self.rank].to(self.generator.device)
+                                 if self.device.type != "cuda" else client["rng"][self.rank])
+        if self.rank == 0:
+            log.info(f"resumed from {tag_dir} at step {self.step}")
+
+    # -- signals (SLURM preemption / time limit)
+    def install_signal_handlers(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        """On any of ``signals`` the run saves a checkpoint at the next step boundary that all ranks agree on."""
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for s in signals:
+            signal.signal(s, handler)
+
+    # -- loop
+    def train_step(self, it) -> dict:
+        """One optimizer step over ``grad_accum`` micro batches; returns local stats (summed tensors)."""
+        self.engine.train()
+        totals: dict[str, torch.Tensor] = {}
+        micro = 0
+        while micro < self.grad_accum:
+            batch = self._next_batch(it)
+            loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+                                       self.cfg.model.mask_token_id, self.generator, step=self.step) \
+                if _accepts_step() else compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+                                                     self.cfg.model.mask_token_id, self.generator)
+            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(self._stop_signal)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[1] > 0:
+                self._stop_signal = int(flags[1])
+            if flags[0] > 0:  # non-finite on some rank: every rank drops this micro batch
+                self.skipped_batches += 1
+                if self.rank == 0:
+                    log.warning(f"step {self.step}: non-finite loss, micro batch skipped "
+                                f"({self.skipped_batches} so far)")
+                if self.cfg.train.nonfinite == "stop":
+                    raise TrainError(f"non-finite loss at step {self.step}; lower optim.lr or set train.nonfinite=skip")
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            micro += 1
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v.detach().float().to(self.device)
+        self.step += 1
+        return totals
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean validation loss over ``val_batches`` batches per rank, noise fixed across validations."""
+        self.engine.eval()
+        loader = self._build_loader("val", rank=0, world_size=1)
+        it = iter(loader)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 999_983)
+        total = torch.zeros(2, device=self.device)
+        for i in range(self.cfg.train.val_batches * self.world_size):
+            batch = self._next_batch(it)
+            if i % self.world_size != self.rank:
+                continue
+            loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+                                   self.cfg.model.mask_token_id, gen)
+            total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
+        dist.all_reduce(total)
+        return {"val/loss": (total[0] / total[1]).item()}
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        """Generate from a few fixed prompts (every rank runs the forwards: ZeRO-3 needs them all)."""
+        try:
+            from llada_scale import generate
+        except ImportError:
+            return []
+        prompts = self._sample_prompts()[: self.cfg.train.num_samples]
+        if not prompts:
+            return []
+        model = self.engine.module
+        model.eval()
+        n = self.cfg.train.sample_tokens
+        if self.cfg.model.causal:
+            out = generate.ar_generate(model, prompts, max_new_tokens=n, eos_token_id=self.tokenizer.eos_token_id)
+        else:
+            out = generate.diffusion_generate(model, prompts, mask_token_id=self.cfg.model.mask_token_id,
+                                              gen_length=n, block_length=n, steps=n)
+        return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(t)!r}" for p, t in zip(prompts, out.tokens)]
+
+    def _sample_prompts(self) -> list[list[int]]:
+        if self.cfg.objective.name == "sft":
+            questions = ["Give three tips for staying healthy.", "请介绍一下你自己。", "What is the capital of France?"]
+            return [self.tokenizer.render_prompt([{"role": "user", "content": q}]) for q in questions]
+        return [self.tokenizer.encode(t) for t in ("ROMEO:\n", "床前明月光，", "The history of")]
+
+    def _log_step(self, window: dict, step_time: float):
+        t = self.cfg.train
+        keys = sorted(window)
+        flat = torch.cat([window[k].reshape(-1).float() for k in keys])
+        dist.all_reduce(flat)
+        sums, off = {}, 0
+        for k in keys:
+            n = window[k].numel()
+            sums[k] = flat[off:off + n]
+            off += n
+        loss = (sums["loss_sum"] / sums["loss_count"]).item()
+        speed = self.speed.report()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        gnorm = self.engine.get_global_grad_norm()
+        gnorm = float(gnorm) if gnorm is not None else float("nan")
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
+                   "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
+                   speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
+                   "train/skipped_batches": self.skipped_batches}
+        line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
+                f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | "
+                f"mfu {'-' if speed['mfu'] is None else f'{100 * speed['mfu']:.1f}%'}")
+        if "t_bucket_ce_sum" in sums:
+            ce = (sums["t_bucket_ce_sum"] / sums["t_bucket_count"].clamp(min=1)).tolist()
+            for i, v in enumerate(ce):
+                lo, hi = i / NUM_T_BUCKETS, (i + 1) / NUM_T_BUCKETS
+                metrics[f"train/ce_t{lo:.1f}-{hi:.1f}"] = v
+            line += " | ce by t " + "/".join(f"{v:.2f}" for v in ce)
+        if "block_length" in sums:
+            metrics["train/block_length"] = (sums["block_length"] / sums["loss_count"]).item()
+            line += f" | block {metrics['train/block_length']:.0f}"
+        self.logger.log(self.step, metrics, line)
+
+    def fit(self) -> dict:
+        """Run until ``train.max_steps`` (or a stop signal); returns the last logged metrics dict."""
+        t = self.cfg.train
+        if self.rank == 0:
+            log.info(f"model {self.num_params / 1e6:.2f}M params | world {self.world_size} | ZeRO-{self.zero_stage} | "
+                     f"micro {t.micro_batch_size} x accum {self.grad_accum} x world = global {t.global_batch_size} "
+                     f"seqs of {self.cfg.data.seq_len} | bf16 {self.engine.bfloat16_enabled()} | "
+                     f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'})")
+        it = iter(self.loader)
+        window: dict = {}
+        last = {}
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        self.speed.reset()
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            stats = self.train_step(it)
+            for k, v in stats.items():
+                window[k] = window.get(k, 0) + v
+            self.speed.update(tokens_per_step)
+            step_time = time.perf_counter() - t0
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log_step(window, step_time)
+                window = {}
+            if t.val_every and (self.step % t.val_every == 0 or self.step == t.max_steps):
+                last = self.validate()
+                samples = self.sample()
+                self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
+                for s in samples:
+                    self.logger.log(self.step, {}, f"  sample: {s}")
+                self.speed.reset()
+            if self._stop_signal:
+                if self.rank == 0:
+                    log.info(f"signal {self._stop_signal} received: checkpointing at step {self.step} and stopping")
+                self.save()
+                return {**last, "preempted": True}
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                self.save()
+                self.speed.reset()
+        return last
+
+    def close(self):
+        self.logger.close()
+        self.engine.destroy()
+
+
+def _accepts_step() -> bool:
+    import inspect
+
+    return "step" in inspect.signature(compute_loss).parameters
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train an AR or LLaDA diffusion model with DeepSpeed ZeRO. Positional key=value arguments "
+                    "override the recipe (e.g. optim.lr=3e-4 train.max_steps=100 model.preset=30m).")
+    p.add_argument("--config", required=True, help="YAML recipe in configs/ (model, data, objective, optim, train)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="DeepSpeed JSON from ds_configs/ (ZeRO stage, bf16, offload); 'auto' fields are filled from "
+                        "the recipe. Default: ZeRO-0")
+    p.add_argument("--resume", default=None,
+                   help="auto (latest complete checkpoint of the run, default), none, or a checkpoint directory")
+    p.add_argument("--init_from", default=None,
+                   help="initialise weights from this checkpoint (run dir, tag dir or safetensors dir), e.g. AR -> diffusion")
+    p.add_argument("--run_dir", default=None, help="output directory (default runs/<run_name>)")
+    p.add_argument("--wandb", default=None, choices=["auto", "online", "offline", "off"],
+                   help="wandb mode (auto: offline without WANDB_API_KEY)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value")
+    args = p.parse_args(argv)
+    for flag, key in (("resume", "train.resume"), ("init_from", "train.init_from"), ("run_dir", "run_dir"),
+                      ("wandb", "train.wandb")):
+        if getattr(args, flag) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, _, _ = init_distributed()
+    if rank != 0:
+        logging.getLogger("llada_scale").setLevel(logging.WARNING)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, args.deepspeed_config)
+        trainer.install_signal_handlers()
+        result = trainer.fit()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if not type(e).__module__.startswith("llada_scale") and not isinstance(e, FileNotFoundError):
+            raise  # a bug or a library failure: keep the traceback
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if rank == 0 and result:
+        log.info("final " + " ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    from llada_scale.train import main as _main  # import as a module so error classes keep their module name
+
+    sys.exit(_main())
