@@ -82,6 +82,7 @@ class TrainLoopConfig:
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
     nonfinite: str = "skip"  # skip | stop: what to do when the loss is NaN/inf
+    stop_at_step: int = 0  # >0: checkpoint and exit at this step as if preempted (split a run across jobs; tests)
 
 
 @dataclass

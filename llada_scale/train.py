@@ -141,6 +141,7 @@ class Logger:
     def __init__(self, cfg: RunConfig, rank: int):
         self.rank = rank
         self.run = None
+        self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         mode = cfg.train.wandb
         if rank != 0 or mode == "off":
             return
@@ -163,6 +164,9 @@ class Logger:
             return
         if line:
             log.info(line)
+        if metrics:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
@@ -465,9 +469,12 @@ class Trainer:
                     log.info(f"signal {self._stop_signal} received: checkpointing at step {self.step} and stopping")
                 self.save()
                 return {**last, "preempted": True}
-            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps \
+                    or self.step == t.stop_at_step:
                 self.save()
                 self.speed.reset()
+            if self.step == t.stop_at_step:
+                return {**last, "stopped_at": self.step}
         return last
 
     def close(self):

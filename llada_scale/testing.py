@@ -1,0 +1,53 @@
+"""A small harness to run real multi-process jobs in tests (gloo on CPU, one process per rank).
+
+Each rank is a separate ``python`` process with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set,
+as torchrun or the SLURM scripts would set them, so the code under test takes its ordinary launch path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(argv: list[str], world_size: int, env: dict | None = None, timeout: float = 600,
+              cwd: str | Path | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``python *argv`` as ``world_size`` ranks and wait for all of them.
+
+    Returns one CompletedProcess per rank (stdout and stderr as text). Raises ``RuntimeError`` with the
+    failing ranks' output if any rank exits non-zero or the run exceeds ``timeout`` seconds.
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        e = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=e, cwd=cwd or REPO_ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    try:
+        for rank, p in enumerate(procs):
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f"{argv} did not finish within {timeout} s")
+    failed = [(i, r) for i, r in enumerate(results) if r.returncode != 0]
+    if failed:
+        detail = "\n".join(f"--- rank {i} exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}" for i, r in failed)
+        raise RuntimeError(f"{argv} failed on ranks {[i for i, _ in failed]}:\n{detail}")
+    return results
