@@ -1,0 +1,184 @@
+"""Semi-autoregressive sampling for block-diffusion models, with an exact KV cache of finished blocks.
+
+The sequence ``[prompt ; gen_length masks]`` is cut into blocks of ``block_length`` positions counted from
+position 0 (the same blocks as training, :func:`llada_scale.block_diffusion.block_ids`), so the first block
+that is decoded may hold the prompt's tail. Blocks are decoded left to right; within a block,
+``steps_per_block`` denoising steps each commit the most confident predictions among the block's masked
+positions (LLaDA low-confidence remasking, GUIDELINES.md / ML-GSAI/LLaDA ``generate.py``; block-wise semi-AR
+decoding as in BD3-LM, Arriola et al. 2025, Sec. 3, and LLaDA 2.0).
+
+Why the cache is exact: under the block-diffusion training mask a noisy block attends to itself and to the
+*clean* tokens of earlier blocks, and clean tokens attend only block-causally to clean tokens. So the keys and
+values of a finished block, computed once from its clean tokens attending to the cache plus the whole block,
+never change afterwards, and a noisy block only needs them plus its own tokens: full (unmasked) attention over
+``[cache ; block]``. The uncached path recomputes everything with
+:func:`llada_scale.block_diffusion.block_diffusion_logits` on ``[x ; x]`` every step; the tests check both give
+identical tokens.
+
+The model has no cache API; the cached forward walks its submodules (HF Llama names, see
+:mod:`llada_scale.model`) and reuses ``rotary_cos_sin`` / ``apply_rotary``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llada_scale import block_diffusion as bd
+from llada_scale.model import apply_rotary, rotary_cos_sin
+
+
+def _core(model):
+    """The :class:`llada_scale.model.Transformer` inside ``model`` (itself, or a wrapper's ``.module``)."""
+    if hasattr(model, "model") and hasattr(model, "output_weight"):
+        return model
+    inner = getattr(model, "module", None)
+    if inner is not None and hasattr(inner, "output_weight"):
+        return inner
+    raise TypeError(f"{type(model).__name__} is not a llada_scale Transformer (needs .model and .output_weight())")
+
+
+class KVCache:
+    """Per-layer keys/values of finished (clean) blocks, preallocated to ``max_len`` positions.
+
+    ``k[i]``, ``v[i]``: [B, num_kv_heads, max_len, head_dim] (RoPE already applied to keys); ``length``: the
+    number of filled positions (always a multiple of the block length except possibly at the very end).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+
+@torch.no_grad()
+def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                        append: bool = False) -> torch.Tensor:
+    """Logits of one block attending to the cached finished blocks and to the whole block (no mask).
+
+    Args:
+        model: :class:`llada_scale.model.Transformer` (or a wrapper with ``.module``).
+        block_ids: int64 [B, l] tokens of the block (may contain mask tokens); position_ids: int64 [B, l].
+        cache: finished blocks so far.
+        append: store this block's keys/values in ``cache`` (call once the block is fully decoded, with its
+            clean tokens).
+    Returns:
+        logits [B, l, V] in the model's dtype.
+    """
+    core = _core(model)
+    cfg = core.config
+    b, l = block_ids.shape
+    start, end = cache.length, cache.length + l
+    x = core.model.embed_tokens(block_ids)
+    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+    gqa = cfg.num_heads != cfg.num_kv_heads
+    for i, layer in enumerate(core.model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = torch.cat([cache.k[i][:, :, :start], k], 2)
+        values = torch.cat([cache.v[i][:, :, :start], v], 2)
+        if append:
+            cache.k[i][:, :, start:end] = k
+            cache.v[i][:, :, start:end] = v
+        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    if append:
+        cache.length = end
+    return F.linear(core.model.norm(x), core.output_weight())
+
+
+def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
+    """Tokens to commit at each of ``steps`` steps: ``num_masked`` split as evenly as possible, the remainder
+    on the first steps (ML-GSAI/LLaDA ``generate.py::get_num_transfer_tokens``). Zeros are dropped, so fewer
+    steps are returned when ``steps > num_masked``."""
+    steps = max(1, steps)
+    base, rem = divmod(num_masked, steps)
+    return [n for n in (base + (1 if s < rem else 0) for s in range(steps)) if n > 0]
+
+
+def _commit(x: torch.Tensor, logits: torch.Tensor, start: int, n: int, mask_token_id: int, temperature: float,
+            generator: torch.Generator | None) -> None:
+    """Commit the ``n`` most confident predictions among the masked positions of ``x[:, start:]`` in place.
+
+    Confidence is the softmax probability of the chosen token (low-confidence remasking, LLaDA). With
+    ``temperature > 0`` the choice is argmax of Gumbel-perturbed logits (LLaDA ``add_gumbel_noise``, float64).
+    The mask token itself is never predicted.
+    """
+    logits = logits.double()
+    logits[..., mask_token_id] = -torch.inf
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        choice = (logits.exp() / (-torch.log(u.clamp_min(1e-300))) ** temperature).argmax(-1)
+    else:
+        choice = logits.argmax(-1)
+    conf = torch.softmax(logits, -1).gather(-1, choice[..., None])[..., 0]
+    block = x[:, start:start + logits.shape[1]]
+    is_masked = block == mask_token_id
+    conf = torch.where(is_masked, conf, torch.full_like(conf, -torch.inf))
+    idx = conf.topk(n, dim=1).indices
+    block.scatter_(1, idx, choice.gather(1, idx))
+
+
+@torch.no_grad()
+def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps_per_block: int,
+                    mask_token_id: int, temperature: float = 0.0, use_cache: bool = True,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Block-by-block (semi-autoregressive) masked-diffusion decoding for a block-diffusion model.
+
+    Args:
+        model: :class:`llada_scale.model.Transformer` trained with block diffusion (any ``causal`` flag: the
+            masks used here do not depend on it).
+        prompt_ids: int64 [B, P], equal-length prompts (P >= 0), without mask tokens.
+        gen_length: tokens to generate (>= 1).
+        block_length: tokens per block (>= 1), counted from position 0 as in training.
+        steps_per_block: denoising steps per block; each commits ~(masked tokens in block)/steps tokens.
+        mask_token_id: the mask token.
+        temperature: 0 = greedy (deterministic); > 0 = Gumbel-max sampling with ``generator``.
+        use_cache: True = exact KV cache of finished blocks (:func:`cached_block_logits`); False = recompute
+            ``[x ; x]`` with the training mask (:func:`llada_scale.block_diffusion.block_diffusion_logits`)
+            every step (reference, O(L^2) per step).
+    Returns:
+        int64 [B, P + gen_length]: the prompt followed by the generated tokens (no mask tokens left).
+    Raises:
+        ValueError: bad lengths, or the prompt contains the mask token.
+    """
+    if gen_length < 1 or block_length < 1 or steps_per_block < 1:
+        raise ValueError("gen_length, block_length and steps_per_block must be >= 1")
+    if bool((prompt_ids == mask_token_id).any()):
+        raise ValueError("the prompt contains the mask token")
+    b, p = prompt_ids.shape
+    total = p + gen_length
+    device = prompt_ids.device
+    x = torch.cat([prompt_ids, torch.full((b, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
+    positions = torch.arange(total, device=device).expand(b, total)
+    first = p // block_length  # first block that holds a generated position
+    num_blocks = -(-total // block_length)
+    cache = None
+    if use_cache:
+        core = _core(model)
+        cfg = core.config
+        w = core.output_weight()
+        cache = KVCache(cfg.num_layers, b, cfg.num_kv_heads, total, cfg.head_dim, w.dtype, device)
+        for k in range(first):  # prefill: the prompt's complete blocks, one block at a time
+            s, e = k * block_length, (k + 1) * block_length
+            cached_block_logits(model, x[:, s:e], positions[:, s:e], cache, append=True)
+    for k in range(first, num_blocks):
+        s, e = k * block_length, min((k + 1) * block_length, total)
+        num_masked = int((x[0, s:e] == mask_token_id).sum())
+        for n in num_transfer_tokens(num_masked, steps_per_block):
+            if use_cache:
+                logits = cached_block_logits(model, x[:, s:e], positions[:, s:e], cache)
+            else:
+                logits = bd.block_diffusion_logits(model, x, x, positions, None, block_length)[:, s:e]
+            _commit(x, logits, s, n, mask_token_id, temperature, generator)
+        if use_cache and k + 1 < num_blocks:
+            cached_block_logits(model, x[:, s:e], positions[:, s:e], cache, append=True)
+    return x
