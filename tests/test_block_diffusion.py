@@ -257,7 +257,7 @@ def test_cfg_prompt_carries_no_loss():
     base, _ = compute_loss(model, batch, cfg, causal=False, mask_token_id=MASK, generator=gen())
     wrapped = lambda *a, **k: _bump_prompt(model(*a, **k), 5, 12)  # noqa: E731
     other, _ = compute_loss(wrapped, batch, cfg, causal=False, mask_token_id=MASK, generator=gen())
-    assert float(base) == pytest.approx(float(other), rel=1e-6)
+    assert base.item() == pytest.approx(other.item(), rel=1e-6)
 
 
 def _bump_prompt(logits, p, l):
@@ -303,3 +303,23 @@ def test_kv_cached_decoding_equals_uncached(prompt_len, gen_length, block_length
     d = generate_blocks(model, prompt, gen_length, block_length, steps, MASK, temperature=1.0, use_cache=False,
                         generator=torch.Generator().manual_seed(0))
     assert torch.equal(c, d)
+
+
+def test_llada2_recipes_load():
+    import os
+
+    from llada_scale.config import config_from_dict, load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    ar = load_config(os.path.join(root, "llada2_ar_pretrain_tiny.yaml"))
+    wsd = load_config(os.path.join(root, "llada2_wsd_diffusion_tiny.yaml"))
+    sft = load_config(os.path.join(root, "llada2_bd_sft_tiny.yaml"))
+    assert ar.model.causal and ar.objective.name == "ar"
+    assert not wsd.model.causal and wsd.objective.block_diffusion
+    assert wsd.train.init_from.endswith(ar.run_name) and sft.train.init_from.endswith(wsd.run_name)
+    got = [wsd.objective.block_length_at(s) for s in (0, 15, 30, 45, 60, 239, 240, 270, wsd.train.max_steps)]
+    assert got == [1, 4, 32, 64, bd.FULL_LENGTH, bd.FULL_LENGTH, 64, 32, 32]
+    assert sft.objective.name == "sft" and sft.objective.block_length_at(0) == 32 == got[-1]
+    for cfg in (ar, wsd, sft):
+        assert cfg.model_preset == "tiny" and cfg.data.seq_len == 256
+        assert config_from_dict(cfg.to_dict()).objective == cfg.objective
