@@ -62,8 +62,8 @@ def block_ids(position_ids: torch.Tensor, document_ids: torch.Tensor | None, blo
 def sample_block_times(segments: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One diffusion time per block, broadcast to its tokens.
 
-    u ~ U(0, 1) per segment, t = (1 - eps) u + eps (LLaDA GUIDELINES.md ``forward_process``; BD3-LM draws one
-    t per block, Arriola et al. 2025 eq. 7). Draws ``rand(B, S)`` with S = number of segments of the longest
+    u ~ U(0, 1) per segment, t = (1 - eps) u + eps (LLaDA GUIDELINES.md ``forward_process``; one t per block
+    as in BD3-LM, Arriola et al. 2025, Sec. 3, kuleshov-group/bd3lms ``diffusion.py``, and LLaDA 2.0). Draws ``rand(B, S)`` with S = number of segments of the longest
     row, so a batch whose rows are single blocks consumes exactly the random numbers of plain LLaDA's
     ``rand(B)`` (same seed -> same noise).
 
@@ -214,9 +214,9 @@ def block_length_at(schedule: Sequence, step: int) -> int:
 
     Phase i covers steps [sum_{j<i} steps_j, sum_{j<=i} steps_j); after the last phase its block length
     holds. ``"full"`` returns :data:`FULL_LENGTH` (any value >= the row length means one block per document).
-    This is the WSD-over-block-length schedule of LLaDA 2.0 (Bie et al. 2025, Sec. 3: warm-up growing the
-    block from small to the full sequence, stable MDLM phase at full length, decay to a small block for BDLM)
-    and is independent of the learning-rate schedule.
+    This is the WSD-over-block-length schedule of LLaDA 2.0 (Bie et al. 2025, arXiv 2512.15745: warm-up
+    growing the block from small to the full sequence, stable MDLM phase at full length, decay to a compact
+    block for BDLM) and is independent of the learning-rate schedule.
 
     Raises:
         ValueError: empty or invalid schedule, negative step.
