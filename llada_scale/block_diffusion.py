@@ -126,6 +126,8 @@ def block_diffusion_mask(segments: torch.Tensor, document_ids: torch.Tensor | No
         backend: ``auto`` | ``sdpa`` | ``flex`` (see :func:`llada_scale.attention.resolve_backend`).
     Returns:
         FlexAttention ``BlockMask`` or dense bool [B, 1, 2L, 2L] (True = attend).
+    Raises:
+        ValueError: unknown backend, or ``flex`` off CUDA.
     """
     b, length = segments.shape
     device = segments.device
@@ -177,6 +179,8 @@ def block_diffusion_logits(model, noisy_ids: torch.Tensor, clean_ids: torch.Tens
         backend: mask backend; default the model config's ``attention_backend``.
     Returns:
         logits [B, L, V] at the noisy positions, in the model's dtype.
+    Raises:
+        ValueError: ``block_length < 1`` or a bad backend.
     """
     length = noisy_ids.shape[1]
     segments = block_ids(position_ids, document_ids, block_length)
@@ -241,6 +245,9 @@ def wsd_block_schedule(warmup: Sequence[int], warmup_steps: int, stable_steps: i
 
     Example: ``wsd_block_schedule([1, 4, 32], 100, 1000, [64, 32], 200)`` ->
     ``[[1, 100], [4, 100], [32, 100], ['full', 1000], [64, 200], [32, 200]]``.
+
+    Raises:
+        ValueError: a length < 1 or negative step count (see :func:`validate_block_schedule`).
     """
     sched = [[int(b), warmup_steps] for b in warmup] + [[FULL, stable_steps]]
     sched += [[int(b), decay_steps] for b in decay]

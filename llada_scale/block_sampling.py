@@ -65,6 +65,8 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
             clean tokens).
     Returns:
         logits [B, l, V] in the model's dtype.
+    Raises:
+        TypeError: ``model`` is not a llada_scale Transformer (or a wrapper of one).
     """
     core = _core(model)
     cfg = core.config
@@ -149,6 +151,7 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
         int64 [B, P + gen_length]: the prompt followed by the generated tokens (no mask tokens left).
     Raises:
         ValueError: bad lengths, or the prompt contains the mask token.
+        TypeError: ``use_cache`` with a model that is not a llada_scale Transformer.
     """
     if gen_length < 1 or block_length < 1 or steps_per_block < 1:
         raise ValueError("gen_length, block_length and steps_per_block must be >= 1")
