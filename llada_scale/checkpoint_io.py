@@ -41,7 +41,7 @@ __all__ = [
     "CheckpointError", "META_FILE", "CONFIG_FILE", "FORMAT", "resolve_checkpoint", "load_model_state",
     "save_safetensors", "build_model_from_checkpoint", "model_config_from_meta", "model_config_from_hf",
     "hf_config_from_model_config", "parse_size", "parse_dtype", "atomic_write_text", "tokenizer_path_from_meta",
-    "copy_tokenizer_files",
+    "copy_tokenizer_files", "check_state_dict",
 ]
 
 META_FILE = "llada_scale.json"
@@ -539,6 +539,34 @@ def build_model_from_checkpoint(path: str, *, dtype: str | torch.dtype | None = 
         model = model.to(dt)
     model.checkpoint_meta = meta
     return model.to(device).eval()
+
+
+def check_state_dict(state_dict: dict, model_config, source: str = "checkpoint") -> None:
+    """Check that ``state_dict`` has exactly the keys and shapes of ``Transformer(model_config)``.
+
+    The model is built on the ``meta`` device, so this costs no memory even for large configs.
+
+    Raises:
+        CheckpointError: one line naming missing / unexpected keys and shape mismatches (first 4 of each),
+            e.g. ``... model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs config [384, 128]``.
+    """
+    from llada_scale.model import Transformer
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad = [f"{k}: {source} {list(state_dict[k].shape)} vs config {list(own[k])}"
+           for k in own if k in state_dict and tuple(state_dict[k].shape) != own[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    if bad:
+        problems.append("shape mismatch " + "; ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))
+    if problems:
+        raise CheckpointError(f"{source} does not fit its model config ({'; '.join(problems)})")
 
 
 def tokenizer_path_from_meta(meta: dict) -> str | None:

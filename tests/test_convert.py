@@ -1,0 +1,374 @@
+"""Checkpoint conversion: ZeRO checkpoints written by real (gloo) processes -> consolidate -> same logits;
+HF export/import; AR -> diffusion; clear errors; Nano-LLaDA / minimind import against reference forwards.
+
+Run as a script (``python tests/test_convert.py worker ...``) this file is the DeepSpeed worker that the
+distributed tests spawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from llada_scale import checkpoint_io as cio  # noqa: E402
+from llada_scale.model import ModelConfig, Transformer  # noqa: E402
+
+TOKENIZER_DIR = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data")) / "tokenizer" / "minimind"
+TAG = "step00000002"
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                max_seq_len=64, init_std=0.2)
+    return ModelConfig(**{**base, **kw})
+
+
+def fixed_input() -> torch.Tensor:
+    return torch.arange(24).reshape(2, 12) * 7 % 90
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def worker(stage: int, bf16: bool, out: str, tie: bool) -> None:
+    """One rank: train 2 steps with ZeRO ``stage``, save a checkpoint + llada_scale.json, dump logits."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tie_embeddings=tie)
+    model = Transformer(cfg)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+          "bf16": {"enabled": bf16}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+          "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x = torch.randint(0, 96, (2, 16), generator=g)
+        logits = engine(x)
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, 96), x[:, 1:].reshape(-1))
+        engine.backward(loss)
+        engine.step()
+    ckpt_dir = os.path.join(out, "checkpoints")
+    engine.save_checkpoint(ckpt_dir, TAG)
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(fixed_input()).float()  # every rank runs the forward (ZeRO-3 gathers)
+    if rank == 0:
+        tok = {"path": str(TOKENIZER_DIR / "tokenizer.json")} if TOKENIZER_DIR.is_dir() else None
+        meta = {"step": 2, "config": {"model": cfg.to_dict(), "run_name": "t"}, "tokenizer": tok,
+                "zero_stage": stage, "world_size": world}
+        with open(os.path.join(ckpt_dir, TAG, cio.META_FILE), "w") as f:
+            json.dump(meta, f)
+        torch.save(logits, os.path.join(out, "logits.pt"))
+    engine.destroy()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(tmp: Path, stage: int, bf16: bool, world: int, tie: bool = False) -> Path:
+    port = _free_port()
+    procs = []
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions_llada_tests"))
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "TORCH_EXTENSIONS_DIR": ext, "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(stage), str(int(bf16)), str(tmp),
+                                       str(int(tie))], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    return tmp / "checkpoints" / TAG
+
+
+def convert(*argv) -> int:
+    import convert_checkpoint
+
+    return convert_checkpoint.main([str(a) for a in argv])
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.distributed
+def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
+    tag = run_workers(tmp_path, stage=3, bf16=False, world=2)
+    expected = torch.load(tmp_path / "logits.pt")
+    out = tmp_path / "cons"
+    assert convert("consolidate", tag, out, "--dtype", "fp32", "--quiet") == 0
+    model = cio.build_model_from_checkpoint(out, progress=False)
+    with torch.no_grad():
+        got = model(fixed_input())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == "llada_scale" and cfg["step"] == 2 and cfg["source"]["world_size"] == 2
+    if TOKENIZER_DIR.is_dir():
+        assert (out / "tokenizer.json").is_file()
+    # the checkpoints/ directory resolves through 'latest'; sharded output loads the same weights
+    sharded = tmp_path / "sharded"
+    assert convert("consolidate", tmp_path / "checkpoints", sharded, "--dtype", "fp32", "--max_shard_size", "40KB",
+                   "--quiet") == 0
+    assert (sharded / cio.SAFE_INDEX).is_file() and len(list(sharded.glob("model-*.safetensors"))) > 1
+    a, _ = cio.load_model_state(out, progress=False)
+    b, meta = cio.load_model_state(sharded, progress=False)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the trainer's --init_from path: a tag directory directly
+    c, meta = cio.load_model_state(tag, progress=False)
+    assert meta["zero_stage"] == 3 and all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.distributed
+def test_stage0_bf16_recovers_fp32_master(tmp_path):
+    tag = run_workers(tmp_path, stage=0, bf16=True, world=1, tie=True)
+    sd, meta = cio.load_model_state(tag, progress=False)
+    w = sd["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())  # true fp32 master weights
+    assert "lm_head.weight" not in sd
+    model = cio.build_model_from_checkpoint(tag, dtype="bf16", progress=False)
+    with torch.no_grad():
+        got = model(fixed_input()).float()
+    torch.testing.assert_close(got, torch.load(tmp_path / "logits.pt"), atol=0, rtol=0)
+
+
+def _save_ours(path: Path, model: Transformer, tokenizer=None) -> Path:
+    cio.save_safetensors(model.state_dict(), str(path), {"format": "llada_scale", "model": model.config.to_dict(),
+                                                         "tokenizer": tokenizer}, dtype="fp32", progress=False)
+    return path
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_hf_matches_transformers(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = Transformer(tiny_cfg(tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-6)).eval()
+    src = _save_ours(tmp_path / "src", ours)
+    assert convert("export-hf", src, tmp_path / "hf", "--dtype", "fp32", "--quiet") == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(fixed_input()).logits, ours(fixed_input()), atol=1e-5, rtol=1e-5)
+    # and back: import-hf gives the same weights and config
+    assert convert("import-hf", tmp_path / "hf", tmp_path / "back", "--dtype", "fp32", "--quiet") == 0
+    back = cio.build_model_from_checkpoint(tmp_path / "back", progress=False)
+    assert back.config.tie_embeddings == tie and back.config.rope_theta == 5000.0
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_export_hf_diffusion_bidirectional(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = Transformer(tiny_cfg(causal=False, mask_token_id=95)).eval()
+    assert convert("export-hf", _save_ours(tmp_path / "src", ours), tmp_path / "hf", "--dtype", "fp32", "--quiet") == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["mask_token_id"] == 95 and cfg["llada_scale"]["causal"] is False
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    x = fixed_input()
+    full = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)  # docs/EVAL.md recipe
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x, attention_mask=full).logits, ours(x), atol=1e-5, rtol=1e-5)
+    assert cio.build_model_from_checkpoint(tmp_path / "hf", progress=False).config.causal is False
+
+
+def test_export_hf_refuses_qk_norm_and_weightless(tmp_path, capsys):
+    for kw in (dict(qk_norm=True), dict(norm_weight=False)):
+        src = _save_ours(tmp_path / str(kw), Transformer(tiny_cfg(**kw)))
+        assert convert("export-hf", src, tmp_path / ("hf" + str(len(kw))), "--quiet") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and ("QK-norm" in err or "weightless" in err)
+
+
+def test_ar_to_diffusion_adds_rows(tmp_path):
+    torch.manual_seed(0)
+    ar = Transformer(tiny_cfg()).eval()
+    src = _save_ours(tmp_path / "ar", ar)
+    assert convert("ar-to-diffusion", src, tmp_path / "dm", "--mask_token_id", "100", "--quiet") == 0
+    dm = cio.build_model_from_checkpoint(tmp_path / "dm", progress=False)
+    assert dm.config.vocab_size == 128 and dm.config.mask_token_id == 100 and dm.config.causal is False
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        old, new = ar.state_dict()[key], dm.state_dict()[key]
+        assert torch.equal(new[:96], old)
+        torch.testing.assert_close(new[100], old.mean(0))
+    # mask id inside the vocabulary: no growth; --reset_head_row resets that row
+    assert convert("ar-to-diffusion", src, tmp_path / "dm2", "--mask_token_id", "90", "--reset_head_row",
+                   "--quiet") == 0
+    dm2 = cio.build_model_from_checkpoint(tmp_path / "dm2", progress=False)
+    assert dm2.config.vocab_size == 96
+    keep = torch.arange(96) != 90
+    torch.testing.assert_close(dm2.state_dict()["lm_head.weight"][90], ar.state_dict()["lm_head.weight"][keep].mean(0))
+
+
+def test_ar_to_diffusion_needs_mask_id(tmp_path, capsys):
+    src = _save_ours(tmp_path / "ar", Transformer(tiny_cfg()))
+    assert convert("ar-to-diffusion", src, tmp_path / "dm", "--quiet") == 2
+    assert "--mask_token_id" in capsys.readouterr().err
+
+
+def test_shape_mismatch_and_missing_metadata_errors(tmp_path, capsys):
+    src = _save_ours(tmp_path / "m", Transformer(tiny_cfg()))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model"]["intermediate_size"] = 192
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(cio.CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*\[64, 128\]"):
+        cio.build_model_from_checkpoint(src, progress=False)
+    assert convert("export-hf", src, tmp_path / "hf", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mlp.gate_proj.weight" in err and err.count("\n") == 1
+    # a DeepSpeed-looking directory without llada_scale.json
+    fake = tmp_path / "tag"
+    fake.mkdir()
+    torch.save({"module": Transformer(tiny_cfg()).state_dict(), "buffer_names": []},
+               fake / "mp_rank_00_model_states.pt")
+    sd, meta = cio.load_model_state(fake, progress=False)
+    assert meta["has_metadata"] is False and "model.norm.weight" in sd
+    with pytest.raises(cio.CheckpointError, match="llada_scale.json"):
+        cio.build_model_from_checkpoint(fake, progress=False)
+    with pytest.raises(cio.CheckpointError, match="not a checkpoint"):
+        cio.load_model_state(tmp_path)
+    assert convert("consolidate", tmp_path / "nope", tmp_path / "o") == 2
+
+
+# ---------------------------------------------------------------------------------------------- Nano-LLaDA
+def _rope(x, pos, theta):
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+    f = torch.outer(pos.float(), inv)
+    cos, sin = torch.cat([f.cos(), f.cos()], -1), torch.cat([f.sin(), f.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None]
+
+
+def nano_llada_reference(sd, x, n_head, eps=1e-5, theta=1e6):
+    """Forward of Nano-LLaDA's diffusion ``Model`` (scripts/train/diffusion.py structure): norm = weightless
+    F.rms_norm; embedding -> norm -> blocks(x + attn(norm x); x + mlp(norm x)) -> norm -> lm_head; attention:
+    c_q/c_k/c_v, RoPE then QK norm, bidirectional SDPA, c_proj."""
+    norm = lambda t: F.rms_norm(t, (t.shape[-1],), eps=eps)  # noqa: E731
+    h = norm(F.embedding(x, sd["token_emb.weight"]))
+    b, t, d = h.shape
+    hd = d // n_head
+    pos = torch.arange(t)
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        a = norm(h)
+        q = (a @ sd[p + "attn.c_q.weight"].T).view(b, t, n_head, hd)
+        k = (a @ sd[p + "attn.c_k.weight"].T).view(b, t, n_head, hd)
+        v = (a @ sd[p + "attn.c_v.weight"].T).view(b, t, n_head, hd)
+        q, k = _rope(q, pos, theta), _rope(k, pos, theta)
+        q, k = norm(q), norm(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
+        h = h + y.transpose(1, 2).reshape(b, t, d) @ sd[p + "attn.c_proj.weight"].T
+        m = norm(h)
+        h = h + (F.silu(m @ sd[p + "mlp.gate_proj.weight"].T) * (m @ sd[p + "mlp.up_proj.weight"].T)) \
+            @ sd[p + "mlp.down_proj.weight"].T
+    return norm(h) @ sd["lm_head.weight"].T
+
+
+def minimind_reference(sd, x, n_head, n_kv, eps=1e-5, theta=1e6):
+    """Forward of minimind's MiniMindForCausalLM (model_minimind.py): weighted RMSNorm, q_norm/k_norm before
+    RoPE, GQA, causal, tied head."""
+    def rms(t, w):
+        return w * (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps))
+
+    h = F.embedding(x, sd["model.embed_tokens.weight"])
+    b, t, d = h.shape
+    hd = d // n_head
+    pos = torch.arange(t)
+    n_layer = len({k.split(".")[2] for k in sd if k.startswith("model.layers.")})
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        a = rms(h, sd[p + "input_layernorm.weight"])
+        q = (a @ sd[p + "self_attn.q_proj.weight"].T).view(b, t, n_head, hd)
+        k = (a @ sd[p + "self_attn.k_proj.weight"].T).view(b, t, n_kv, hd)
+        v = (a @ sd[p + "self_attn.v_proj.weight"].T).view(b, t, n_kv, hd)
+        q, k = rms(q, sd[p + "self_attn.q_norm.weight"]), rms(k, sd[p + "self_attn.k_norm.weight"])
+        q, k = _rope(q, pos, theta), _rope(k, pos, theta)
+        rep = n_head // n_kv
+        k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        h = h + y.transpose(1, 2).reshape(b, t, d) @ sd[p + "self_attn.o_proj.weight"].T
+        m = rms(h, sd[p + "post_attention_layernorm.weight"])
+        h = h + (F.silu(m @ sd[p + "mlp.gate_proj.weight"].T) * (m @ sd[p + "mlp.up_proj.weight"].T)) \
+            @ sd[p + "mlp.down_proj.weight"].T
+    return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_import_nano_llada_matches_reference(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    d, ff, vocab, n_head = 64, 192, 6401, 4
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    sd = {"token_emb.weight": r(vocab, d), "lm_head.weight": r(vocab, d)}
+    for i in range(2):
+        for name in ("c_q", "c_k", "c_v", "c_proj"):
+            sd[f"blocks.{i}.attn.{name}.weight"] = r(d, d)
+        sd[f"blocks.{i}.mlp.gate_proj.weight"] = r(ff, d)
+        sd[f"blocks.{i}.mlp.up_proj.weight"] = r(ff, d)
+        sd[f"blocks.{i}.mlp.down_proj.weight"] = r(d, ff)
+    pt = tmp_path / "diffusion.pt"
+    torch.save({"model_state_dict": {"_orig_mod." + k: v for k, v in sd.items()}, "step": 5}, pt)
+    assert convert("import-nano-llada", pt, tmp_path / "out", "--num_heads", n_head, "--quiet") == 0
+    model = cio.build_model_from_checkpoint(tmp_path / "out", progress=False)
+    c = model.config
+    assert (c.qk_norm, c.norm_weight, c.causal, c.mask_token_id, c.num_kv_heads) == (True, False, False, 6400, 4)
+    x = torch.randint(0, vocab, (2, 20), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), nano_llada_reference(sd, x, n_head), atol=2e-5, rtol=1e-4)
+
+
+def test_import_minimind_matches_reference(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    d, ff, vocab, n_head, n_kv, hd = 64, 192, 400, 4, 2, 16
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    emb = r(vocab, d)
+    sd = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": 1 + r(d)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        sd |= {p + "self_attn.q_proj.weight": r(n_head * hd, d), p + "self_attn.k_proj.weight": r(n_kv * hd, d),
+               p + "self_attn.v_proj.weight": r(n_kv * hd, d), p + "self_attn.o_proj.weight": r(d, n_head * hd),
+               p + "self_attn.q_norm.weight": 1 + r(hd), p + "self_attn.k_norm.weight": 1 + r(hd),
+               p + "mlp.gate_proj.weight": r(ff, d), p + "mlp.up_proj.weight": r(ff, d),
+               p + "mlp.down_proj.weight": r(d, ff), p + "input_layernorm.weight": 1 + r(d),
+               p + "post_attention_layernorm.weight": 1 + r(d)}
+    pt = tmp_path / "minimind.pt"
+    torch.save(sd, pt)
+    assert convert("import-nano-llada", pt, tmp_path / "out", "--quiet") == 0
+    model = cio.build_model_from_checkpoint(tmp_path / "out", progress=False)
+    c = model.config
+    assert (c.qk_norm, c.tie_embeddings, c.causal, c.num_heads, c.num_kv_heads) == (True, True, True, 4, 2)
+    x = torch.randint(0, vocab, (2, 20), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), minimind_reference(sd, x, n_head, n_kv), atol=2e-5, rtol=1e-4)
+
+
+def test_import_nano_errors(tmp_path, capsys):
+    pt = tmp_path / "bad.pt"
+    torch.save({"foo.weight": torch.zeros(2, 2)}, pt)
+    assert convert("import-nano-llada", pt, tmp_path / "o") == 2
+    assert "unrecognised state dict layout" in capsys.readouterr().err
+    assert convert("import-nano-llada", pt, tmp_path / "o2", "--rope_scaling", "yarn", "--arch", "nano-llada") == 2
+    assert "YaRN" in capsys.readouterr().err
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    worker(int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], sys.argv[5] == "1")
