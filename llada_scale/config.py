@@ -133,6 +133,10 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
     kwargs = {}
     for k, v in values.items():
+        if names[k].type == "str" and isinstance(v, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            v = "on" if v else "off"
+        if names[k].type == "str" and isinstance(v, (int, float)):
+            v = str(v)
         if isinstance(v, str):
             v = expand_env(v)
         if names[k].name == "betas" and isinstance(v, list):

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -70,7 +71,8 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
 
     Batch sizes: train_batch_size = global_batch_size = micro_batch_size x gradient_accumulation_steps x
     world_size. bf16 ``auto`` means on for CUDA devices with bf16 support, off on CPU (bf16 matmuls run
-    ~200x slower than fp32 on CPUs without AVX512-BF16; measured in docs/LOG.md).
+    ~200x slower than fp32 on CPUs without AVX512-BF16), and ``overlap_comm: auto`` is on for CUDA only
+    (on CPU its extra threads halve ZeRO-2 throughput); both measured in docs/LOG.md.
 
     Raises:
         TrainError: missing/invalid JSON or a global batch that the world size cannot divide.
@@ -99,6 +101,9 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
         ds[key] = value
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("overlap_comm") == "auto":  # on CPU the overlap threads halve throughput (docs/LOG.md)
+        zero["overlap_comm"] = device.type == "cuda"
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -143,6 +148,8 @@ class Logger:
         self.run = None
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         mode = cfg.train.wandb
+        if mode not in ("auto", "online", "offline", "off"):
+            raise TrainError(f"train.wandb must be auto, online, offline or off, not {mode!r}")
         if rank != 0 or mode == "off":
             return
         if mode == "auto":
@@ -154,7 +161,7 @@ class Logger:
         id_file = run_dir / "wandb_id"
         import wandb
 
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.run_name, id=run_id, resume="allow",
                               mode=mode, config=cfg.to_dict())
@@ -234,6 +241,7 @@ class Trainer:
                                   self.world_size, device_peak_flops(cfg.train.peak_flops))
         self.logger = Logger(cfg, self.rank)
         self._stop_signal = 0
+        self._grad_norm = None
         self.skipped_batches = 0
 
     # -- data
@@ -334,9 +342,7 @@ class Trainer:
         while micro < self.grad_accum:
             batch = self._next_batch(it)
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                       self.cfg.model.mask_token_id, self.generator, step=self.step) \
-                if _accepts_step() else compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                                     self.cfg.model.mask_token_id, self.generator)
+                                       self.cfg.model.mask_token_id, self.generator, step=self.step)
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(self._stop_signal)], device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1] > 0:
@@ -350,6 +356,10 @@ class Trainer:
                     raise TrainError(f"non-finite loss at step {self.step}; lower optim.lr or set train.nonfinite=skip")
                 continue
             self.engine.backward(loss)
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.nn.utils.get_total_norm(grads))
             self.engine.step()
             micro += 1
             for k, v in stats.items():
@@ -370,7 +380,7 @@ class Trainer:
             if i % self.world_size != self.rank:
                 continue
             loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                   self.cfg.model.mask_token_id, gen)
+                                   self.cfg.model.mask_token_id, gen, step=self.step)
             total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
         dist.all_reduce(total)
         return {"val/loss": (total[0] / total[1]).item()}
@@ -414,15 +424,15 @@ class Trainer:
         loss = (sums["loss_sum"] / sums["loss_count"]).item()
         speed = self.speed.report()
         lr = self.lr_scheduler.get_last_lr()[0]
-        gnorm = self.engine.get_global_grad_norm()
+        gnorm = self.engine.get_global_grad_norm() if self.zero_stage > 0 else self._grad_norm
         gnorm = float(gnorm) if gnorm is not None else float("nan")
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
                    "train/skipped_batches": self.skipped_batches}
+        mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
-                f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | "
-                f"mfu {'-' if speed['mfu'] is None else f'{100 * speed['mfu']:.1f}%'}")
+                f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
         if "t_bucket_ce_sum" in sums:
             ce = (sums["t_bucket_ce_sum"] / sums["t_bucket_count"].clamp(min=1)).tolist()
             for i, v in enumerate(ce):
@@ -480,12 +490,6 @@ class Trainer:
     def close(self):
         self.logger.close()
         self.engine.destroy()
-
-
-def _accepts_step() -> bool:
-    import inspect
-
-    return "step" in inspect.signature(compute_loss).parameters
 
 
 # ----------------------------------------------------------------------------------------------- CLI
