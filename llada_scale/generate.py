@@ -467,7 +467,8 @@ def _stratified_counts(n: int, length: int, generator: torch.Generator | None) -
 def log_likelihood_batch(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, causal: bool,
                          mask_token_id: int | None = None, mc_samples: int = 128, batch_size: int = 32,
                          generator: torch.Generator | None = None, pad_token_id: int | None = None,
-                         progress: bool = False, sync_ranks: bool = False) -> list[float]:
+                         progress: bool = False, sync_ranks: bool = False,
+                         pair_seeds: Sequence[int] | None = None) -> list[float]:
     """log p(answer | prompt) in nats for many (prompt, answer) pairs - exact (AR) or a Monte Carlo bound
     (diffusion).
 
@@ -494,6 +495,9 @@ def log_likelihood_batch(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
         progress: tqdm bar over forwards.
         sync_ranks: pad the number of forwards to the maximum over ranks (ZeRO-3; extra forwards are
             discarded).
+        pair_seeds: one seed per pair; pair j then draws its counts and masks from its own
+            ``torch.Generator().manual_seed(pair_seeds[j])`` (ignoring ``generator``), so its estimate does not
+            depend on which other pairs share the call (e.g. how examples are sharded over ranks).
 
     Returns:
         One float per pair (nats; <= 0 for AR).
@@ -521,10 +525,13 @@ def log_likelihood_batch(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
         if mask_token_id is None:
             raise ValueError("mask_token_id is required for diffusion (causal=False) likelihoods")
         pad = _pad_id(mask_token_id, pad_token_id)
+        if pair_seeds is not None and len(pair_seeds) != len(pairs):
+            raise ValueError(f"pair_seeds has {len(pair_seeds)} entries for {len(pairs)} pairs")
         for j, (prompt, answer) in enumerate(pairs):
             n = len(answer)
-            for l in _stratified_counts(mc_samples, n, generator):
-                chosen = torch.randperm(n, generator=generator)[:l].sort().values.tolist()
+            g = torch.Generator().manual_seed(int(pair_seeds[j])) if pair_seeds is not None else generator
+            for l in _stratified_counts(mc_samples, n, g):
+                chosen = torch.randperm(n, generator=g)[:l].sort().values.tolist()
                 ids = prompt + answer
                 for c in chosen:
                     ids[len(prompt) + c] = mask_token_id

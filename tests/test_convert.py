@@ -86,11 +86,10 @@ def _free_port() -> int:
 def run_workers(tmp: Path, stage: int, bf16: bool, world: int, tie: bool = False) -> Path:
     port = _free_port()
     procs = []
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions_llada_tests"))
     for r in range(world):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "TORCH_EXTENSIONS_DIR": ext, "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(REPO)}  # TORCH_EXTENSIONS_DIR is inherited: share the compiled-op cache
         procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(stage), str(int(bf16)), str(tmp),
                                        str(int(tie))], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = []
