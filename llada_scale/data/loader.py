@@ -27,6 +27,7 @@ whose assistant tokens were all truncated away is skipped.
 
 from __future__ import annotations
 
+import heapq
 import random
 from typing import Any, Iterator
 
@@ -36,9 +37,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from llada_scale.data.shards import ShardError, index_sha256, load_index, read_shard, shard_paths
 
-__all__ = ["LoaderError", "LoaderStateError", "PackedDataset", "build_dataloader", "ShardError"]
+__all__ = ["LoaderError", "LoaderStateError", "PackedDataset", "build_dataloader", "loader_dataset_states",
+           "ShardError"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 adds "plan"/"quota" (the epoch in which the data-parallel layout changed); 1 still loads
+# Fingerprint keys that may differ when continuing under another data-parallel layout (see load_resharded).
+_LAYOUT_KEYS = ("world_size", "rank", "num_workers", "micro_batch_size", "seq_len")
 
 
 class LoaderError(ValueError):
@@ -87,6 +91,9 @@ class PackedDataset(IterableDataset):
     is dropped for that epoch (waste: at most about one shard per stream plus the difference between its
     shards and the k smallest; another epoch assigns shards differently). If SFT truncation skips so many
     rows that a stream runs dry before ``K`` batches, it wraps around to its first shard (pass + 1).
+
+    Changing the layout (world size, loader workers, micro batch, seq_len) mid-run: see
+    :meth:`load_resharded` -- no document is repeated or skipped mid-shard; the exact guarantee is there.
 
     State: :meth:`state_dict` describes the position AFTER the last yielded batch (epoch, index into this
     worker's shard list, documents consumed in that shard, tokens of the current document already packed
@@ -147,6 +154,8 @@ class PackedDataset(IterableDataset):
                 f"gets at least {k} shard(s) holding {sum(sizes[:k])} {'tokens' if self.kind == 'pretrain' else 'rows'}, "
                 f"less than one batch ({per_batch}); use a smaller seq_len/micro_batch_size or more data")
         self._pos: dict | None = None  # None = fresh start
+        self._reshard_from: list[dict] | None = None  # old-layout states (load_resharded), applied lazily
+        self._reshard_cache: dict | None = None
 
     # ------------------------------------------------------------------ public helpers
     def batches_per_epoch(self) -> int:
@@ -185,7 +194,13 @@ class PackedDataset(IterableDataset):
     @staticmethod
     def _fresh_pos() -> dict:
         return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "token_pos": 0, "batches": 0, "pass": 0,
-                "finished": False}
+                "finished": False, "plan": None, "quota": None}
+
+    def _start_pos(self, worker: int) -> dict:
+        """Position before the first batch: fresh, or derived from old-layout states (load_resharded)."""
+        if self._reshard_from is not None:
+            return self.reshard_state(self._reshard_from, worker)
+        return self._fresh_pos()
 
     def state_dict(self) -> dict:
         """Position after the last yielded batch of the current worker (JSON-serialisable dict).
@@ -195,8 +210,9 @@ class PackedDataset(IterableDataset):
         that shard), ``token_pos`` (tokens of the next document already packed, the packer's leftover),
         ``batches`` (yielded this epoch), ``pass``, ``finished``.
         """
-        pos = dict(self._pos) if self._pos is not None else self._fresh_pos()
-        return {"version": _STATE_VERSION, "fingerprint": self.fingerprint(), "worker": self._worker_id(), **pos}
+        worker = self._worker_id()
+        pos = dict(self._pos) if self._pos is not None else self._start_pos(worker)
+        return {"version": _STATE_VERSION, "fingerprint": self.fingerprint(), "worker": worker, **pos}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` output; the next ``iter`` continues right after that batch.
@@ -205,7 +221,7 @@ class PackedDataset(IterableDataset):
             LoaderStateError: not a state dict of this loader, or its fingerprint (data, seq_len, batch size,
                 world size, rank, workers, seed, eos) or worker id differs from this dataset's.
         """
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "fingerprint" not in state:
+        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION) or "fingerprint" not in state:
             raise LoaderStateError("not a PackedDataset state dict (missing version/fingerprint)")
         mine = self.fingerprint()
         theirs = state["fingerprint"]
@@ -219,9 +235,167 @@ class PackedDataset(IterableDataset):
         pos = self._fresh_pos()
         for key in pos:
             if key not in state:
+                if key in ("plan", "quota"):  # version 1
+                    continue
                 raise LoaderStateError(f"loader state lacks {key!r}")
             pos[key] = state[key]
         self._pos = pos
+        self._reshard_from = None
+
+    # ------------------------------------------------------------------ another data-parallel layout
+    def same_layout(self, state: dict) -> bool:
+        """Whether ``state`` (a :meth:`state_dict`) was written under this layout and can be loaded directly."""
+        theirs = state.get("fingerprint", {}) if isinstance(state, dict) else {}
+        return all(theirs.get(k) == v for k, v in self.fingerprint().items() if k != "rank")
+
+    def load_resharded(self, old_states: list[dict]) -> None:
+        """Continue from the states of ALL streams of a run with another data-parallel layout.
+
+        ``old_states``: the :meth:`state_dict` of every (rank, worker) stream of the old run, in any order
+        (a stream that never yielded may be missing: it counts as not started). World size, number of
+        loader workers, micro batch size and seq_len may differ from this dataset's; the data (index hash),
+        split, kind, seed and eos must not. Each new rank and worker derives its own position from the same
+        list (deterministically), so no communication is needed. Applied lazily at the next ``iter``.
+
+        Guarantee (the epoch E in which the layout changes; later epochs use the normal assignment):
+
+        * No document is read twice in epoch E and no document is skipped mid-way: shards that old
+          streams finished are not read again, the shard each old stream was in continues at the exact
+          document and token where that stream stopped (its packer leftover included), and shards no old
+          stream had reached are read from the start. Batches already yielded to the trainer before the
+          checkpoint are exactly the ones not repeated; batches a worker had prefetched but the trainer had
+          not consumed are not in the checkpoint and are produced again (they were never trained on).
+        * These remaining pieces are spread over the new streams by size (largest first onto the least
+          loaded stream); each new stream reads its continued (partly read) pieces first, and every new stream yields the same number ``quota`` of batches this epoch:
+          ``floor(min stream capacity / batch size)`` (capacity in tokens incl. EOS, or rows for SFT).
+          What a stream holds beyond ``quota`` batches -- less than one piece plus the imbalance between
+          streams -- is not read in epoch E: the same end-of-epoch equalisation every epoch does (data
+          dropped from one epoch is read in the next, whose shard assignment differs).
+        * If fewer pieces remain than new streams (``world_size x workers``), the rest of epoch E is not
+          read and training continues at epoch E + 1; at an epoch boundary the layout change is seamless.
+        * SFT only: as in any epoch, rows dropped for truncation may run a stream dry; it then wraps to
+          the start of its pieces (pass + 1), which repeats rows, as documented for normal epochs.
+
+        Cost: pretraining reads the tar headers of every partially read shard once (about 0.3 s per
+        1M-token shard) to size what is left of it.
+
+        Raises:
+            LoaderStateError: a state of other data/split/seed, or states from mixed layouts.
+        """
+        if not old_states:
+            raise LoaderStateError("load_resharded needs the loader states of the old run's streams, got none")
+        for st in old_states:
+            if not isinstance(st, dict) or st.get("version") not in (1, _STATE_VERSION) or "fingerprint" not in st:
+                raise LoaderStateError("not a PackedDataset state dict (missing version/fingerprint)")
+            theirs, mine = st["fingerprint"], self.fingerprint()
+            diff = [f"{k}: saved {theirs.get(k)!r} != now {v!r}" for k, v in mine.items()
+                    if k not in _LAYOUT_KEYS and theirs.get(k) != v]
+            if diff:
+                raise LoaderStateError("loader state is of other data (" + "; ".join(diff) + "); resume with the "
+                                       "same shards, seed and tokenizer, or start the loader fresh")
+        layouts = {tuple(st["fingerprint"].get(k) for k in _LAYOUT_KEYS if k != "rank") for st in old_states}
+        if len(layouts) != 1:
+            raise LoaderStateError(f"loader states come from several layouts {sorted(layouts)}")
+        self._reshard_from = [dict(st) for st in old_states]
+        self._reshard_cache = None
+        self._pos = None
+
+    def _stream_quota_old(self, fp: dict) -> int:
+        """Batches per epoch of one stream under the (old) layout described by fingerprint ``fp``."""
+        streams = fp["world_size"] * max(1, fp["num_workers"])
+        k = len(self.shards) // streams
+        if self.kind == "pretrain":
+            sizes = sorted(tokens + docs for _, docs, tokens in self.shards)
+            return sum(sizes[:k]) // (fp["seq_len"] * fp["micro_batch_size"])
+        return sum(sorted(docs for _, docs, _ in self.shards)[:k]) // fp["micro_batch_size"]
+
+    def _doc_lengths(self, shard_idx: int) -> np.ndarray:
+        """Token counts of the documents of a shard in tar order, from the tar headers (no decoding)."""
+        import tarfile
+
+        path, docs, tokens = self.shards[shard_idx]
+        itemsize = np.dtype(self.index.get("dtype", "uint16")).itemsize
+        with tarfile.open(path) as tf:
+            sizes = np.array([m.size for m in tf if m.name.endswith(".input_ids.npy")], dtype=np.int64)
+        lengths = (sizes - 128) // itemsize  # np.save v1.0 header of a 1-D array: 128 bytes
+        if len(lengths) != docs or int(lengths.sum()) != tokens:  # another header size: decode for real
+            lengths = np.array([s[1].size for s in read_shard(path, docs, tokens)], dtype=np.int64)
+        return lengths
+
+    def _remaining(self, shard_idx: int, epoch: int, sample_pos: int, token_pos: int) -> int:
+        """Capacity left in a shard from (sample_pos, token_pos) on: tokens incl. EOS, or SFT rows."""
+        _, docs, tokens = self.shards[shard_idx]
+        if self.kind != "pretrain":
+            return max(0, docs - sample_pos)
+        if sample_pos == 0 and token_pos == 0:
+            return tokens + docs
+        if sample_pos >= docs:
+            return 0
+        lengths = self._doc_lengths(shard_idx)
+        order = np.random.default_rng([self.seed, epoch, shard_idx, 0]).permutation(docs)
+        return int((lengths[order[sample_pos:]] + 1).sum()) - token_pos
+
+    def _reshard_plan(self, old_states: list[dict]) -> dict:
+        """{'epoch', 'quota', 'plans': {stream: [[shard, sample, token], ...]}} or {'epoch'} for a fresh epoch."""
+        fp = old_states[0]["fingerprint"]
+        W, nw = fp["world_size"], max(1, fp["num_workers"])
+        k_old = self._stream_quota_old(fp)
+        by_stream: dict[tuple[int, int], dict] = {}
+        for st in old_states:
+            pos = {**self._fresh_pos(), **{k: st[k] for k in self._fresh_pos() if k in st}}
+            quota = pos["quota"] if pos.get("plan") else k_old
+            if pos["finished"] or pos["batches"] >= quota:  # this stream finished its epoch
+                pos = {**self._fresh_pos(), "epoch": pos["epoch"] + 1}
+            by_stream[(st["fingerprint"]["rank"], st.get("worker", 0))] = pos
+        epoch = min(p["epoch"] for p in by_stream.values())
+        # A stream without a state never yielded a batch: it has not started (only possible in epoch 0).
+        streams_old = [by_stream.get((r, w), {**self._fresh_pos(), "epoch": epoch}) for r in range(W) for w in range(nw)]
+        untouched = {**self._fresh_pos(), "epoch": epoch}
+        if all(p == untouched for p in streams_old):
+            return {"epoch": epoch}  # at an epoch boundary: the new layout's normal assignment
+        pieces: list[list[int]] = []
+        for i, pos in enumerate(streams_old):
+            # Streams run in lockstep, so a stream ahead (epoch + 1) is one that finished `epoch`: nothing left.
+            # After an SFT wrap-around (pass > 0) every row of the stream was read once: nothing left either.
+            if pos["epoch"] != epoch or pos["pass"] > 0:
+                continue
+            r, w = divmod(i, nw)
+            segs = pos["plan"] or [[s, 0, 0] for s in self.shard_order(epoch)[r::W][w::nw]]
+            sp = pos["shard_pos"]
+            if sp < len(segs):
+                pieces.append([segs[sp][0], pos["sample_pos"], pos["token_pos"]])
+                pieces.extend([list(x) for x in segs[sp + 1:]])
+        caps = [self._remaining(s, epoch, a, t) for s, a, t in pieces]
+        keep = [i for i, c in enumerate(caps) if c > 0]
+        streams = self.world_size * max(1, self.num_workers)
+        load = [0] * streams
+        members: list[list[int]] = [[] for _ in range(streams)]
+        heap = [(0, j) for j in range(streams)]
+        for i in sorted(keep, key=lambda i: (-caps[i], i)):  # largest piece onto the least loaded stream
+            _, j = heapq.heappop(heap)
+            load[j] += caps[i]
+            members[j].append(i)
+            heapq.heappush(heap, (load[j], j))
+        per_batch = self.seq_len * self.micro_batch_size if self.kind == "pretrain" else self.micro_batch_size
+        quota = min(load) // per_batch
+        if quota == 0:
+            return {"epoch": epoch + 1}
+        started = lambda i: pieces[i][1] > 0 or pieces[i][2] > 0  # noqa: E731  (continued first)
+        return {"epoch": epoch, "quota": quota,
+                "plans": {j: [pieces[i] for i in sorted(m, key=lambda i: (not started(i), i))]
+                          for j, m in enumerate(members)}}
+
+    def reshard_state(self, old_states: list[dict], worker: int = 0) -> dict:
+        """Position (as in :meth:`state_dict`, without version/fingerprint) of (this rank, ``worker``) when
+        continuing from ``old_states`` of another layout; see :meth:`load_resharded` for the guarantee."""
+        if self._reshard_cache is None:
+            self._reshard_cache = self._reshard_plan(old_states)
+        plan = self._reshard_cache
+        if "plans" not in plan:
+            return {**self._fresh_pos(), "epoch": plan["epoch"]}
+        segs = plan["plans"][self.rank * max(1, self.num_workers) + worker]
+        return {**self._fresh_pos(), "epoch": plan["epoch"], "sample_pos": segs[0][1], "token_pos": segs[0][2],
+                "plan": segs, "quota": plan["quota"]}
 
     # ------------------------------------------------------------------ iteration
     def _load_docs(self, shard_idx: int, epoch: int, pas: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -247,26 +421,33 @@ class PackedDataset(IterableDataset):
         corrupt shard, LoaderError on a worker-count mismatch.
         """
         worker = self._worker_id()
-        pos = dict(self._pos) if self._pos is not None else self._fresh_pos()
+        pos = dict(self._pos) if self._pos is not None else self._start_pos(worker)
         if pos["finished"]:
             pos = self._fresh_pos()
-        L, B, K = self.seq_len, self.micro_batch_size, self._worker_batches
+        L, B = self.seq_len, self.micro_batch_size
         eos = self.eos_token_id
+
+        def piece_start(i: int) -> dict:  # where piece i of a resharded epoch begins (first pass only)
+            if pos.get("plan") and pos["pass"] == 0 and i < len(pos["plan"]):
+                return {"sample_pos": pos["plan"][i][1], "token_pos": pos["plan"][i][2]}
+            return {"sample_pos": 0, "token_pos": 0}
+
         cache_key, docs = None, []
         shards: list[int] = []
         shards_epoch = None
         rows_this_pass = 0
 
         while True:
+            K = pos["quota"] if pos.get("plan") else self._worker_batches
             if pos["batches"] >= K:  # epoch done
                 if not self.infinite:
                     pos["finished"] = True
                     self._pos = pos
                     return
                 pos = {**self._fresh_pos(), "epoch": pos["epoch"] + 1}
-            if shards_epoch != pos["epoch"]:
-                shards = self.worker_shards(pos["epoch"], worker)
-                shards_epoch = pos["epoch"]
+            if shards_epoch != (pos["epoch"], bool(pos.get("plan"))):
+                shards = [s[0] for s in pos["plan"]] if pos.get("plan") else self.worker_shards(pos["epoch"], worker)
+                shards_epoch = (pos["epoch"], bool(pos.get("plan")))
 
             input_ids = np.empty((B, L), dtype=np.int64)
             position_ids = np.empty((B, L), dtype=np.int64)
@@ -281,14 +462,14 @@ class PackedDataset(IterableDataset):
                     if rows_this_pass == 0 and pos["pass"] > 0:
                         raise LoaderError(f"{self.shard_dir}: worker {worker} of rank {self.rank} found no usable "
                                           f"row in its shards (all assistant tokens beyond seq_len {L}?)")
-                    pos.update(shard_pos=0, sample_pos=0, token_pos=0, **{"pass": pos["pass"] + 1})
+                    pos.update(shard_pos=0, sample_pos=0, token_pos=0, **{"pass": pos["pass"] + 1})  # no plan offsets
                     rows_this_pass = 0
                 key = (pos["epoch"], shards[pos["shard_pos"]], pos["pass"])
                 if key != cache_key:
                     docs = self._load_docs(shards[pos["shard_pos"]], pos["epoch"], pos["pass"])
                     cache_key = key
                 if pos["sample_pos"] >= len(docs):
-                    pos.update(shard_pos=pos["shard_pos"] + 1, sample_pos=0, token_pos=0)
+                    pos.update(shard_pos=pos["shard_pos"] + 1, **piece_start(pos["shard_pos"] + 1))
                     continue
                 ids, mask = docs[pos["sample_pos"]]
                 if self.kind == "pretrain":
@@ -330,6 +511,19 @@ class PackedDataset(IterableDataset):
                 "prompt_mask": torch.from_numpy(prompt_mask),
                 "padding_mask": torch.from_numpy(padding_mask),
             }
+
+
+def loader_dataset_states(loader_state: dict) -> list[dict]:
+    """The :meth:`PackedDataset.state_dict` of every worker inside a ``StatefulDataLoader.state_dict()``.
+
+    One entry with ``num_workers=0``; one per worker that has yielded a batch otherwise.
+    """
+    if not isinstance(loader_state, dict):
+        return []
+    if loader_state.get("dataset_state") is not None:
+        return [loader_state["dataset_state"]]
+    workers = (loader_state.get("_snapshot") or {}).get("_worker_snapshots") or {}
+    return [w["dataset_state"] for w in workers.values() if isinstance(w, dict) and w.get("dataset_state")]
 
 
 def build_dataloader(dataset: PackedDataset, num_workers: int):
