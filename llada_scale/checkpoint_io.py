@@ -187,9 +187,16 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- deepspeed
-def _quiet():
-    """Silence DeepSpeed's prints (zero_to_fp32 prints to stdout) while loading."""
-    return contextlib.redirect_stdout(io.StringIO())
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """Silence DeepSpeed's prints (zero_to_fp32 prints to stdout; its tqdm bars go to stderr unless
+    ``progress``) while loading. Errors still surface as exceptions."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if progress:
+            yield
+        else:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
 
 
 def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
@@ -205,7 +212,7 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
 
         parent, tag = os.path.split(tag_dir.rstrip(os.sep))
         try:
-            with _quiet():
+            with _quiet(progress):
                 lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag, lazy_mode=True)
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"cannot merge ZeRO checkpoint {tag_dir}: {e}") from None

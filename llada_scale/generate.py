@@ -12,9 +12,10 @@
 Batching: prompts of different lengths are **left padded**. Pad positions get document id 0 and the real
 tokens id 1, and position ids start at 0 at the first real token, so (with our ``Transformer``'s document
 masks) pads never influence real tokens and every row's result is independent of the other rows and of
-the batch size. The model is called as ``model(input_ids, position_ids=..., document_ids=...)`` and must
-return logits ``[B, L, V]`` (or an object with ``.logits``); a DeepSpeed engine wrapping our
-``Transformer`` works.
+the batch size. Our ``Transformer`` (or a DeepSpeed engine wrapping it) is called with a dense SDPA mask built
+from those document ids (``attention_mask=``; avoids FlexAttention recompiling for every new length on CUDA);
+any other model is called as ``model(input_ids, position_ids=..., document_ids=...)``. It must return logits
+``[B, L, V]`` (or an object with ``.logits``).
 
 ZeRO-3: every rank must run the same number of forward passes (each forward gathers parameters with
 collectives). Fixed-step diffusion sampling runs ``steps`` forwards per call (x2 with CFG, as one batched
@@ -69,8 +70,36 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _our_config(model):
+    """The ModelConfig of our Transformer (or of a DeepSpeed engine wrapping one), else None."""
+    from llada_scale.model import ModelConfig
+
+    for m in (model, getattr(model, "module", None)):
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, ModelConfig):
+            return cfg
+    return None
+
+
+def _mask_kwargs(model, doc: torch.Tensor) -> dict:
+    """Attention arguments for a left-padded batch.
+
+    For our Transformer a dense SDPA mask is built here (``attention.build_mask(..., backend="sdpa")``): with
+    the CUDA default (FlexAttention) every new sequence length would otherwise trigger a recompilation, and
+    generation changes lengths constantly. Other models get ``document_ids``.
+    """
+    cfg = _our_config(model)
+    if cfg is None:
+        return {"document_ids": doc}
+    from llada_scale import attention
+
+    b, l = doc.shape
+    return {"attention_mask": attention.build_mask(doc, causal=cfg.causal, q_len=l, kv_len=l, batch_size=b,
+                                                   device=doc.device, backend="sdpa")}
+
+
 def _call(model, x: torch.Tensor, pos: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
-    out = model(x, position_ids=pos, document_ids=doc)
+    out = model(x, position_ids=pos, **_mask_kwargs(model, doc))
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
 
 
@@ -87,7 +116,7 @@ def _fast_path(model) -> bool:
 def _selected_logits(model, x, pos, doc, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """float32 logits [N, V] at (rows[i], cols[i]) only (saves the [B, L, V] tensor on our Transformer)."""
     if _fast_path(model):
-        h = model.hidden_states(x, position_ids=pos, document_ids=doc)
+        h = model.hidden_states(x, position_ids=pos, **_mask_kwargs(model, doc))
         return F.linear(h[rows, cols], model.output_weight()).float()
     return _call(model, x, pos, doc)[rows, cols].float()
 
