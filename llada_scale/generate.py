@@ -121,6 +121,15 @@ def _selected_logits(model, x, pos, doc, rows: torch.Tensor, cols: torch.Tensor)
     return _call(model, x, pos, doc)[rows, cols].float()
 
 
+def _range_logits(model, x, pos, doc, start: int, end: int) -> torch.Tensor:
+    """float32 logits [B, end - start, V] of positions start..end-1 only (our Transformer: the head is
+    applied to those rows only)."""
+    if _fast_path(model):
+        h = model.hidden_states(x, position_ids=pos, **_mask_kwargs(model, doc))
+        return F.linear(h[:, start:end], model.output_weight()).float()
+    return _call(model, x, pos, doc)[:, start:end].float()
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -359,42 +368,42 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
                     break
             elif not _any_global(bool(block_masked.any()), sync_ranks, device):
                 break
-            mask_index = x == mask_token_id
+            # Only the current block can be unmasked (LLaDA sets the confidence elsewhere to -inf), so only its
+            # logits are needed; mask tokens inside a prompt stay masked.
             if cfg_scale > 0:
                 un_x[:, p:] = x[:, p:]
-                logits = _call(model, torch.cat([x, un_x]), pos2, doc2).float()
+                logits = _range_logits(model, torch.cat([x, un_x]), pos2, doc2, s, e)
                 cond, uncond = logits[:b], logits[b:]
                 logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
                 nfe += 2
             else:
-                logits = _call(model, x, pos, doc).float()
+                logits = _range_logits(model, x, pos, doc, s, e)
                 nfe += 1
             logits[..., banned] = -math.inf
-            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)
+            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # [B, block]
             if remasking == "low_confidence":
                 probs = torch.softmax(logits, dim=-1)
                 conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
             else:
                 conf = torch.rand(x0.shape, device=device, generator=generator, dtype=torch.float32)
-            conf[:, e:] = -math.inf  # LLaDA: never unmask beyond the current block
-            conf[:, :s] = -math.inf  # (mask tokens inside a prompt stay masked)
-            x0 = torch.where(mask_index, x0, x)
-            conf = torch.where(mask_index, conf, neg_inf)
+            blk = x[:, s:e]
+            x0 = torch.where(block_masked, x0, blk)
+            conf = torch.where(block_masked, conf, neg_inf)
             if threshold is None:
-                transfer = torch.zeros_like(mask_index)
+                t_blk = torch.zeros_like(block_masked)
                 for j in range(b):
                     k = int(n_transfer[j, i])
                     if k:
-                        transfer[j, torch.topk(conf[j], k=k).indices] = True
+                        t_blk[j, torch.topk(conf[j], k=k).indices] = True
             else:
-                in_block = torch.zeros_like(mask_index)
-                in_block[:, s:e] = block_masked
-                transfer = in_block & (conf > threshold)
-                need = in_block.any(dim=1) & ~transfer.any(dim=1)
+                t_blk = block_masked & (conf > threshold)
+                need = block_masked.any(dim=1) & ~t_blk.any(dim=1)
                 if need.any():
                     best = conf.argmax(dim=1)
-                    transfer[need.nonzero(as_tuple=True)[0], best[need]] = True
-            x = torch.where(transfer, x0, x)
+                    t_blk[need.nonzero(as_tuple=True)[0], best[need]] = True
+            x[:, s:e] = torch.where(t_blk, x0, blk)
+            transfer = torch.zeros_like(x, dtype=torch.bool)
+            transfer[:, s:e] = t_blk
             if callback is not None:
                 callback(step, x[:, p:].clone(), transfer[:, p:].clone())
             step += 1
