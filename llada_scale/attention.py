@@ -25,14 +25,18 @@ _compiled_flex = None
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``auto`` -> ``flex`` on CUDA, ``sdpa`` elsewhere. Raises ValueError for unknown names or flex off CUDA."""
+    """``auto`` -> ``flex`` on CUDA, ``sdpa`` elsewhere. Raises ValueError for unknown names.
+
+    ``flex`` on CPU runs forward passes only (torch 2.13 has no FlexAttention CPU backward); use it for
+    evaluation or tests, never for CPU training.
+    """
     device = torch.device(device)
     if backend == "auto":
         return "flex" if device.type == "cuda" and BlockMask is not None else "sdpa"
     if backend not in ("sdpa", "flex"):
         raise ValueError(f"attention_backend must be auto, sdpa or flex, not {backend!r}")
-    if backend == "flex" and device.type != "cuda":
-        raise ValueError("attention_backend=flex needs a CUDA device (FlexAttention has no CPU backward); use sdpa")
+    if backend == "flex" and BlockMask is None:
+        raise ValueError("attention_backend=flex needs torch >= 2.5 (FlexAttention); use sdpa")
     return backend
 
 
@@ -93,6 +97,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """
     gqa = q.shape[1] != k.shape[1]
     if BlockMask is not None and isinstance(mask, BlockMask):
+        if q.device.type != "cuda":  # eager reference path (forward only on CPU)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         global _compiled_flex
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)

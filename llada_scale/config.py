@@ -82,6 +82,12 @@ class TrainLoopConfig:
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
     nonfinite: str = "skip"  # skip | stop: what to do when the loss is NaN/inf
+    # Loss spikes: a micro batch whose loss (largest over ranks) exceeds spike_factor x the running mean
+    # (EMA, decay 0.99) after spike_warmup steps is skipped on every rank or stops the run (spike_action).
+    # 0 = off. 20 spikes in a row stop the run (the loss level itself changed). See Trainer._is_spike.
+    spike_factor: float = 0.0
+    spike_action: str = "skip"  # skip | stop
+    spike_warmup: int = 100
     stop_at_step: int = 0  # >0: checkpoint and exit at this step as if preempted (split a run across jobs; tests)
 
 
@@ -139,6 +145,14 @@ def _build(cls, values: dict, where: str):
             v = str(v)
         if isinstance(v, str):
             v = expand_env(v)
+        typ = names[k].type
+        if typ in ("float", "int") and isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                v = float(v) if typ == "float" else int(v)
+            except ValueError:
+                raise ConfigError(f"{where}.{k} must be a number, not {v!r}") from None
+        if typ == "float" and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
         if names[k].name == "betas" and isinstance(v, list):
             v = tuple(v)
         kwargs[k] = v
@@ -192,12 +206,18 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     cfg.objective = _build(ObjectiveConfig, raw.get("objective") or {}, "objective")
     cfg.optim = _build(OptimConfig, raw.get("optim") or {}, "optim")
     cfg.train = _build(TrainLoopConfig, raw.get("train") or {}, "train")
+    cfg.tokenizer = expand_env(cfg.tokenizer)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.run_name)
     if not cfg.data.val_shards:
         cfg.data.val_shards = cfg.data.train_shards
     if cfg.train.micro_batch_size <= 0 or cfg.train.global_batch_size <= 0:
         raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
+    for key, allowed in (("nonfinite", ("skip", "stop")), ("spike_action", ("skip", "stop"))):
+        if getattr(cfg.train, key) not in allowed:
+            raise ConfigError(f"train.{key} must be one of {allowed}, not {getattr(cfg.train, key)!r}")
+    if cfg.train.spike_factor < 0 or 0 < cfg.train.spike_factor <= 1:
+        raise ConfigError(f"train.spike_factor must be 0 (off) or > 1, not {cfg.train.spike_factor}")
     return cfg
 
 

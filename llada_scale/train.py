@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -186,6 +188,12 @@ class Logger:
 class Trainer:
     """Owns the DeepSpeed engine, the loaders, the noise RNG and the loop. Construct on every rank."""
 
+    _signal_received = 0  # set by the signal handler on this rank only; agreed on in train_step
+    _stop_signal = 0  # the signal all ranks agreed to stop on (from the all-reduced flags)
+    _loss_ema: float | None = None  # running mean of the (max over ranks) micro-batch loss, for spikes
+    _spike_run = 0  # consecutive micro batches skipped as spikes
+    _universal_dir: Path | None = None  # universal copy of the resume checkpoint (world size changed)
+
     def __init__(self, cfg: RunConfig, ds_config_path: str | None, loader_factory=None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -218,6 +226,7 @@ class Trainer:
         ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        resume_dir = self._prepare_resume(resume_dir, ds_cfg)  # world size changed: universal checkpoint
         o = cfg.optim
         lr_fn = lambda step: lr_multiplier(step, schedule=o.schedule, max_steps=cfg.train.max_steps,  # noqa: E731
                                            warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
@@ -295,7 +304,8 @@ class Trainer:
         rng_states = [None] * self.world_size
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
-        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.skipped_batches}
+        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.skipped_batches,
+                  "loss_ema": self._loss_ema, "world_size": self.world_size}
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
@@ -308,30 +318,151 @@ class Trainer:
         if diff:
             raise TrainError(f"checkpoint {tag_dir} is of another model (checkpoint vs recipe: {diff}); "
                              "resume with the recipe it was trained with, or use train.init_from")
-        if meta.get("world_size") != self.world_size:
-            raise TrainError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} ranks but this run has "
-                             f"{self.world_size}; convert it to a universal checkpoint (see README) or use "
-                             "train.init_from to start from its weights")
-        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        src = self._universal_dir or tag_dir
+        load_path, client = self.engine.load_checkpoint(str(src.parent), tag=src.name)
         if load_path is None:
-            raise TrainError(f"DeepSpeed could not load {tag_dir}")
+            raise TrainError(f"DeepSpeed could not load {src}")
         self.step = client["step"]
         self.skipped_batches = client.get("skipped", 0)
-        self.loader.load_state_dict(client["loader"][self.rank])
-        self.generator.set_state(client["rng"][self.rank].to(self.generator.device)
-                                 if self.device.type != "cuda" else client["rng"][self.rank])
+        self._loss_ema = client.get("loss_ema")
+        old_world = len(client["rng"])
+        resharded = self._load_loader_state(client["loader"])
+        if self.rank < old_world:
+            state = client["rng"][self.rank]
+            self.generator.set_state(state.to(self.generator.device) if self.device.type != "cuda" else state)
+        else:  # a rank the old run did not have: its own noise stream, distinct per rank and resume step
+            self.generator.manual_seed(self.cfg.seed * 1000 + self.rank + 1_000_003 * self.step)
+        if self._universal_dir is not None:
+            dist.barrier()  # every rank has read it: the converted copy is no longer needed
+            if self.rank == 0:
+                shutil.rmtree(self._universal_dir, ignore_errors=True)
         if self.rank == 0:
-            log.info(f"resumed from {tag_dir} at step {self.step}")
+            how = f" (written by {old_world} ranks, now {self.world_size}: " \
+                  f"{'universal checkpoint, ' if self._universal_dir else ''}" \
+                  f"{'loader resharded' if resharded else 'loader state as saved'})" if old_world != self.world_size \
+                else ""
+            log.info(f"resumed from {tag_dir} at step {self.step}{how}")
+
+    def _load_loader_state(self, saved: list) -> bool:
+        """Restore this rank's loader position; under another layout, reshard it (returns True then).
+
+        ``saved`` is the list over the old run's ranks of ``StatefulDataLoader.state_dict()``. Same layout
+        (world size, loader workers, micro batch, seq_len): exact resume. Otherwise every rank derives its
+        position from all old positions with :meth:`PackedDataset.load_resharded` (no document repeated or
+        skipped mid-shard; see its docstring for the exact guarantee).
+        """
+        from llada_scale.data.loader import LoaderStateError, PackedDataset, loader_dataset_states
+
+        dataset = getattr(self.loader, "dataset", None)
+        old = [s for st in saved for s in loader_dataset_states(st)]
+        same = len(saved) == self.world_size and all(dataset.same_layout(s) for s in old) \
+            if isinstance(dataset, PackedDataset) else True
+        try:
+            if same:
+                self.loader.load_state_dict(saved[self.rank])
+                return False
+            dataset.load_resharded(old)
+        except LoaderStateError as e:
+            raise TrainError(f"cannot resume the data loader: {e}") from None
+        return True
+
+    def _prepare_resume(self, tag_dir: Path | None, ds_cfg: dict) -> Path | None:
+        """Before ``deepspeed.initialize``: make a checkpoint written by another world size loadable.
+
+        ZeRO stages 1-3 shard the optimizer state by rank, so rank 0 converts the checkpoint once into a
+        universal checkpoint (``deepspeed.checkpoint.ds_to_universal --inject_missing_state``) under
+        ``checkpoints/universal/<tag>`` (written to ``<tag>.tmp`` and renamed; reused when present) and
+        ``ds_cfg["checkpoint"]["load_universal"]`` is set. ZeRO-0 checkpoints hold the whole optimizer state
+        and load at any world size as they are. Collective. Returns ``tag_dir``.
+        """
+        if tag_dir is None:
+            return None
+        try:
+            meta = checkpointer.read_meta(tag_dir)
+        except checkpointer.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        old_world, stage = meta.get("world_size"), meta.get("zero_stage", 0)
+        if old_world == self.world_size or not stage:
+            return tag_dir
+        uni = tag_dir.parent / "universal" / tag_dir.name
+        error = None
+        if self.rank == 0 and not uni.is_dir():
+            log.info(f"checkpoint {tag_dir} was written by {old_world} ranks, this run has {self.world_size}: "
+                     f"converting it to a universal checkpoint in {uni}")
+            tmp = uni.with_name(uni.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
+                   "--num_merge_workers", workers]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                error = (f"converting {tag_dir} to a universal checkpoint failed (exit {r.returncode}): "
+                         f"{(r.stderr or r.stdout).strip()[-1500:]}\nresume on {old_world} ranks, or run "
+                         f"{' '.join(cmd[1:])} yourself and rename the output to {uni}")
+            else:
+                os.replace(tmp, uni)
+                log.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f} s")
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # also the barrier: the conversion is finished
+        if box[0]:
+            raise TrainError(box[0])
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        self._universal_dir = uni
+        return tag_dir
 
     # -- signals (SLURM preemption / time limit)
     def install_signal_handlers(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        """On any of ``signals`` the run saves a checkpoint at the next step boundary that all ranks agree on."""
+        """On any of ``signals`` the run saves a checkpoint at the next step boundary that all ranks agree on.
+
+        The handler only records the signal on this rank (``_signal_received``). Every micro step
+        all-reduces (MAX) it with the other flags, so the stop decision (``_stop_signal``) is the same on
+        every rank at the same micro step -- a rank that receives the signal a moment later than another
+        cannot make the ranks diverge. A signal caught before this call (``main`` installs a recorder first
+        thing) is carried over.
+        """
+        self._signal_received = max(self._signal_received, _early_signal)
 
         def handler(signum, frame):
-            self._stop_signal = signum
+            self._signal_received = signum
 
         for s in signals:
             signal.signal(s, handler)
+
+    # -- loss guards
+    SPIKE_EMA_DECAY = 0.99  # running mean over roughly the last 100 micro batches
+    SPIKE_MAX_CONSECUTIVE = 20  # this many spikes in a row: the loss level really changed, stop
+
+    def _is_spike(self, loss: float) -> bool:
+        """Loss-spike rule on the largest micro-batch loss over ranks (identical on every rank).
+
+        With ``train.spike_factor`` > 0 and after ``train.spike_warmup`` steps, a micro batch whose loss
+        exceeds spike_factor x the running mean is a spike: ``train.spike_action=skip`` drops it on every
+        rank (no backward, counted in train/skipped_batches, logged), ``stop`` raises TrainError. Spikes
+        do not update the running mean. Returns True when the micro batch is to be skipped.
+        """
+        t = self.cfg.train
+        ema = self._loss_ema
+        if t.spike_factor > 0 and ema is not None and self.step >= t.spike_warmup and loss > t.spike_factor * ema:
+            self._spike_run += 1
+            self.skipped_batches += 1
+            msg = (f"step {self.step}: loss spike, micro-batch loss {loss:.4f} > train.spike_factor "
+                   f"{t.spike_factor} x running mean {ema:.4f}")
+            if t.spike_action == "stop":
+                raise TrainError(f"{msg}; lower optim.lr, raise train.spike_factor or set train.spike_action=skip")
+            if self._spike_run >= self.SPIKE_MAX_CONSECUTIVE:
+                raise TrainError(f"{msg}: {self._spike_run} spikes in a row, the loss level has changed; raise "
+                                 "train.spike_factor or set it to 0 (off)")
+            if self.rank == 0:
+                log.warning(f"{msg}: micro batch skipped ({self.skipped_batches} skipped so far)")
+                self.logger.log(self.step, {"train/spike_loss": loss, "train/spike_mean": ema})
+            return True
+        self._spike_run = 0
+        d = self.SPIKE_EMA_DECAY
+        self._loss_ema = loss if ema is None else d * ema + (1 - d) * loss
+        return False
 
     # -- loop
     def train_step(self, it) -> dict:
@@ -343,8 +474,12 @@ class Trainer:
             batch = self._next_batch(it)
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
                                        self.cfg.model.mask_token_id, self.generator, step=self.step)
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(self._stop_signal)], device=self.device)
+            finite = bool(torch.isfinite(loss))
+            # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss]
+            flags = torch.tensor([0.0 if finite else 1.0, float(self._signal_received),
+                                  float(loss.detach()) if finite else 0.0], device=self.device, dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.tolist()
             if flags[1] > 0:
                 self._stop_signal = int(flags[1])
             if flags[0] > 0:  # non-finite on some rank: every rank drops this micro batch
@@ -355,6 +490,8 @@ class Trainer:
                 if self.cfg.train.nonfinite == "stop":
                     raise TrainError(f"non-finite loss at step {self.step}; lower optim.lr or set train.nonfinite=skip")
                 continue
+            if self._is_spike(flags[2]):
+                continue
             self.engine.backward(loss)
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
@@ -364,6 +501,8 @@ class Trainer:
             micro += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v.detach().float().to(self.device)
+            # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
+            totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
         self.step += 1
         return totals
 
@@ -429,7 +568,7 @@ class Trainer:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
-                   "train/skipped_batches": self.skipped_batches}
+                   "train/skipped_batches": self.skipped_batches, "data/checksum": sums["data_checksum"].item()}
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
@@ -518,7 +657,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a complete checkpoint; slurm/launch.sh requeues
+_early_signal = 0  # a stop signal caught before the Trainer installed its handlers
+
+
+def _record_early_signal(signum, frame):
+    global _early_signal
+    _early_signal = signum
+
+
 def main(argv=None) -> int:
+    """Train; returns 0 (done, or stopped at train.stop_at_step), 2 (bad input / TrainError), or
+    :data:`PREEMPTED_EXIT` = 75 when a SIGUSR1/SIGTERM made every rank checkpoint and stop early."""
+    for s in (signal.SIGUSR1, signal.SIGTERM):  # SLURM may signal during start-up: never die on it
+        signal.signal(s, _record_early_signal)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
@@ -546,6 +698,12 @@ def main(argv=None) -> int:
             trainer.close()
     if rank == 0 and result:
         log.info("final " + " ".join(f"{k}={v}" for k, v in result.items()))
+    if result and result.get("preempted"):
+        try:
+            dist.barrier()  # leave together: srun --kill-on-bad-exit must not kill a rank still finishing
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -1,0 +1,53 @@
+"""Shared fixtures: small real-data shards, the data path, and a quiet, CPU-friendly environment."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llada_scale.config import DEFAULT_DATA  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llada_scale_torch_extensions"))
+
+DATA = Path(os.environ.get("LLADA_DATA", DEFAULT_DATA))
+TOKENIZER = DATA / "tokenizer" / "minimind"
+
+
+def _need_data():
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"real data not found at {DATA} (set LLADA_DATA)")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    _need_data()
+    return TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory) -> Path:
+    """~160k tokens of the English corpus in ~8 train shards + 1 val shard."""
+    _need_data()
+    from llada_scale.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "pretrain"
+    build_shards([str(DATA / "pretrain" / "en_classics.jsonl.gz")], str(TOKENIZER), str(out), "pretrain",
+                 max_tokens=160_000, shard_tokens=20_000, val_docs=2, progress=False, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_shards(tmp_path_factory) -> Path:
+    _need_data()
+    from llada_scale.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "sft"
+    build_shards([str(DATA / "sft" / "alpaca_en.jsonl.gz")], str(TOKENIZER), str(out), "sft",
+                 max_docs=600, shard_tokens=15_000, val_docs=40, progress=False, log=lambda m: None)
+    return out
