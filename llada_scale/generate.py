@@ -292,6 +292,10 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
 
     The mask token and ``suppress_token_ids`` are never predicted (their logits are set to -inf).
 
+    ZeRO-3: every rank must call this with the same ``gen_length``/``block_length``/``steps``/``cfg_scale``
+    (fixed mode then runs exactly ``steps`` forwards whatever the prompts); threshold mode needs
+    ``sync_ranks=True``.
+
     Args:
         model: our ``Transformer`` with ``causal=False`` (or anything with the same call signature).
         prompts: B lists of token ids (may differ in length; may be empty for unconditional samples).
@@ -424,6 +428,9 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
     ``eos_token_id`` stop (their later tokens are discarded); the loop ends when every row stopped or after
     ``max_new_tokens`` steps.
 
+    ZeRO-3: with ``eos_token_id`` the number of forwards depends on the data - pass ``sync_ranks=True`` (or
+    ``eos_token_id=None``) so that every rank runs the same number.
+
     Args:
         model: a causal model (``cfg.causal=True``) called as ``model(ids, position_ids=, document_ids=)``.
         prompts: B non-empty token-id lists.
@@ -520,6 +527,9 @@ def log_likelihood_batch(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
     and the sample's value is ``(L / l) * sum_{masked i} log p_theta(a_i | masked sequence)``. The
     estimate is the mean over samples: an unbiased estimate of the ELBO, a lower bound on
     log p(answer | prompt). Rows of all pairs are packed into forwards of ``batch_size`` rows.
+
+    ZeRO-3: the number of forwards is ``ceil(rows / batch_size)``, which differs between ranks holding
+    different data - pass ``sync_ranks=True``.
 
     Args:
         model: the model (logits float32-cast before log_softmax).

@@ -220,3 +220,57 @@ def test_left_pad_and_truncate():
     assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
     assert doc.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
     assert truncate_at([4, 5, 2, 7], 2) == [4, 5] and truncate_at([4, 5, 2], [2], include=True) == [4, 5, 2]
+
+
+SYNC_SCRIPT = r"""
+import json, os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+torch.distributed.init_process_group("gloo")
+from llada_scale.generate import ar_generate, diffusion_generate, log_likelihood_batch
+from llada_scale.model import ModelConfig, Transformer
+rank = torch.distributed.get_rank()
+torch.manual_seed(0)
+cfg = dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+           max_seq_len=128, init_std=0.3)
+dm = Transformer(ModelConfig(**cfg, causal=False, mask_token_id=63)).eval()
+ar = Transformer(ModelConfig(**cfg, causal=True)).eval()
+prompts = [[5, 6, 7]] if rank == 0 else [[8, 9], [10, 11, 12, 13]]
+d = diffusion_generate(dm, prompts, mask_token_id=63, gen_length=16, block_length=8, threshold=0.2, sync_ranks=True)
+alone = diffusion_generate(dm, prompts, mask_token_id=63, gen_length=16, block_length=8, threshold=0.2)
+a = ar_generate(ar, prompts, max_new_tokens=8, eos_token_id=int(rank == 0) * 7 + 3, sync_ranks=True)
+pairs = [([1], [2, 3])] * (1 if rank == 0 else 5)
+calls = []
+orig = dm.hidden_states
+dm.hidden_states = lambda *x, **k: (calls.append(1), orig(*x, **k))[1]
+log_likelihood_batch(dm, pairs, causal=False, mask_token_id=63, mc_samples=4, batch_size=4, sync_ranks=True)
+out = {"d_nfe": d.nfe, "same_tokens": d.tokens == alone.tokens, "a_nfe": a.nfe, "ll_calls": len(calls)}
+print("RESULT" + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.distributed
+def test_sync_ranks_keeps_forward_counts_equal():
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", SYNC_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "REPO": repo})
+             for r in range(2)]
+    results = []
+    for p in procs:
+        out = p.communicate(timeout=120)[0].decode()
+        assert p.returncode == 0, out[-2000:]
+        results.append(json.loads(out.split("RESULT")[-1]))
+    assert results[0]["d_nfe"] == results[1]["d_nfe"]
+    assert results[0]["a_nfe"] == results[1]["a_nfe"]
+    assert results[0]["ll_calls"] == results[1]["ll_calls"] == 5
+    assert results[0]["same_tokens"] and results[1]["same_tokens"]
