@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -336,6 +337,11 @@ class Trainer:
             dist.barrier()  # every rank has read it: the converted copy is no longer needed
             if self.rank == 0:
                 shutil.rmtree(self._universal_dir, ignore_errors=True)
+                (self._universal_dir.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's
+                try:
+                    self._universal_dir.parent.rmdir()  # checkpoints/universal, when now empty
+                except OSError:
+                    pass
         if self.rank == 0:
             how = f" (written by {old_world} ranks, now {self.world_size}: " \
                   f"{'universal checkpoint, ' if self._universal_dir else ''}" \
@@ -420,10 +426,10 @@ class Trainer:
         The handler only records the signal on this rank (``_signal_received``). Every micro step
         all-reduces (MAX) it with the other flags, so the stop decision (``_stop_signal``) is the same on
         every rank at the same micro step -- a rank that receives the signal a moment later than another
-        cannot make the ranks diverge. A signal caught before this call (``main`` installs a recorder first
-        thing) is carried over.
+        cannot make the ranks diverge. Under :func:`main` the signals are blocked and taken by a sigwait
+        thread (see :func:`watch_stop_signals`, which also covers start-up); these handlers then only
+        matter for a signal directed at a thread that still has them unblocked.
         """
-        self._signal_received = max(self._signal_received, _early_signal)
 
         def handler(signum, frame):
             self._signal_received = signum
@@ -476,7 +482,7 @@ class Trainer:
                                        self.cfg.model.mask_token_id, self.generator, step=self.step)
             finite = bool(torch.isfinite(loss))
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss]
-            flags = torch.tensor([0.0 if finite else 1.0, float(self._signal_received),
+            flags = torch.tensor([0.0 if finite else 1.0, float(max(self._signal_received, _signal_seen)),
                                   float(loss.detach()) if finite else 0.0], device=self.device, dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.tolist()
@@ -658,19 +664,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a complete checkpoint; slurm/launch.sh requeues
-_early_signal = 0  # a stop signal caught before the Trainer installed its handlers
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_signal_seen = 0  # a stop signal taken by the watch_stop_signals thread (read by Trainer.train_step)
 
 
-def _record_early_signal(signum, frame):
-    global _early_signal
-    _early_signal = signum
+def _note_signal(signum, frame=None):
+    global _signal_seen
+    _signal_seen = signum
+
+
+def watch_stop_signals() -> None:
+    """Block SIGUSR1/SIGTERM in this process and take them on one daemon thread (``sigwait``).
+
+    SLURM delivers a job-step signal (srun forwarding it, ``scancel --signal``, the time limit) to EVERY
+    process of the step, children included. Data loader workers, DeepSpeed's ninja op builds, the wandb
+    service or compile workers would die of SIGUSR1 (default action: terminate) or SIGTERM and take the
+    run down before it could checkpoint. A blocked signal stays blocked in every thread and child process
+    started afterwards (fork and exec keep the mask), so they ignore it, while this process records it in
+    ``_signal_seen`` for the all-reduce in ``train_step``. Call first thing, before threads exist; a Python
+    handler also records a signal that reaches a thread started earlier.
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, _note_signal)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def wait_loop():
+        while True:
+            _note_signal(signal.sigwait(STOP_SIGNALS))
+
+    threading.Thread(target=wait_loop, name="llada-stop-signals", daemon=True).start()
 
 
 def main(argv=None) -> int:
     """Train; returns 0 (done, or stopped at train.stop_at_step), 2 (bad input / TrainError), or
     :data:`PREEMPTED_EXIT` = 75 when a SIGUSR1/SIGTERM made every rank checkpoint and stop early."""
-    for s in (signal.SIGUSR1, signal.SIGTERM):  # SLURM may signal during start-up: never die on it
-        signal.signal(s, _record_early_signal)
+    watch_stop_signals()  # SLURM may signal any time, start-up included: record, never die of it
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
@@ -708,6 +736,16 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from llada_scale.train import main as _main  # import as a module so error classes keep their module name
+    from llada_scale.train import PREEMPTED_EXIT as _PREEMPTED  # import as a module so error classes keep
+    from llada_scale.train import main as _main  # their module name
 
-    sys.exit(_main())
+    _code = _main()
+    if _code == _PREEMPTED:
+        # Every rank has just left a barrier: exit now, all within a millisecond, skipping the interpreter's
+        # teardown. Otherwise srun --kill-on-bad-exit=1 may see one rank's 75 while another is still tearing
+        # down, kill that one, and report 143 instead of 75 (no requeue; slurm/launch.sh copes, but late).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_code)
+    sys.exit(_code)

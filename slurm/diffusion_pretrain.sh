@@ -1,0 +1,20 @@
+#!/bin/bash
+# Stage 2: LLaDA diffusion continual pretraining from the AR weights, 2 nodes x 8 H100 (docs/SLURM.md).
+#   sbatch slurm/diffusion_pretrain.sh [--config FILE] [--deepspeed_config FILE] [key.sub=value ...]
+#   sbatch --nodes=4 slurm/diffusion_pretrain.sh run_dir=runs/dp_1b_4n     # any #SBATCH line: on the command line
+#SBATCH --job-name=llada-diffusion-pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+
+LLADA_CONFIG=${LLADA_CONFIG:-configs/diffusion_pretrain_1b.yaml}
+LLADA_DS_CONFIG=${LLADA_DS_CONFIG:-ds_configs/zero2.json}
+# shellcheck source=slurm/launch.sh
+source "${LLADA_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh" "$@"
