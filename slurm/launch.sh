@@ -79,6 +79,7 @@ source slurm/env.sh || llada_die "slurm/env.sh failed"
 # ---------------------------------------------------------------------------------------------- arguments
 llada_config=${LLADA_CONFIG:-}
 llada_ds_config=${LLADA_DS_CONFIG:-}
+llada_opts=()  # train.py options go before the key=value overrides (argparse cannot interleave them)
 read -r -a llada_args <<< "${LLADA_OVERRIDES:-}"
 while (($#)); do
     case $1 in
@@ -86,6 +87,8 @@ while (($#)); do
         --config=*) llada_config=${1#*=}; shift ;;
         --deepspeed_config | --deepspeed-config) [[ $# -ge 2 ]] || llada_die "$1 needs a file"; llada_ds_config=$2; shift 2 ;;
         --deepspeed_config=* | --deepspeed-config=*) llada_ds_config=${1#*=}; shift ;;
+        --resume | --init_from | --run_dir | --wandb) [[ $# -ge 2 ]] || llada_die "$1 needs a value"; llada_opts+=("$1" "$2"); shift 2 ;;
+        --*) llada_opts+=("$1"); shift ;;
         *) llada_args+=("$1"); shift ;;
     esac
 done
@@ -96,7 +99,7 @@ if [[ -n "$llada_ds_config" ]]; then
     [[ -f "$llada_ds_config" ]] || llada_die "DeepSpeed config $llada_ds_config does not exist"
     llada_cmd+=(--deepspeed_config "$llada_ds_config")
 fi
-llada_cmd+=("${llada_args[@]}")
+llada_cmd+=("${llada_opts[@]}" "${llada_args[@]}")
 
 # ---------------------------------------------------------------------------------------------- device
 LLADA_DEVICE=${LLADA_DEVICE:-auto}
