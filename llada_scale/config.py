@@ -81,6 +81,7 @@ class TrainLoopConfig:
     peak_flops: float = 0.0  # per device, FLOP/s; 0 = look up the GPU (H100/H200/A100) or skip MFU
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
+    sample_block_length: int = 0  # diffusion samples: semi-autoregressive block length (0 = one block)
     nonfinite: str = "skip"  # skip | stop: what to do when the loss is NaN/inf
     # Loss spikes: a micro batch whose loss (largest over ranks) exceeds spike_factor x the running mean
     # (EMA, decay 0.99) after spike_warmup steps is skipped on every rank or stops the run (spike_action).

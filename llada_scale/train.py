@@ -542,13 +542,16 @@ class Trainer:
             return []
         model = self.engine.module
         model.eval()
-        n = self.cfg.train.sample_tokens
+        t = self.cfg.train
+        eos = self.tokenizer.eos_token_id
         if self.cfg.model.causal:
-            out = generate.ar_generate(model, prompts, max_new_tokens=n, eos_token_id=self.tokenizer.eos_token_id)
-        else:
+            out = generate.ar_generate(model, prompts, max_new_tokens=t.sample_tokens, eos_token_id=eos)
+        else:  # LLaDA low-confidence remasking; small blocks (semi-AR) keep SFT models from flooding EOS
+            block = t.sample_block_length or t.sample_tokens
             out = generate.diffusion_generate(model, prompts, mask_token_id=self.cfg.model.mask_token_id,
-                                              gen_length=n, block_length=n, steps=n)
-        return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(t)!r}" for p, t in zip(prompts, out.tokens)]
+                                              gen_length=t.sample_tokens, block_length=block, steps=t.sample_tokens)
+        return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(generate.truncate_at(o, eos))!r}"
+                for p, o in zip(prompts, out.tokens)]
 
     def _sample_prompts(self) -> list[list[int]]:
         if self.cfg.objective.name == "sft":

@@ -19,6 +19,18 @@ DATA = Path(os.environ.get("LLADA_DATA", DEFAULT_DATA))
 TOKENIZER = DATA / "tokenizer" / "minimind"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread and CI machines are shared: avoid oversubscribing the cores.
+    Restored after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _need_data():
     if not TOKENIZER.is_dir():
         pytest.skip(f"real data not found at {DATA} (set LLADA_DATA)")

@@ -26,16 +26,6 @@ from llada_scale import checkpoint_io as cio  # noqa: E402
 from llada_scale.model import ModelConfig, Transformer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread, and the CI machines are shared: avoid oversubscription.
-    Restored after each test, so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOKENIZER_DIR = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data")) / "tokenizer" / "minimind"
 TAG = "step00000002"
 

@@ -22,16 +22,6 @@ from llada_scale.eval_tasks import TASKS, extract_gsm8k_answer, normalize_number
 from llada_scale.model import ModelConfig, Transformer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread, and the CI machines are shared: avoid oversubscription.
-    Restored after each test, so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 DATA = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "eval").is_dir() or not (DATA / "tokenizer" / "minimind").is_dir(),
                                 reason="shared eval data not available")

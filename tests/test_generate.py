@@ -11,16 +11,6 @@ from llada_scale.generate import (add_gumbel_noise, ar_generate, diffusion_gener
 from llada_scale.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread, and the CI machines are shared: avoid oversubscription.
-    Restored after each test, so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V = 16
 MASK = 15
 

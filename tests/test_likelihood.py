@@ -10,16 +10,6 @@ from llada_scale.generate import _stratified_counts, log_likelihood, log_likelih
 from llada_scale.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread, and the CI machines are shared: avoid oversubscription.
-    Restored after each test, so other test modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 V = 12
 MASK = 11
 
