@@ -42,6 +42,11 @@ export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 # A hung collective (a dead rank, a network partition) raises after the process-group timeout instead of
 # hanging forever; the failing rank exits non-zero and srun --kill-on-bad-exit ends the step. Keep it on.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+# Minutes a collective may wait for a rank that does not join before it raises (DeepSpeed's process-group
+# timeout; its own default is 10). 30 leaves room for a first-step compile on one rank and for rank 0
+# converting a checkpoint to a universal one (world-size change) while the others wait. Lower it to
+# detect a dead rank sooner.
+export DEEPSPEED_TIMEOUT="${DEEPSPEED_TIMEOUT:-30}"
 # Record the last collectives of every rank and dump them when a timeout fires (the "flight recorder"):
 # the dump names the collective and the ranks that never joined it. Dumps land in run-dir-independent
 # files given by TORCH_NCCL_DEBUG_INFO_TEMP_FILE (default /tmp/nccl_trace_rank_<rank>). 0 turns it off.
