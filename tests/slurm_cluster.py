@@ -282,7 +282,8 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             if now == self.hosts_after:
                 restored = self.hosts_before
             else:  # someone else changed it meanwhile: drop only our line
-                restored = "".join(line for line in now.splitlines(keepends=True) if line.rstrip("\n") != self.hosts_line)
+                restored = "".join(line for line in now.splitlines(keepends=True)
+                                   if line.rstrip("\n") != self.hosts_line)
             with open(HOSTS_FILE, "w") as f:
                 f.write(restored)
         except OSError:

@@ -93,7 +93,8 @@ def submit(cluster: LocalSlurm, work: Path, name: str, nodes: int, args: list[st
     cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--ntasks-per-node=1",
            "--cpus-per-task=1", "--gpus-per-node=0", "--time=30", f"--output={work}/{name}-%j.out",
            "slurm/diffusion_pretrain.sh", *args]
-    r = cluster.run(cmd, cwd=REPO, env={"LLADA_DEVICE": "cpu", "OMP_NUM_THREADS": "1"})
+    env = {"LLADA_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "LLADA_PYTHON": sys.executable}  # this interpreter
+    r = cluster.run(cmd, cwd=REPO, env=env)
     return r.stdout.strip().split(";")[0]
 
 

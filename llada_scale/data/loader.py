@@ -266,10 +266,12 @@ class PackedDataset(IterableDataset):
           checkpoint are exactly the ones not repeated; batches a worker had prefetched but the trainer had
           not consumed are not in the checkpoint and are produced again (they were never trained on).
         * These remaining pieces are spread over the new streams by size (largest first onto the least
-          loaded stream); each new stream reads its continued (partly read) pieces first, and every new stream yields the same number ``quota`` of batches this epoch:
+          loaded stream); each new stream reads its continued (partly read) pieces first, and every new
+          stream yields the same number ``quota`` of batches this epoch:
           ``floor(min stream capacity / batch size)`` (capacity in tokens incl. EOS, or rows for SFT).
-          What a stream holds beyond ``quota`` batches -- less than one piece plus the imbalance between
-          streams -- is not read in epoch E: the same end-of-epoch equalisation every epoch does (data
+          What a stream holds beyond ``quota`` batches is not read in epoch E -- at most the largest
+          piece (<= one shard) plus one batch per stream, since largest-first placement keeps stream loads
+          within one piece of each other: the same end-of-epoch equalisation every epoch does (data
           dropped from one epoch is read in the next, whose shard assignment differs).
         * If fewer pieces remain than new streams (``world_size x workers``), the rest of epoch E is not
           read and training continues at epoch E + 1; at an epoch boundary the layout change is seamless.
@@ -349,7 +351,8 @@ class PackedDataset(IterableDataset):
             by_stream[(st["fingerprint"]["rank"], st.get("worker", 0))] = pos
         epoch = min(p["epoch"] for p in by_stream.values())
         # A stream without a state never yielded a batch: it has not started (only possible in epoch 0).
-        streams_old = [by_stream.get((r, w), {**self._fresh_pos(), "epoch": epoch}) for r in range(W) for w in range(nw)]
+        streams_old = [by_stream.get((r, w), {**self._fresh_pos(), "epoch": epoch})
+                       for r in range(W) for w in range(nw)]
         untouched = {**self._fresh_pos(), "epoch": epoch}
         if all(p == untouched for p in streams_old):
             return {"epoch": epoch}  # at an epoch boundary: the new layout's normal assignment
