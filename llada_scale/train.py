@@ -244,15 +244,14 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
         self.step = 0
+        self.skipped_batches = 0
+        self._grad_norm = None
         if resume_dir is not None:
             self._load(resume_dir)
         self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
                                                   cfg.data.seq_len),
                                   self.world_size, device_peak_flops(cfg.train.peak_flops))
         self.logger = Logger(cfg, self.rank)
-        self._stop_signal = 0
-        self._grad_norm = None
-        self.skipped_batches = 0
 
     # -- data
     def _build_loader(self, split: str, rank: int | None = None, world_size: int | None = None):
