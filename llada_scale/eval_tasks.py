@@ -27,6 +27,13 @@ poem       LLaDA's reversal-curse poem set (Chinese couplets): forward = given t
            second, reversal = given the second generate the first (chat prompt asking for the next / previous
            line); exact match of the first generated line, punctuation and spaces ignored.
 =========  ===========================================================================================
+
+Diffusion samplers (``ModelHandle.sampler``, CLI ``--sampler``): ``llada`` is
+:func:`llada_scale.generate.diffusion_generate` (left-padded batches, blocks counted from the end of the
+prompt); ``block`` is :func:`llada_scale.block_sampling.generate_blocks_batch` for block-diffusion models
+(blocks counted from position 0 as in training, exact KV cache of finished blocks, prompts batched by equal
+length; low-confidence remasking only: no ``threshold``, ``cfg_scale`` or random remasking). The CLI defaults
+to ``block`` when the checkpoint's run config has block diffusion on (:func:`default_sampler`).
 """
 
 from __future__ import annotations
@@ -42,13 +49,15 @@ from typing import Any, Sequence
 
 import torch
 
+from llada_scale.block_sampling import generate_blocks_batch
 from llada_scale.generate import (_call, ar_generate, diffusion_generate, left_pad, log_likelihood_batch,
                                   truncate_at)
 
-__all__ = ["TASKS", "EvalConfig", "EvalError", "load_examples", "run_task", "aggregate", "extract_gsm8k_answer",
-           "normalize_number", "ModelHandle"]
+__all__ = ["TASKS", "SAMPLERS", "EvalConfig", "EvalError", "load_examples", "run_task", "aggregate",
+           "extract_gsm8k_answer", "normalize_number", "ModelHandle", "default_sampler", "trained_block_length"]
 
 TASKS = ("wikitext2", "lambada", "piqa", "gsm8k", "poem")
+SAMPLERS = ("llada", "block")
 
 POEM_FORWARD = "{line}的下一句是什么？直接输出句子即可。"
 POEM_REVERSAL = "{line}的上一句是什么？直接输出句子即可。"
@@ -64,10 +73,11 @@ class EvalConfig:
 
     batch_size: examples (likelihood rows / prompts) per forward. mc_samples: Monte Carlo samples per
     likelihood (diffusion). gen_length/block_length/steps/temperature/remasking/threshold/cfg_scale: diffusion
-    sampling (:func:`llada_scale.generate.diffusion_generate`); AR models decode up to ``gen_length`` tokens
-    greedily (``temperature`` > 0 samples). poem_gen_length: tokens generated per poem line. chunk_len:
-    WikiText-2 chunk length in tokens. seed: base seed of all randomness (per-example seeds derive from it,
-    so results do not depend on sharding).
+    sampling (:func:`llada_scale.generate.diffusion_generate`); the block sampler uses ``block_length`` and
+    ``temperature`` and :meth:`steps_per_block` (the same tokens per step as ``steps`` for ``gen_length``).
+    AR models decode up to ``gen_length`` tokens greedily (``temperature`` > 0 samples). poem_gen_length:
+    tokens generated per poem line. chunk_len: WikiText-2 chunk length in tokens. seed: base seed of all
+    randomness (per-example seeds derive from it, so results do not depend on sharding).
     """
 
     batch_size: int = 16
@@ -83,22 +93,43 @@ class EvalConfig:
     chunk_len: int = 128
     seed: int = 0
 
-    def validate(self) -> None:
-        """Raise :class:`EvalError` naming the first bad knob."""
+    def validate(self, sampler: str | None = "llada") -> None:
+        """Raise :class:`EvalError` naming the first bad knob.
+
+        ``sampler``: also check the knobs of that diffusion sampler (``"llada"``: block/step divisibility;
+        ``"block"``: no threshold, CFG or random remasking); None = only the sampler-independent checks (AR
+        models, or before the sampler is known).
+        """
         for name in ("batch_size", "mc_samples", "gen_length", "block_length", "steps", "poem_gen_length", "chunk_len"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gen_length % self.block_length:
-            raise EvalError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
-        nb = self.gen_length // self.block_length
-        if self.threshold is None and self.steps % nb:
-            raise EvalError(f"steps {self.steps} must be a multiple of the number of blocks {nb}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise EvalError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.remasking not in ("low_confidence", "random"):
             raise EvalError(f"remasking must be low_confidence or random, not {self.remasking!r}")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise EvalError("temperature and cfg_scale must be >= 0")
+        if sampler is None:
+            return
+        if sampler not in SAMPLERS:
+            raise EvalError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+        if sampler == "block":
+            bad = [f for f, on in (("--threshold", self.threshold is not None), ("--cfg_scale", self.cfg_scale > 0),
+                                   ("--remasking random", self.remasking != "low_confidence")) if on]
+            if bad:
+                raise EvalError(f"the block sampler does not support {', '.join(bad)} (low-confidence remasking "
+                                "with fixed steps only); use --sampler llada")
+            return
+        if self.gen_length % self.block_length:
+            raise EvalError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
+        nb = self.gen_length // self.block_length
+        if self.threshold is None and self.steps % nb:
+            raise EvalError(f"steps {self.steps} must be a multiple of the number of blocks {nb}")
+
+    def steps_per_block(self) -> int:
+        """Denoising steps per block of the block sampler: ``round(steps * block_length / gen_length)``
+        (at least 1), i.e. the tokens-per-step rate that ``steps`` gives for ``gen_length`` tokens."""
+        return max(1, round(self.steps * self.block_length / self.gen_length))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +141,9 @@ class ModelHandle:
 
     causal: AR (True) or diffusion (False). mask_token_id: required for diffusion. suppress_token_ids: ids
     never generated (vocab padding rows; the mask token for AR). stop_ids: generation is cut at the first of
-    these (eos, pad).
+    these (eos, pad). sampler: diffusion generation with ``"llada"`` (:func:`diffusion_generate`) or
+    ``"block"`` (:func:`llada_scale.block_sampling.generate_blocks_batch`, for block-diffusion models);
+    ignored for AR models.
     """
 
     model: Any
@@ -120,6 +153,45 @@ class ModelHandle:
     suppress_token_ids: list[int] = field(default_factory=list)
     stop_ids: list[int] = field(default_factory=list)
     name: str = "model"
+    sampler: str = "llada"
+
+
+def _objective(meta: dict | None) -> dict:
+    cfg = (meta or {}).get("config")
+    obj = cfg.get("objective") if isinstance(cfg, dict) else None
+    return obj if isinstance(obj, dict) else {}
+
+
+def default_sampler(meta: dict | None) -> str:
+    """``"block"`` when the checkpoint's stored run config has block diffusion on
+    (``config.objective.block_length > 0`` or a non-empty ``block_schedule``), else ``"llada"`` (also when the
+    checkpoint stores no run config, e.g. HF exports)."""
+    obj = _objective(meta)
+    bl = obj.get("block_length") or 0
+    return "block" if (isinstance(bl, int) and bl > 0) or obj.get("block_schedule") else "llada"
+
+
+def trained_block_length(meta: dict | None) -> int | None:
+    """The block length the checkpoint was last trained with: ``objective.block_length``, or the
+    ``block_schedule`` value at the checkpoint's last step (its last phase when the step is unknown). None when
+    block diffusion is off, the value is ``"full"`` or the schedule is unreadable."""
+    from llada_scale import block_diffusion as bd
+
+    obj = _objective(meta)
+    bl = obj.get("block_length") or 0
+    if isinstance(bl, int) and bl > 0:
+        return bl
+    sched = obj.get("block_schedule")
+    if not sched:
+        return None
+    step = (meta or {}).get("step")
+    try:
+        if not isinstance(step, int) or step < 1:
+            step = sum(int(s) for _, s in sched)  # past the end: the last phase
+        out = bd.block_length_at(sched, step - 1)
+    except (ValueError, TypeError):
+        return None
+    return None if out >= bd.FULL_LENGTH else out
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -280,6 +352,41 @@ def _generate(h: ModelHandle, prompts: list[list[int]], cfg: EvalConfig, gen_len
     return out
 
 
+def _uses_block(h: ModelHandle) -> bool:
+    return not h.causal and h.sampler == "block"
+
+
+def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg: EvalConfig, gen_length: int,
+                 stats: dict, bar):
+    """Yield ``(batch, outputs)``: ``outputs[k][i]`` = the generation (cut at a stop id) for
+    ``batch[i][keys[k]]``.
+
+    AR and the llada sampler: one call per ``batch_size`` examples (left padding). Block sampler: one
+    :func:`generate_blocks_batch` call for all prompts of all keys, which groups equal-length prompts into
+    batches of ``batch_size`` (more sharing than per batch) and seeds every prompt on its own, so outputs do
+    not depend on the batching at any temperature.
+    """
+    if _uses_block(h):
+        prompts = [e[k] for k in keys for e in examples]
+        seeds = [_seed(cfg, "gen", e["index"] + j * 1_000_000) for j in range(len(keys)) for e in examples]
+        res = generate_blocks_batch(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
+                                    block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
+                                    temperature=cfg.temperature, seeds=seeds, batch_size=cfg.batch_size,
+                                    suppress_token_ids=h.suppress_token_ids,
+                                    progress=lambda n: bar.update(n / len(keys)))
+        stats["seconds"] += res.seconds
+        stats["nfe"] += res.nfe
+        stats["tokens"] += sum(len(t) for t in res.tokens)
+        gens = [truncate_at(t, h.stop_ids) for t in res.tokens]
+        n = len(examples)
+        yield examples, [gens[j * n:(j + 1) * n] for j in range(len(keys))]
+        return
+    for batch in _batches(examples, cfg.batch_size):
+        yield batch, [_generate(h, [e[k] for e in batch], cfg, gen_length, stats, batch[0]["index"] + j * 1_000_000)
+                      for j, k in enumerate(keys)]
+        bar.update(len(batch))
+
+
 def _loglik(h: ModelHandle, pairs, seeds, cfg: EvalConfig, stats: dict) -> list[float]:
     t0 = time.perf_counter()
     if h.causal:
@@ -303,12 +410,14 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
     ``{"seconds", "tokens", "nfe"}`` (model time, generated or scored tokens, forward passes).
 
     Diffusion likelihood forwards pack ``8 * batch_size`` Monte Carlo rows (rows are cheap relative to
-    examples); generation uses ``batch_size`` prompts per call. Results do not depend on how examples are
-    split into calls (per-example seeds; left padding with document masks).
+    examples); generation uses ``batch_size`` prompts per call (block sampler: up to ``batch_size`` prompts
+    of equal length per call, over the whole of ``examples``). Results do not depend on how examples are
+    split into calls (per-example seeds; left padding with document masks; the block sampler needs no
+    padding and seeds every prompt, so it is independent of the split at any temperature).
     """
     from tqdm.auto import tqdm
 
-    cfg.validate()
+    cfg.validate(None if h.causal else h.sampler)
     if not h.causal and h.mask_token_id is None:
         raise EvalError("a diffusion model needs mask_token_id")
     stats = {"seconds": 0.0, "tokens": 0, "nfe": 0}
@@ -346,17 +455,27 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
             for e in examples:
                 by_len.setdefault(len(e["target"]), []).append(e)
             for t, group in sorted(by_len.items()):
-                for batch in _batches(group, cfg.batch_size):
-                    res = diffusion_generate(h.model, [e["context"] for e in batch], mask_token_id=h.mask_token_id,
-                                             gen_length=t, block_length=t, steps=t, temperature=0.0,
-                                             suppress_token_ids=h.suppress_token_ids)
+                # one token committed per step, temperature 0
+                if _uses_block(h):  # grouped by context length inside, batch_size rows per call
+                    calls = [(group, generate_blocks_batch(
+                        h.model, [e["context"] for e in group], mask_token_id=h.mask_token_id, gen_length=t,
+                        block_length=cfg.block_length, steps_per_block=cfg.block_length, temperature=0.0,
+                        batch_size=cfg.batch_size, suppress_token_ids=h.suppress_token_ids, progress=bar.update))]
+                else:
+                    calls = ((batch, diffusion_generate(h.model, [e["context"] for e in batch],
+                                                        mask_token_id=h.mask_token_id, gen_length=t, block_length=t,
+                                                        steps=t, temperature=0.0,
+                                                        suppress_token_ids=h.suppress_token_ids))
+                             for batch in _batches(group, cfg.batch_size))
+                for batch, res in calls:
                     stats["seconds"] += res.seconds
                     stats["nfe"] += res.nfe
                     stats["tokens"] += t * len(batch)
                     for e, pred in zip(batch, res.tokens):
                         records.append({"index": e["index"], "correct": pred == e["target"],
                                         "prediction": tok.decode(pred).strip(), "word": e["word"]})
-                    bar.update(len(batch))
+                    if not _uses_block(h):
+                        bar.update(len(batch))
             records.sort(key=lambda r: r["index"])
     elif task == "piqa":
         for batch in _batches(examples, cfg.batch_size):
@@ -374,25 +493,20 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
                                 "correct_norm": int(norm[1] > norm[0]) == e["label"]})
             bar.update(len(batch))
     elif task == "gsm8k":
-        for batch in _batches(examples, cfg.batch_size):
-            gens = _generate(h, [e["prompt"] for e in batch], cfg, cfg.gen_length, stats, batch[0]["index"])
+        for batch, (gens,) in _generations(h, examples, ["prompt"], cfg, cfg.gen_length, stats, bar):
             for e, g in zip(batch, gens):
                 text = tok.decode(g)
                 pred = extract_gsm8k_answer(text)
                 records.append({"index": e["index"], "gold": e["gold"], "prediction": pred,
                                 "correct": pred is not None and pred == e["gold"], "output": text})
-            bar.update(len(batch))
     elif task == "poem":
-        for batch in _batches(examples, cfg.batch_size):
-            fw = _generate(h, [e["forward_prompt"] for e in batch], cfg, cfg.poem_gen_length, stats, batch[0]["index"])
-            rv = _generate(h, [e["reversal_prompt"] for e in batch], cfg, cfg.poem_gen_length, stats,
-                           batch[0]["index"] + 1_000_000)
+        for batch, (fw, rv) in _generations(h, examples, ["forward_prompt", "reversal_prompt"], cfg,
+                                            cfg.poem_gen_length, stats, bar):
             for e, f, r in zip(batch, fw, rv):
                 ft, rt = _first_line(tok.decode(f)), _first_line(tok.decode(r))
                 records.append({"index": e["index"], "forward_output": ft, "reversal_output": rt,
                                 "forward_correct": _PUNCT.sub("", ft) == _PUNCT.sub("", e["second"]),
                                 "reversal_correct": _PUNCT.sub("", rt) == _PUNCT.sub("", e["first"])})
-            bar.update(len(batch))
     else:
         raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     bar.close()

@@ -12,7 +12,7 @@ This module knows nothing about distribution, objectives or data; attention mask
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

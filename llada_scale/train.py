@@ -12,18 +12,13 @@ The trainer knows the model only through ``Transformer(cfg)`` and the objective'
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -34,155 +29,15 @@ import torch.distributed as dist
 
 from llada_scale import checkpointer
 from llada_scale.config import ConfigError, RunConfig, load_config
-from llada_scale.metrics import SpeedMonitor, device_peak_flops, flops_per_token
-from llada_scale.model import Transformer, load_weights, resize_vocab
+from llada_scale import signals
+from llada_scale.engine import TrainError, build_ds_config, init_distributed, load_init_weights, param_groups  # noqa: F401
+from llada_scale.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
+from llada_scale.model import Transformer
+from llada_scale.signals import PREEMPTED_EXIT, watch_stop_signals  # noqa: F401
 from llada_scale.objectives import NUM_T_BUCKETS, compute_loss, is_diffusion
 from llada_scale.schedule import lr_multiplier
 
 log = logging.getLogger("llada_scale")
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue; printed as one line by :func:`main`."""
-
-
-# ----------------------------------------------------------------------------------------------- setup
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU).
-
-    A plain ``python -m llada_scale.train`` gets a one-process group on a free local port.
-    Returns (rank, local_rank, world_size).
-    """
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: torch.device) -> dict:
-    """Read a DeepSpeed JSON and fill its ``"auto"`` fields from the recipe.
-
-    Batch sizes: train_batch_size = global_batch_size = micro_batch_size x gradient_accumulation_steps x
-    world_size. bf16 ``auto`` means on for CUDA devices with bf16 support, off on CPU (bf16 matmuls run
-    ~200x slower than fp32 on CPUs without AVX512-BF16), and ``overlap_comm: auto`` is on for CUDA only
-    (on CPU its extra threads halve ZeRO-2 throughput); both measured in docs/LOG.md.
-
-    Raises:
-        TrainError: missing/invalid JSON or a global batch that the world size cannot divide.
-    """
-    if path:
-        try:
-            ds = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise TrainError(f"DeepSpeed config {path} does not exist (see ds_configs/)") from None
-        except json.JSONDecodeError as e:
-            raise TrainError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-    else:
-        ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
-    t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise TrainError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
-            f"{t.micro_batch_size} x world_size {world_size} = {per_step}; set train.global_batch_size to a "
-            f"multiple of {per_step} or change train.micro_batch_size")
-    gas = t.global_batch_size // per_step
-    for key, value in (("train_batch_size", t.global_batch_size), ("train_micro_batch_size_per_gpu",
-                       t.micro_batch_size), ("gradient_accumulation_steps", gas)):
-        if ds.get(key, "auto") not in ("auto", value):
-            raise TrainError(f"{path}: {key}={ds[key]} contradicts the recipe ({value}); set it to \"auto\"")
-        ds[key] = value
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if zero.get("overlap_comm") == "auto":  # on CPU the overlap threads halve throughput (docs/LOG.md)
-        zero["overlap_comm"] = device.type == "cuda"
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
-        ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                                     "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
-    return ds
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (>= 2 dims), none on norm weights."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def load_init_weights(model: Transformer, path: str) -> dict:
-    """Initialise ``model`` from a checkpoint (ours at any ZeRO stage, or consolidated safetensors).
-
-    Rows are added to the embedding/head when the source vocabulary is smaller (AR -> diffusion adds the mask
-    token). Returns the source metadata. Raises TrainError with the mismatch when shapes do not fit.
-    """
-    from llada_scale import checkpoint_io
-
-    try:
-        state, meta = checkpoint_io.load_model_state(path)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise TrainError(f"train.init_from={path}: {e}") from None
-    state = resize_vocab(state, model.config.vocab_size)
-    try:
-        load_weights(model, state, source=f"init_from checkpoint {path}")
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    return meta
-
-
-class Logger:
-    """Console lines on rank 0 and, when enabled, wandb (offline without an API key)."""
-
-    def __init__(self, cfg: RunConfig, rank: int):
-        self.rank = rank
-        self.run = None
-        self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
-        mode = cfg.train.wandb
-        if mode not in ("auto", "online", "offline", "off"):
-            raise TrainError(f"train.wandb must be auto, online, offline or off, not {mode!r}")
-        if rank != 0 or mode == "off":
-            return
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        run_dir = Path(cfg.run_dir)
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb_cache"))
-        os.environ.setdefault("WANDB_SILENT", "true")
-        id_file = run_dir / "wandb_id"
-        import wandb
-
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
-        self.run = wandb.init(project=cfg.train.wandb_project, name=cfg.run_name, id=run_id, resume="allow",
-                              mode=mode, config=cfg.to_dict())
-
-    def log(self, step: int, metrics: dict, line: str | None = None):
-        if self.rank != 0:
-            return
-        if line:
-            log.info(line)
-        if metrics:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-
-    def close(self):
-        if self.run is not None:
-            self.run.finish()
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -250,7 +105,7 @@ class Trainer:
             self._load(resume_dir)
         self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
                                                   cfg.data.seq_len),
-                                  self.world_size, device_peak_flops(cfg.train.peak_flops))
+                                  self.world_size, device_peak_flops(cfg.train.peak_flops, self.device))
         self.logger = Logger(cfg, self.rank)
 
     # -- data
@@ -481,7 +336,7 @@ class Trainer:
                                        self.cfg.model.mask_token_id, self.generator, step=self.step)
             finite = bool(torch.isfinite(loss))
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss]
-            flags = torch.tensor([0.0 if finite else 1.0, float(max(self._signal_received, _signal_seen)),
+            flags = torch.tensor([0.0 if finite else 1.0, float(max(self._signal_received, signals.signal_seen)),
                                   float(loss.detach()) if finite else 0.0], device=self.device, dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.tolist()
@@ -543,14 +398,21 @@ class Trainer:
         model.eval()
         t = self.cfg.train
         eos = self.tokenizer.eos_token_id
+        mask_id = self.cfg.model.mask_token_id
         if self.cfg.model.causal:
-            out = generate.ar_generate(model, prompts, max_new_tokens=t.sample_tokens, eos_token_id=eos)
+            outs = generate.ar_generate(model, prompts, max_new_tokens=t.sample_tokens, eos_token_id=eos).tokens
+        elif self.cfg.objective.block_diffusion:  # block-causal model: block-by-block decoding with a KV cache
+            from llada_scale.block_sampling import generate_blocks
+
+            block = min(self.cfg.objective.block_length_at(self.step), t.sample_tokens)
+            outs = [generate_blocks(model, torch.tensor([p], device=self.device), t.sample_tokens, block, block,
+                                    mask_id)[0, len(p):].tolist() for p in prompts]
         else:  # LLaDA low-confidence remasking; small blocks (semi-AR) keep SFT models from flooding EOS
             block = t.sample_block_length or t.sample_tokens
-            out = generate.diffusion_generate(model, prompts, mask_token_id=self.cfg.model.mask_token_id,
-                                              gen_length=t.sample_tokens, block_length=block, steps=t.sample_tokens)
+            outs = generate.diffusion_generate(model, prompts, mask_token_id=mask_id, gen_length=t.sample_tokens,
+                                               block_length=block, steps=t.sample_tokens).tokens
         return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(generate.truncate_at(o, eos))!r}"
-                for p, o in zip(prompts, out.tokens)]
+                for p, o in zip(prompts, outs)]
 
     def _sample_prompts(self) -> list[list[int]]:
         if self.cfg.objective.name == "sft":
@@ -598,7 +460,9 @@ class Trainer:
             log.info(f"model {self.num_params / 1e6:.2f}M params | world {self.world_size} | ZeRO-{self.zero_stage} | "
                      f"micro {t.micro_batch_size} x accum {self.grad_accum} x world = global {t.global_batch_size} "
                      f"seqs of {self.cfg.data.seq_len} | bf16 {self.engine.bfloat16_enabled()} | "
-                     f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'})")
+                     f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'}) | "
+                     f"{self.speed.flops_per_token / 1e6:.1f} MFLOP/token, peak "
+                     f"{'unknown' if not self.speed.peak_flops else f'{self.speed.peak_flops / 1e9:.0f} GFLOP/s'} per device")
         it = iter(self.loader)
         window: dict = {}
         last = {}
@@ -663,38 +527,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) is not None:
             args.overrides.append(f"{key}={getattr(args, flag)}")
     return args
-
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after a complete checkpoint; slurm/launch.sh requeues
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_signal_seen = 0  # a stop signal taken by the watch_stop_signals thread (read by Trainer.train_step)
-
-
-def _note_signal(signum, frame=None):
-    global _signal_seen
-    _signal_seen = signum
-
-
-def watch_stop_signals() -> None:
-    """Block SIGUSR1/SIGTERM in this process and take them on one daemon thread (``sigwait``).
-
-    SLURM delivers a job-step signal (srun forwarding it, ``scancel --signal``, the time limit) to EVERY
-    process of the step, children included. Data loader workers, DeepSpeed's ninja op builds, the wandb
-    service or compile workers would die of SIGUSR1 (default action: terminate) or SIGTERM and take the
-    run down before it could checkpoint. A blocked signal stays blocked in every thread and child process
-    started afterwards (fork and exec keep the mask), so they ignore it, while this process records it in
-    ``_signal_seen`` for the all-reduce in ``train_step``. Call first thing, before threads exist; a Python
-    handler also records a signal that reaches a thread started earlier.
-    """
-    for s in STOP_SIGNALS:
-        signal.signal(s, _note_signal)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-    def wait_loop():
-        while True:
-            _note_signal(signal.sigwait(STOP_SIGNALS))
-
-    threading.Thread(target=wait_loop, name="llada-stop-signals", daemon=True).start()
 
 
 def main(argv=None) -> int:

@@ -311,7 +311,7 @@ def test_llada2_recipes_load():
     from llada_scale.config import config_from_dict, load_config
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    ar = load_config(os.path.join(root, "llada2_ar_pretrain_tiny.yaml"))
+    ar = load_config(os.path.join(root, "ar_pretrain_tiny.yaml"))  # stage 1 is the main job's AR run
     wsd = load_config(os.path.join(root, "llada2_wsd_diffusion_tiny.yaml"))
     sft = load_config(os.path.join(root, "llada2_bd_sft_tiny.yaml"))
     assert ar.model.causal and ar.objective.name == "ar"
@@ -321,5 +321,5 @@ def test_llada2_recipes_load():
     assert got == [1, 4, 32, 64, bd.FULL_LENGTH, bd.FULL_LENGTH, 64, 32, 32]
     assert sft.objective.name == "sft" and sft.objective.block_length_at(0) == 32 == got[-1]
     for cfg in (ar, wsd, sft):
-        assert cfg.model_preset == "tiny" and cfg.data.seq_len == 256
+        assert cfg.model_preset == "tiny" and cfg.data.seq_len == (160 if cfg is sft else 256)
         assert config_from_dict(cfg.to_dict()).objective == cfg.objective

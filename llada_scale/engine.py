@@ -1,0 +1,117 @@
+"""DeepSpeed setup: process group, the DeepSpeed config filled from the recipe, optimizer groups, init weights.
+
+Nothing here knows the model's internals: weights go through :func:`llada_scale.model.load_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llada_scale.config import RunConfig
+from llada_scale.model import Transformer, load_weights, resize_vocab
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; printed as one line by :func:`main`."""
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU).
+
+    A plain ``python -m llada_scale.train`` gets a one-process group on a free local port.
+    Returns (rank, local_rank, world_size).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: torch.device) -> dict:
+    """Read a DeepSpeed JSON and fill its ``"auto"`` fields from the recipe.
+
+    Batch sizes: train_batch_size = global_batch_size = micro_batch_size x gradient_accumulation_steps x
+    world_size. bf16 ``auto`` means on for CUDA devices with bf16 support, off on CPU (bf16 matmuls run
+    ~200x slower than fp32 on CPUs without AVX512-BF16), and ``overlap_comm: auto`` is on for CUDA only
+    (on CPU its extra threads halve ZeRO-2 throughput); both measured in docs/LOG.md.
+
+    Raises:
+        TrainError: missing/invalid JSON or a global batch that the world size cannot divide.
+    """
+    if path:
+        try:
+            ds = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"DeepSpeed config {path} does not exist (see ds_configs/)") from None
+        except json.JSONDecodeError as e:
+            raise TrainError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    else:
+        ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise TrainError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+            f"{t.micro_batch_size} x world_size {world_size} = {per_step}; set train.global_batch_size to a "
+            f"multiple of {per_step} or change train.micro_batch_size")
+    gas = t.global_batch_size // per_step
+    for key, value in (("train_batch_size", t.global_batch_size), ("train_micro_batch_size_per_gpu",
+                       t.micro_batch_size), ("gradient_accumulation_steps", gas)):
+        if ds.get(key, "auto") not in ("auto", value):
+            raise TrainError(f"{path}: {key}={ds[key]} contradicts the recipe ({value}); set it to \"auto\"")
+        ds[key] = value
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("overlap_comm") == "auto":  # on CPU the overlap threads halve throughput (docs/LOG.md)
+        zero["overlap_comm"] = device.type == "cuda"
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
+        ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                                     "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2 dims), none on norm weights."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_init_weights(model: Transformer, path: str) -> dict:
+    """Initialise ``model`` from a checkpoint (ours at any ZeRO stage, or consolidated safetensors).
+
+    Rows are added to the embedding/head when the source vocabulary is smaller (AR -> diffusion adds the mask
+    token). Returns the source metadata. Raises TrainError with the mismatch when shapes do not fit.
+    """
+    from llada_scale import checkpoint_io
+
+    try:
+        state, meta = checkpoint_io.load_model_state(path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise TrainError(f"train.init_from={path}: {e}") from None
+    state = resize_vocab(state, model.config.vocab_size)
+    try:
+        load_weights(model, state, source=f"init_from checkpoint {path}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    return meta
