@@ -5,6 +5,11 @@ reversal set (see llada_scale/eval_tasks.py for what each number means, docs/EVA
   python tools/eval_diffusion.py --checkpoint runs/x/checkpoints/step00001000 --tasks piqa,lambada --limit 200
   python tools/eval_diffusion.py --checkpoint DIFF --compare AR --tasks gsm8k --limit 50   # side by side
   python tools/eval_diffusion.py --checkpoint DIFF --watch --prompt "床前明月光的下一句是什么？"  # live unmasking
+  python tools/eval_diffusion.py --checkpoint BD --sampler block --block_length 32 --tasks gsm8k  # block diffusion
+
+Diffusion sampler: --sampler llada (llada_scale.generate.diffusion_generate) or block (block-by-block decoding
+with a KV cache, llada_scale.block_sampling.generate_blocks_batch); the default is block when the checkpoint's
+run config trained with block diffusion, else llada.
 
 Data parallel: launched by torchrun / deepspeed (WORLD_SIZE > 1) every rank loads the whole model (a ZeRO-3
 checkpoint is merged per rank with zero_to_fp32 - evaluation needs no sharded parameters), takes a contiguous
@@ -26,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llada_scale import checkpoint_io as cio  # noqa: E402
-from llada_scale.eval_tasks import TASKS, EvalConfig, EvalError, ModelHandle, aggregate, load_examples, run_task  # noqa: E402
+from llada_scale.block_sampling import generate_blocks_batch  # noqa: E402
+from llada_scale.eval_tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate,  # noqa: E402
+                                    default_sampler, load_examples, run_task, trained_block_length)
 from llada_scale.generate import diffusion_generate, truncate_at  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +68,9 @@ def load_tokenizer(path: str | None, meta: dict, data: str, rank: int):
     return Tokenizer.load(src)
 
 
-def make_handle(model, tokenizer, name: str) -> ModelHandle:
+def make_handle(model, tokenizer, name: str, sampler: str = "llada") -> ModelHandle:
     """Wrap a loaded Transformer for the tasks: mask id, ids to suppress (vocab padding rows; the mask token
-    for AR models) and stop ids (eos, pad).
+    for AR models), stop ids (eos, pad) and the diffusion sampler (``"llada"`` / ``"block"``; AR: ignored).
 
     Raises:
         EvalError: tokenizer larger than the model vocabulary; diffusion model without a usable mask id.
@@ -81,7 +88,17 @@ def make_handle(model, tokenizer, name: str) -> ModelHandle:
     stops = [tokenizer.eos_token_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id not in
                                         (None, tokenizer.eos_token_id) else [])
     return ModelHandle(model=model, tokenizer=tokenizer, causal=cfg.causal, mask_token_id=None if cfg.causal else mask,
-                       suppress_token_ids=sorted(set(suppress)), stop_ids=stops, name=name)
+                       suppress_token_ids=sorted(set(suppress)), stop_ids=stops, name=name, sampler=sampler)
+
+
+def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
+    """``(sampler, source)`` for a loaded model: None for AR models; else ``flag`` when given ("flag"), else
+    :func:`default_sampler` of its checkpoint metadata ("checkpoint")."""
+    if model.config.causal:
+        return None, "ar model"
+    if flag:
+        return flag, "flag"
+    return default_sampler(getattr(model, "checkpoint_meta", None)), "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------------ watch
@@ -123,11 +140,17 @@ def watch(h: ModelHandle, args, cfg: EvalConfig) -> dict:
         if args.watch_delay > 0:
             time.sleep(args.watch_delay)
 
-    res = diffusion_generate(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
-                             block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
-                             remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
-                             suppress_token_ids=h.suppress_token_ids,
-                             generator=torch.Generator().manual_seed(cfg.seed), callback=show)
+    if h.sampler == "block":
+        res = generate_blocks_batch(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
+                                    block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
+                                    temperature=cfg.temperature, seeds=[cfg.seed],
+                                    suppress_token_ids=h.suppress_token_ids, callback=show)
+    else:
+        res = diffusion_generate(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
+                                 block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
+                                 remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
+                                 suppress_token_ids=h.suppress_token_ids,
+                                 generator=torch.Generator().manual_seed(cfg.seed), callback=show)
     final = tok.decode(truncate_at(res.tokens[0], h.stop_ids))
     print(f"\nfinal ({res.steps} steps, {res.nfe} forwards, {res.seconds:.2f}s): {final}", flush=True)
     return {"prompt": text, "frames": frames, "final": final, "steps": res.steps, "nfe": res.nfe}
@@ -177,9 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mc_samples", type=int, default=128, help="Monte Carlo samples per diffusion likelihood "
                                                                 "(default 128, as LLaDA)")
     ap.add_argument("--gen_length", type=int, default=128, help="tokens generated for gsm8k (default 128)")
-    ap.add_argument("--block_length", type=int, default=32, help="diffusion block length (default 32)")
+    ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                    help="diffusion sampler: llada (LLaDA semi-AR blocks after the prompt, left-padded batches) or "
+                         "block (block-diffusion models: blocks from position 0, exact KV cache, equal-length "
+                         "batches; no --threshold/--cfg_scale/--remasking random). Default: block when the "
+                         "checkpoint's run config has block diffusion on (objective.block_length > 0 or a "
+                         "block_schedule), else llada")
+    ap.add_argument("--block_length", type=int, default=None,
+                    help="diffusion block length of either sampler (default 32; with the block sampler the block "
+                         "length the checkpoint was last trained with, if its run config records one)")
     ap.add_argument("--steps", type=int, default=128, help="diffusion steps for gen_length tokens (default 128; "
-                                                           "poem scales it to its length)")
+                                                           "poem scales it to its length; block sampler: "
+                                                           "round(steps*block_length/gen_length) per block)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     ap.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                     help="diffusion remasking strategy (default low_confidence)")
@@ -203,10 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     cfg = EvalConfig(batch_size=args.batch_size, mc_samples=args.mc_samples, gen_length=args.gen_length,
-                     block_length=args.block_length, steps=args.steps, temperature=args.temperature,
+                     block_length=args.block_length or 32, steps=args.steps, temperature=args.temperature,
                      remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
                      poem_gen_length=args.poem_gen_length, chunk_len=args.chunk_len, seed=args.seed)
-    cfg.validate()
+    cfg.validate(args.sampler)  # sampler-specific checks again once the models (and default samplers) are known
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -219,8 +251,10 @@ def run(args) -> int:
     meta = model.checkpoint_meta
     tok = load_tokenizer(args.tokenizer, meta, data, rank)
     main_name = "diffusion" if not model.config.causal else "ar"
-    handles = [make_handle(model, tok, main_name)]
+    sampler, sampler_source = resolve_sampler(args.sampler, model)
+    handles = [make_handle(model, tok, main_name, sampler or "llada")]
     metas = {main_name: meta}
+    samplers, sources = {main_name: sampler}, {main_name: sampler_source}
     if args.compare:
         other = cio.build_model_from_checkpoint(args.compare, dtype=args.dtype, device=str(device),
                                                 progress=rank == 0 and not args.no_progress)
@@ -230,13 +264,33 @@ def run(args) -> int:
         ident_a, ident_b = meta.get("tokenizer") or {}, other.checkpoint_meta.get("tokenizer") or {}
         if ident_a.get("sha256") and ident_b.get("sha256") and ident_a["sha256"] != ident_b["sha256"]:
             raise EvalError("--compare model uses a different tokenizer (sha256 differs); prompts would not match")
-        handles.append(make_handle(other, tok, name))
+        samplers[name], sources[name] = resolve_sampler(args.sampler, other)
+        handles.append(make_handle(other, tok, name, samplers[name] or "llada"))
         metas[name] = other.checkpoint_meta
+    block_length_source = "flag" if args.block_length else "default"
+    if not args.block_length:
+        for h in handles:
+            trained = trained_block_length(metas[h.name]) if samplers[h.name] == "block" else None
+            if trained:
+                cfg.block_length, block_length_source = trained, f"checkpoint ({h.name})"
+                break
+    for h in handles:
+        cfg.validate(None if h.causal else h.sampler)
+    if rank == 0:
+        for h in handles:
+            if not h.causal:
+                extra = f", {cfg.steps_per_block()} steps per block" if h.sampler == "block" else ""
+                print(f"[{h.name}] sampler {h.sampler} ({sources[h.name]}), block_length {cfg.block_length} "
+                      f"({block_length_source}){extra}", flush=True)
+    sampler_settings = {"sampler": sampler, "sampler_source": sampler_source, "samplers": samplers,
+                        "block_length": cfg.block_length, "block_length_source": block_length_source,
+                        "steps_per_block": cfg.steps_per_block() if "block" in samplers.values() else None}
     if args.watch:
         if rank == 0:
             out = watch(handles[0], args, cfg)
             if args.output:
-                cio.atomic_write_text(args.output, json.dumps({"watch": out, "settings": vars(args)}, indent=1,
+                settings = {**vars(args), **sampler_settings}
+                cio.atomic_write_text(args.output, json.dumps({"watch": out, "settings": settings}, indent=1,
                                                               ensure_ascii=False))
         return 0
 
@@ -273,8 +327,10 @@ def run(args) -> int:
         print("\n" + table, flush=True)
         if args.output:
             out = {
-                "settings": {**vars(args), "data": data, "eval_config": cfg.to_dict(), "world_size": world},
+                "settings": {**vars(args), **sampler_settings, "data": data, "eval_config": cfg.to_dict(),
+                             "world_size": world},
                 "models": {n: {"path": metas[n]["path"], "format": metas[n]["format"], "step": metas[n].get("step"),
+                               "sampler": samplers[n],
                                "model_config": next(h.model.config.to_dict() for h in handles if h.name == n)}
                            for n in names},
                 "tokenizer": tok.identity(),
