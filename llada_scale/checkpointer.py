@@ -41,6 +41,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def is_complete(tag_dir: Path) -> bool:
+    """True when ``tag_dir`` holds the metadata file written last by :func:`save`."""
     return (tag_dir / META_FILE).is_file()
 
 

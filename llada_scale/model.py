@@ -228,6 +228,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=self.config.init_std)
 
     def output_weight(self) -> torch.Tensor:
+        """The [vocab_size, hidden_size] head matrix (the input embedding when ``tie_embeddings``)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -399,18 +400,20 @@ class Trainer:
         t = self.cfg.train
         eos = self.tokenizer.eos_token_id
         mask_id = self.cfg.model.mask_token_id
+        unused = list(range(self.tokenizer.vocab_size, self.cfg.model.vocab_size))  # the embedding's padding rows
         if self.cfg.model.causal:
             outs = generate.ar_generate(model, prompts, max_new_tokens=t.sample_tokens, eos_token_id=eos).tokens
         elif self.cfg.objective.block_diffusion:  # block-causal model: block-by-block decoding with a KV cache
-            from llada_scale.block_sampling import generate_blocks
+            from llada_scale.block_sampling import generate_blocks_batch
 
             block = min(self.cfg.objective.block_length_at(self.step), t.sample_tokens)
-            outs = [generate_blocks(model, torch.tensor([p], device=self.device), t.sample_tokens, block, block,
-                                    mask_id)[0, len(p):].tolist() for p in prompts]
+            outs = generate_blocks_batch(model, prompts, mask_token_id=mask_id, gen_length=t.sample_tokens,
+                                         block_length=block, steps_per_block=block, suppress_token_ids=unused).tokens
         else:  # LLaDA low-confidence remasking; small blocks (semi-AR) keep SFT models from flooding EOS
             block = t.sample_block_length or t.sample_tokens
             outs = generate.diffusion_generate(model, prompts, mask_token_id=mask_id, gen_length=t.sample_tokens,
-                                               block_length=block, steps=t.sample_tokens).tokens
+                                               block_length=block, steps=t.sample_tokens,
+                                               suppress_token_ids=unused).tokens
         return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(generate.truncate_at(o, eos))!r}"
                 for p, o in zip(prompts, outs)]
 
@@ -535,6 +538,9 @@ def main(argv=None) -> int:
     watch_stop_signals()  # SLURM may signal any time, start-up included: record, never die of it
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # library deprecation chatter that would otherwise repeat in every log (torchdata 0.11, DeepSpeed 0.19)
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.distributed.*deprecated.*")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
