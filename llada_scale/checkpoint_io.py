@@ -557,23 +557,13 @@ def check_state_dict(state_dict: dict, model_config, source: str = "checkpoint")
         CheckpointError: one line naming missing / unexpected keys and shape mismatches (first 4 of each),
             e.g. ``... model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs config [384, 128]``.
     """
-    from llada_scale.model import Transformer
+    from llada_scale.model import Transformer, state_dict_mismatch
 
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    bad = [f"{k}: {source} {list(state_dict[k].shape)} vs config {list(own[k])}"
-           for k in own if k in state_dict and tuple(state_dict[k].shape) != own[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    if bad:
-        problems.append("shape mismatch " + "; ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""))
+    problems = state_dict_mismatch(own, state_dict, source, target="config")
     if problems:
-        raise CheckpointError(f"{source} does not fit its model config ({'; '.join(problems)})")
+        raise CheckpointError(f"{source} does not fit its model config ({problems})")
 
 
 def tokenizer_path_from_meta(meta: dict) -> str | None:

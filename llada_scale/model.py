@@ -285,6 +285,26 @@ def resize_vocab(state_dict: dict, new_vocab_size: int, std: float = 0.02, seed:
     return out
 
 
+def state_dict_mismatch(expected: dict[str, tuple], state_dict: dict, source: str = "checkpoint",
+                        target: str = "model") -> str | None:
+    """Describe how ``state_dict`` differs from the key -> shape map ``expected``, or None when it fits.
+
+    One line naming missing keys, unexpected keys and shape mismatches (first 4 of each), e.g.
+    ``missing keys ['model.norm.weight']; model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs model [384, 128]``.
+    """
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    bad = [f"{k}: {source} {list(state_dict[k].shape)} vs {target} {list(expected[k])}"
+           for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    problems += bad[:4] + (["..."] if len(bad) > 4 else [])
+    return "; ".join(problems) or None
+
+
 def load_weights(model: Transformer, state_dict: dict, source: str = "checkpoint") -> None:
     """Copy ``state_dict`` into ``model`` after checking every key and shape.
 
@@ -293,18 +313,9 @@ def load_weights(model: Transformer, state_dict: dict, source: str = "checkpoint
             ``checkpoint does not fit the model: model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs model [384, 128]``.
     """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    bad = [f"{k}: {source} {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-           for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    problems += bad[:4]
+    problems = state_dict_mismatch({k: tuple(v.shape) for k, v in own.items()}, state_dict, source)
     if problems:
-        raise ValueError(f"{source} does not fit the model ({'; '.join(problems)}); check the model preset/overrides "
+        raise ValueError(f"{source} does not fit the model ({problems}); check the model preset/overrides "
                          "match the checkpoint's config")
     with torch.no_grad():
         for k, v in own.items():
