@@ -442,6 +442,10 @@ class Trainer:
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
                    "train/skipped_batches": self.skipped_batches, "data/checksum": sums["data_checksum"].item()}
+        if "block_length" in sums and speed["mfu"] is not None \
+                and (sums["block_length"] / sums["loss_count"]).item() < self.cfg.data.seq_len:
+            speed["mfu"] *= 2  # block diffusion runs [x_t ; x_0]: two positions per data token
+            metrics["perf/mfu"] = speed["mfu"]
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
