@@ -161,7 +161,8 @@ class Trainer:
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
         client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.skipped_batches,
-                  "loss_ema": self._loss_ema, "world_size": self.world_size}
+                  "loss_ema": self._loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
+                  "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
