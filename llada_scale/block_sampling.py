@@ -81,7 +81,7 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
     b, l = block_ids.shape
     start, end = cache.length, cache.length + l
     x = core.model.embed_tokens(block_ids)
-    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
     gqa = cfg.num_heads != cfg.num_kv_heads
     for i, layer in enumerate(core.model.layers):
         attn = layer.self_attn

@@ -8,6 +8,7 @@ distributed tests spawn.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -175,6 +176,70 @@ def test_export_hf_matches_transformers(tmp_path, tie):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+def test_export_hf_yarn_matches_transformers(tmp_path):
+    """A YaRN model exports to HF Llama (rope_type yarn, every parameter explicit) with equal logits and imports
+    back unchanged. HF's inverse frequencies equal ours up to float rounding (it blends 1/(s*b^x) and 1/b^x
+    where minimind scales 1/b^x by (1 - ramp + ramp/s)), hence a tolerance rather than bit equality."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    rs = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.3}
+    ours = Transformer(tiny_cfg(rope_theta=10000.0, norm_eps=1e-6, rope_scaling=rs)).eval()
+    assert cio.yarn_hf_mismatch(16, 10000.0, ours.config.rope_scaling) is None
+    src = _save_ours(tmp_path / "src", ours)
+    assert convert("export-hf", src, tmp_path / "hf", "--dtype", "fp32", "--quiet") == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    expect = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+              "beta_slow": 1.0, "attention_factor": 1.3}
+    assert cfg["rope_scaling"] == expect and cfg["rope_parameters"] == {**expect, "rope_theta": 10000.0}
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.arange(2 * 60).reshape(2, 60) * 7 % 90
+    with torch.no_grad():  # 1-ulp frequency differences grow with position: slightly looser than plain RoPE
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=5e-5, rtol=1e-4)
+    from llada_scale.model import rope_inv_freq
+
+    inv, mscale = rope_inv_freq(16, 10000.0, ours.config.rope_scaling)
+    torch.testing.assert_close(hf.model.rotary_emb.inv_freq, inv, rtol=1e-6, atol=0)
+    assert hf.model.rotary_emb.attention_scaling == mscale == 1.3
+    assert convert("import-hf", tmp_path / "hf", tmp_path / "back", "--dtype", "fp32", "--quiet") == 0
+    back = cio.build_model_from_checkpoint(tmp_path / "back", progress=False)
+    assert back.config.rope_scaling == ours.config.rope_scaling
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), atol=0, rtol=0)
+
+
+def test_yarn_hf_convention_difference(tmp_path, capsys):
+    """Where HF's YaRN differs from minimind's (upper ramp bound clamped to head_dim - 1 vs head_dim/2 - 1),
+    export-hf and import-hf refuse instead of writing a model whose frequencies would differ."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llada_scale.model import rope_inv_freq
+
+    rs = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048}
+    ours = Transformer(tiny_cfg(rope_theta=100.0, rope_scaling=rs))
+    why = cio.yarn_hf_mismatch(16, 100.0, ours.config.rope_scaling)
+    assert why and "head_dim/2-1" in why
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=32768,
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 16.0,
+                                                       "original_max_position_embeddings": 2048,
+                                                       "attention_factor": 1.0})
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    assert not torch.allclose(hf_inv, rope_inv_freq(16, 100.0, ours.config.rope_scaling)[0], rtol=1e-3)
+    assert convert("export-hf", _save_ours(tmp_path / "src", ours), tmp_path / "hf", "--quiet") == 2
+    assert "HF transformers" in capsys.readouterr().err
+    with pytest.raises(cio.CheckpointError, match="cannot be imported exactly"):
+        cio.model_config_from_hf({**cio.hf_config_from_model_config(tiny_cfg().to_dict()), "rope_theta": 100.0,
+                                  "rope_scaling": {"rope_type": "yarn", "factor": 16.0,
+                                                   "original_max_position_embeddings": 2048}})
+    # HF semantics on import: a missing attention_factor means HF's 0.1 ln(factor) + 1, not minimind's 1.0
+    hf = {**cio.hf_config_from_model_config(tiny_cfg().to_dict()),
+          "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+    got = cio.model_config_from_hf(hf)["rope_scaling"]
+    assert got["attention_factor"] == pytest.approx(0.1 * math.log(4.0) + 1) and got["beta_fast"] == 32.0
+    with pytest.raises(cio.CheckpointError, match="not supported"):
+        cio.model_config_from_hf({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+
+
 def test_export_hf_diffusion_bidirectional(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -249,19 +314,44 @@ def test_shape_mismatch_and_missing_metadata_errors(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- Nano-LLaDA
-def _rope(x, pos, theta):
+# the rope_scaling dict both repos build for --inference-rope-scaling
+SOURCE_YARN = {"original_max_position_embeddings": 2048, "factor": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+               "attention_factor": 1.0, "type": "yarn"}
+
+
+def _rope_table(dim, end, theta, rope_scaling=None):
+    """cos/sin [end, dim] the way minimind / Nano-LLaDA precompute theirs: YaRN only when the table (``end``
+    rows) is longer than original_max_position_embeddings, ramp over index d with the high bound clamped to
+    dim/2 - 1, cos and sin multiplied by attention_factor."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
+    scale = 1.0
+    if rope_scaling is not None:
+        orig, s = rope_scaling["original_max_position_embeddings"], rope_scaling["factor"]
+        scale = rope_scaling["attention_factor"]
+        if end > orig:
+            def at(rot):
+                return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+            lo = max(math.floor(at(rope_scaling["beta_fast"])), 0)
+            hi = min(math.ceil(at(rope_scaling["beta_slow"])), dim // 2 - 1)
+            w = ((torch.arange(dim // 2).float() - lo) / max(hi - lo, 0.001)).clamp(0, 1)
+            inv = inv * (1 - w + w / s)
+    ang = torch.outer(torch.arange(end), inv).float()
+    return torch.cat([ang.cos(), ang.cos()], -1) * scale, torch.cat([ang.sin(), ang.sin()], -1) * scale
+
+
+def _rope(x, pos, theta, rope_scaling=None, end=32768):
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
-    f = torch.outer(pos.float(), inv)
-    cos, sin = torch.cat([f.cos(), f.cos()], -1), torch.cat([f.sin(), f.sin()], -1)
+    cos, sin = _rope_table(d, end, theta, rope_scaling)
+    cos, sin = cos[pos], sin[pos]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None]
 
 
-def nano_llada_reference(sd, x, n_head, eps=1e-5, theta=1e6):
+def nano_llada_reference(sd, x, n_head, eps=1e-5, theta=1e6, rope_scaling=None, end=32768):
     """Forward of Nano-LLaDA's diffusion ``Model`` (scripts/train/diffusion.py structure): norm = weightless
     F.rms_norm; embedding -> norm -> blocks(x + attn(norm x); x + mlp(norm x)) -> norm -> lm_head; attention:
-    c_q/c_k/c_v, RoPE then QK norm, bidirectional SDPA, c_proj."""
+    c_q/c_k/c_v, RoPE (table of ``end`` rows, optional YaRN) then QK norm, bidirectional SDPA, c_proj."""
     norm = lambda t: F.rms_norm(t, (t.shape[-1],), eps=eps)  # noqa: E731
     h = norm(F.embedding(x, sd["token_emb.weight"]))
     b, t, d = h.shape
@@ -274,7 +364,7 @@ def nano_llada_reference(sd, x, n_head, eps=1e-5, theta=1e6):
         q = (a @ sd[p + "attn.c_q.weight"].T).view(b, t, n_head, hd)
         k = (a @ sd[p + "attn.c_k.weight"].T).view(b, t, n_head, hd)
         v = (a @ sd[p + "attn.c_v.weight"].T).view(b, t, n_head, hd)
-        q, k = _rope(q, pos, theta), _rope(k, pos, theta)
+        q, k = _rope(q, pos, theta, rope_scaling, end), _rope(k, pos, theta, rope_scaling, end)
         q, k = norm(q), norm(k)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
         h = h + y.transpose(1, 2).reshape(b, t, d) @ sd[p + "attn.c_proj.weight"].T
@@ -284,9 +374,9 @@ def nano_llada_reference(sd, x, n_head, eps=1e-5, theta=1e6):
     return norm(h) @ sd["lm_head.weight"].T
 
 
-def minimind_reference(sd, x, n_head, n_kv, eps=1e-5, theta=1e6):
+def minimind_reference(sd, x, n_head, n_kv, eps=1e-5, theta=1e6, rope_scaling=None, end=32768):
     """Forward of minimind's MiniMindForCausalLM (model_minimind.py): weighted RMSNorm, q_norm/k_norm before
-    RoPE, GQA, causal, tied head."""
+    RoPE (table of ``end`` = max_position_embeddings rows, optional YaRN), GQA, causal, tied head."""
     def rms(t, w):
         return w * (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps))
 
@@ -302,7 +392,7 @@ def minimind_reference(sd, x, n_head, n_kv, eps=1e-5, theta=1e6):
         k = (a @ sd[p + "self_attn.k_proj.weight"].T).view(b, t, n_kv, hd)
         v = (a @ sd[p + "self_attn.v_proj.weight"].T).view(b, t, n_kv, hd)
         q, k = rms(q, sd[p + "self_attn.q_norm.weight"]), rms(k, sd[p + "self_attn.k_norm.weight"])
-        q, k = _rope(q, pos, theta), _rope(k, pos, theta)
+        q, k = _rope(q, pos, theta, rope_scaling, end), _rope(k, pos, theta, rope_scaling, end)
         rep = n_head // n_kv
         k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
@@ -313,9 +403,7 @@ def minimind_reference(sd, x, n_head, n_kv, eps=1e-5, theta=1e6):
     return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
-def test_import_nano_llada_matches_reference(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    d, ff, vocab, n_head = 64, 192, 6401, 4
+def _nano_state(g, d=64, ff=192, vocab=6401):
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
     sd = {"token_emb.weight": r(vocab, d), "lm_head.weight": r(vocab, d)}
     for i in range(2):
@@ -324,6 +412,13 @@ def test_import_nano_llada_matches_reference(tmp_path):
         sd[f"blocks.{i}.mlp.gate_proj.weight"] = r(ff, d)
         sd[f"blocks.{i}.mlp.up_proj.weight"] = r(ff, d)
         sd[f"blocks.{i}.mlp.down_proj.weight"] = r(d, ff)
+    return sd
+
+
+def test_import_nano_llada_matches_reference(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    vocab, n_head = 6401, 4
+    sd = _nano_state(g)
     pt = tmp_path / "diffusion.pt"
     torch.save({"model_state_dict": {"_orig_mod." + k: v for k, v in sd.items()}, "step": 5}, pt)
     assert convert("import-nano-llada", pt, tmp_path / "out", "--num_heads", n_head, "--quiet") == 0
@@ -333,6 +428,43 @@ def test_import_nano_llada_matches_reference(tmp_path):
     x = torch.randint(0, vocab, (2, 20), generator=g)
     with torch.no_grad():
         torch.testing.assert_close(model(x), nano_llada_reference(sd, x, n_head), atol=2e-5, rtol=1e-4)
+
+
+def test_import_nano_llada_yarn_matches_reference(tmp_path):
+    """--inference-rope-scaling recorded in the checkpoint's args -> YaRN with the repos' fixed parameters; the
+    import matches their forward (theta 100 puts the ramp's upper bound on minimind's head_dim/2 - 1 clamp)."""
+    g = torch.Generator().manual_seed(3)
+    vocab, n_head = 6401, 4
+    sd = _nano_state(g)
+    x = torch.randint(0, vocab, (2, 48), generator=g)
+    pt = tmp_path / "diffusion.pt"
+    args = {"inference_rope_scaling": True, "max_position_embeddings": 32768, "seq_len": 256, "rope_theta": 100.0}
+    torch.save({"model_state_dict": sd, "step": 5, "args": args}, pt)
+    assert convert("import-nano-llada", pt, tmp_path / "out", "--num_heads", n_head, "--rope_theta", 100,
+                   "--quiet") == 0
+    model = cio.build_model_from_checkpoint(tmp_path / "out", progress=False)
+    assert model.config.rope_scaling == {**SOURCE_YARN, "factor": 16.0}
+    ref = nano_llada_reference(sd, x, n_head, theta=100.0, rope_scaling=SOURCE_YARN)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, nano_llada_reference(sd, x, n_head, theta=100.0), atol=1e-3)
+    # explicit flags give the same; a source table no longer than original_max_position_embeddings = plain RoPE
+    torch.save({"model_state_dict": sd}, tmp_path / "bare.pt")
+    assert convert("import-nano-llada", tmp_path / "bare.pt", tmp_path / "out2", "--num_heads", n_head,
+                   "--rope_theta", 100, "--rope_scaling", "yarn", "--rope_factor", 16,
+                   "--original_max_position_embeddings", 2048, "--quiet") == 0
+    assert cio.build_model_from_checkpoint(tmp_path / "out2", progress=False).config == model.config
+    torch.save({"model_state_dict": sd, "args": {**args, "max_position_embeddings": 1024, "seq_len": 512}},
+               tmp_path / "short.pt")
+    assert convert("import-nano-llada", tmp_path / "short.pt", tmp_path / "out3", "--num_heads", n_head,
+                   "--rope_theta", 100, "--quiet") == 0
+    short = cio.build_model_from_checkpoint(tmp_path / "out3", progress=False)
+    assert short.config.rope_scaling is None
+    with torch.no_grad():
+        torch.testing.assert_close(short(x), nano_llada_reference(sd, x, n_head, theta=100.0,
+                                                                  rope_scaling=SOURCE_YARN, end=1024),
+                                   atol=2e-5, rtol=1e-4)
 
 
 def test_import_minimind_matches_reference(tmp_path):
@@ -358,6 +490,17 @@ def test_import_minimind_matches_reference(tmp_path):
     x = torch.randint(0, vocab, (2, 20), generator=g)
     with torch.no_grad():
         torch.testing.assert_close(model(x), minimind_reference(sd, x, n_head, n_kv), atol=2e-5, rtol=1e-4)
+    # minimind with inference_rope_scaling (its .pt records no args: explicit flags), attention_factor != 1
+    yarn = {**SOURCE_YARN, "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.5}
+    assert convert("import-nano-llada", pt, tmp_path / "yarn", "--rope_scaling", "yarn", "--rope_factor", 4,
+                   "--original_max_position_embeddings", 256, "--rope_attention_factor", 1.5, "--rope_theta", 1000,
+                   "--quiet") == 0
+    model = cio.build_model_from_checkpoint(tmp_path / "yarn", progress=False)
+    assert model.config.rope_scaling == yarn
+    x = torch.randint(0, vocab, (2, 40), generator=g)
+    with torch.no_grad():
+        ref = minimind_reference(sd, x, n_head, n_kv, theta=1000.0, rope_scaling=yarn)
+        torch.testing.assert_close(model(x), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_import_nano_errors(tmp_path, capsys):
@@ -365,8 +508,9 @@ def test_import_nano_errors(tmp_path, capsys):
     torch.save({"foo.weight": torch.zeros(2, 2)}, pt)
     assert convert("import-nano-llada", pt, tmp_path / "o") == 2
     assert "unrecognised state dict layout" in capsys.readouterr().err
-    assert convert("import-nano-llada", pt, tmp_path / "o2", "--rope_scaling", "yarn", "--arch", "nano-llada") == 2
-    assert "YaRN" in capsys.readouterr().err
+    assert convert("import-nano-llada", pt, tmp_path / "o2", "--rope_scaling", "yarn", "--arch", "nano-llada",
+                   "--rope_attention_factor", "1.5") == 2
+    assert "--rope_attention_factor" in capsys.readouterr().err
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":

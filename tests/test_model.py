@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llada_scale.attention import build_mask, mask_from_mod
-from llada_scale.model import ModelConfig, Transformer, apply_rotary, load_weights, preset, resize_vocab, rotary_cos_sin
+from llada_scale.model import (ModelConfig, Transformer, apply_rotary, load_weights, preset, resize_vocab,
+                                rope_inv_freq, rotary_cos_sin)
 
 
 def small(**kw):
@@ -23,10 +24,14 @@ def naive_forward(model: Transformer, ids: torch.Tensor, allowed: torch.Tensor) 
     l = ids.shape[1]
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    mscale = 1.0
+    if cfg.rope_scaling is not None:
+        inv = torch.tensor(yarn_inv_freq_reference(hd, cfg.rope_theta, cfg.rope_scaling), dtype=torch.float32)
+        mscale = cfg.rope_scaling["attention_factor"]
     ang = torch.arange(l).float()[:, None] * inv  # [L, D/2]
 
-    def rope(v):  # v [L, D], rotate pairs (i, i + D/2) as complex numbers
-        z = torch.complex(v[:, : hd // 2], v[:, hd // 2:]) * torch.polar(torch.ones_like(ang), ang)
+    def rope(v):  # v [L, D], rotate pairs (i, i + D/2) as complex numbers (scaled by YaRN's mscale)
+        z = torch.complex(v[:, : hd // 2], v[:, hd // 2:]) * torch.polar(torch.full_like(ang, mscale), ang)
         return torch.cat([z.real, z.imag], -1)
 
     def norm(v, w):
@@ -55,6 +60,30 @@ def naive_forward(model: Transformer, ids: torch.Tensor, allowed: torch.Tensor) 
     return x @ sd["lm_head.weight"].T
 
 
+def yarn_inv_freq_reference(head_dim, theta, rs):
+    """YaRN inverse frequencies in float64 Python, one index at a time, written from minimind's
+    precompute_freqs_cis (jingyaogong/minimind model/model_minimind.py): the NTK-by-parts ramp of
+    Peng et al. 2023 (arXiv:2309.00071, Sec. 3.2) taken linear in the index between the rounded
+    indices where the original context holds beta_fast resp. beta_slow rotations."""
+    half = head_dim // 2
+    orig, s = rs["original_max_position_embeddings"], rs["factor"]
+
+    def index_of(rotations):  # solve L / (2 pi theta^(2d/D)) = rotations for d
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(index_of(rs["beta_fast"])), 0)
+    high = min(math.ceil(index_of(rs["beta_slow"])), half - 1)
+    out = []
+    for d in range(half):
+        ramp = min(max((d - low) / max(high - low, 0.001), 0.0), 1.0)
+        out.append(theta ** (-2 * d / head_dim) * ((1 - ramp) + ramp / s))
+    return out
+
+
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+        "attention_factor": 1.25}
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_matches_naive_reference(causal):
     torch.manual_seed(0)
@@ -66,6 +95,76 @@ def test_forward_matches_naive_reference(causal):
     ours = model(ids)
     ref = naive_forward(model, ids, allowed)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)  # RoPE tables are float32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_yarn_forward_matches_naive_reference(causal):
+    torch.manual_seed(0)
+    model = Transformer(small(causal=causal, rope_scaling=YARN)).double()
+    ids = torch.randint(0, 128, (1, 40))
+    allowed = torch.ones(40, 40, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    ours = model(ids)
+    torch.testing.assert_close(ours, naive_forward(model, ids, allowed), rtol=1e-5, atol=1e-6)
+    plain = Transformer(small(causal=causal)).double()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(ids), ours, atol=1e-3)  # the scaling changes the output
+
+
+def test_rope_scaling_none_is_bit_identical():
+    """rope_scaling=None (and omitting it) gives exactly the plain-RoPE tables computed before YaRN existed."""
+    pos = torch.arange(300).reshape(3, 100)
+    for hd, theta in ((16, 10000.0), (64, 5e5)):
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        emb = torch.cat([pos.float()[..., None] * inv] * 2, dim=-1)[:, None]
+        for dtype in (torch.float32, torch.bfloat16):
+            for cos, sin in (rotary_cos_sin(pos, hd, theta, dtype), rotary_cos_sin(pos, hd, theta, dtype, None)):
+                assert torch.equal(cos, emb.cos().to(dtype)) and torch.equal(sin, emb.sin().to(dtype))
+    assert ModelConfig().rope_scaling is None
+
+
+@pytest.mark.parametrize("head_dim,theta,orig,factor", [(16, 10000.0, 32, 8.0), (64, 1e6, 2048, 16.0),
+                                                        (128, 5e5, 4096, 4.0), (16, 100.0, 2048, 16.0)])
+def test_yarn_inv_freq_matches_formula(head_dim, theta, orig, factor):
+    rs = ModelConfig(hidden_size=head_dim * 2, num_heads=2, num_kv_heads=2, rope_theta=theta,
+                     rope_scaling={"type": "yarn", "factor": factor,
+                                   "original_max_position_embeddings": orig}).rope_scaling
+    assert rs == {"type": "yarn", "factor": factor, "original_max_position_embeddings": orig, "beta_fast": 32.0,
+                  "beta_slow": 1.0, "attention_factor": 1.0}  # minimind's defaults filled in
+    inv, mscale = rope_inv_freq(head_dim, theta, rs)
+    ref = torch.tensor(yarn_inv_freq_reference(head_dim, theta, rs), dtype=torch.float64)
+    torch.testing.assert_close(inv.double(), ref, rtol=2e-6, atol=0)
+    assert mscale == 1.0
+    # the paper's limits: dimensions with >= beta_fast rotations inside L keep theta_d, < beta_slow get theta_d / s
+    plain, _ = rope_inv_freq(head_dim, theta)
+    rotations = orig * plain.double() / (2 * math.pi)
+    keep, interp = rotations >= 32, rotations <= 1
+    assert keep.any() or interp.any()
+    assert torch.equal(inv[keep], plain[keep])
+    torch.testing.assert_close(inv[interp].double(), plain[interp].double() / factor, rtol=1e-6, atol=0)
+    # cos/sin carry attention_factor
+    pos = torch.arange(50)[None]
+    cos, sin = rotary_cos_sin(pos, head_dim, theta, torch.float32, {**rs, "attention_factor": 1.5})
+    ang = pos.float()[..., None] * inv
+    torch.testing.assert_close(cos[0, 0], 1.5 * torch.cat([ang.cos(), ang.cos()], -1)[0])
+    torch.testing.assert_close(sin[0, 0], 1.5 * torch.cat([ang.sin(), ang.sin()], -1)[0])
+
+
+def test_rope_scaling_validation():
+    ok = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64}
+    cfg = ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64})
+    assert cfg.rope_scaling["type"] == "yarn"
+    assert ModelConfig(**cfg.to_dict()) == cfg  # normalised dict round-trips through config.json
+    for bad, msg in ((["yarn"], "must be a dict"), ({**ok, "type": "linear"}, "not supported"),
+                     ({**ok, "mscale": 1.0}, "unsupported key"), ({"type": "yarn", "factor": 4}, "needs"),
+                     ({**ok, "factor": 0.5}, ">= 1"),
+                     ({**ok, "beta_fast": 1, "beta_slow": 2}, "beta_fast > beta_slow"),
+                     ({**ok, "original_max_position_embeddings": 10.5}, "positive integer"),
+                     ({**ok, "attention_factor": 0}, "> 0"), ({**ok, "factor": "4"}, "finite number"),
+                     ({**ok, "rope_type": "linear"}, "conflicting")):
+        with pytest.raises(ValueError, match=msg):
+            ModelConfig(rope_scaling=bad)
 
 
 def test_rotary_is_relative():

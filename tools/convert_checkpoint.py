@@ -128,7 +128,6 @@ def cmd_export_hf(args) -> None:
     cfg = _model_cfg(meta, meta["path"])
     dt = cio.parse_dtype(args.dtype)
     hf = cio.hf_config_from_model_config(cfg.to_dict(), torch_dtype=str(dt).replace("torch.", ""))
-    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     cio.check_state_dict(sd, cfg, meta["path"])
     tok = meta.get("tokenizer") or {}
     for key, hf_key in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id"),
@@ -212,7 +211,8 @@ def detect_arch(sd: dict) -> str:
 
 
 def convert_nano_state(sd: dict, arch: str, *, num_heads: int, rope_theta: float, norm_eps: float,
-                       max_seq_len: int, mask_token_id: int | None, causal: bool | None):
+                       max_seq_len: int, mask_token_id: int | None, causal: bool | None,
+                       rope_scaling: dict | None = None):
     """Map a Nano-LLaDA / minimind state dict to ours. Returns ``(state_dict, ModelConfig)``.
 
     nano-llada (the ``Model`` of Nano-LLaDA ``scripts/train/diffusion.py``): weightless RMSNorm everywhere
@@ -226,8 +226,12 @@ def convert_nano_state(sd: dict, arch: str, *, num_heads: int, rope_theta: float
     GQA, weighted RMSNorm, optional weighted ``q_norm``/``k_norm`` before RoPE, tied embeddings
     (``lm_head.weight`` equal to the embedding is dropped and ``tie_embeddings=True``); causal.
 
+    ``rope_scaling`` (a ``ModelConfig.rope_scaling`` YaRN dict, see :func:`resolve_nano_rope_scaling`) is
+    recorded as is: both repos compute YaRN like ``llada_scale.model.rope_inv_freq``.
+
     Raises:
-        CheckpointError: missing/odd keys (named), head count not dividing the width, bad mask id.
+        CheckpointError: missing/odd keys (named), head count not dividing the width, bad mask id, invalid
+            rope_scaling.
     """
     from llada_scale.model import ModelConfig
 
@@ -286,12 +290,59 @@ def convert_nano_state(sd: dict, arch: str, *, num_heads: int, rope_theta: float
                    intermediate_size=out["model.layers.0.mlp.gate_proj.weight"].shape[0], qk_norm=qk,
                    norm_weight=True, tie_embeddings=tie, causal=True if causal is None else causal)
     try:
-        mc = ModelConfig(**cfg, rope_theta=rope_theta, norm_eps=norm_eps, max_seq_len=max_seq_len,
-                         mask_token_id=mask_token_id)
+        mc = ModelConfig(**cfg, rope_theta=rope_theta, rope_scaling=rope_scaling, norm_eps=norm_eps,
+                         max_seq_len=max_seq_len, mask_token_id=mask_token_id)
     except ValueError as e:
         raise CheckpointError(f"cannot build a model config: {e}") from None
     cio.check_state_dict(out, mc, source=f"{arch} state dict")
     return out, mc
+
+
+# minimind MiniMindConfig / Nano-LLaDA diffusion.py: the RoPE table length when not recorded
+_SOURCE_TABLE_LEN = 32768
+
+
+def resolve_nano_rope_scaling(args, recorded: dict | None, arch: str) -> dict | None:
+    """The ``ModelConfig.rope_scaling`` of a Nano-LLaDA / minimind checkpoint (None = plain RoPE).
+
+    ``--rope_scaling auto`` reads ``inference_rope_scaling`` from the argparse namespace Nano-LLaDA saves in its
+    checkpoints (``{"model_state_dict": ..., "args": vars(args)}``); no record means plain RoPE. Both repos build
+    ``{"factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1,
+    "attention_factor": 1.0}`` (the --rope_* defaults here) and apply it only when their RoPE table is longer than
+    original_max_position_embeddings: minimind's table has ``max_position_embeddings`` rows, Nano-LLaDA's
+    ``max(max_position_embeddings, 2 * seq_len)`` (from the record, else --source_max_position_embeddings,
+    default 32768); a shorter table gives plain RoPE, as in the source.
+
+    Raises:
+        CheckpointError: nano-llada with attention_factor != 1 (its QK-norm comes after RoPE and cancels the
+            cos/sin scale; ours comes before, so that would not be exact).
+    """
+    recorded = recorded if isinstance(recorded, dict) else {}
+    said = recorded.get("inference_rope_scaling")
+    mode = args.rope_scaling
+    if mode == "auto":
+        mode = "yarn" if said else "none"
+    elif said is not None and bool(said) != (mode == "yarn"):
+        _warn(f"--rope_scaling {mode} overrides the checkpoint's recorded inference_rope_scaling={said}")
+    if mode == "none":
+        return None
+    table = args.source_max_position_embeddings
+    if table is None and recorded.get("max_position_embeddings") is not None:
+        table = int(recorded["max_position_embeddings"])
+        if arch == "nano-llada" and recorded.get("seq_len"):
+            table = max(table, 2 * int(recorded["seq_len"]))
+    table = table or _SOURCE_TABLE_LEN
+    if table <= args.original_max_position_embeddings:
+        _warn(f"the source's RoPE table ({table} positions) does not exceed original_max_position_embeddings "
+              f"{args.original_max_position_embeddings}, so it applied no YaRN; importing with plain RoPE")
+        return None
+    if arch == "nano-llada" and args.rope_attention_factor != 1.0:
+        raise CheckpointError("--rope_attention_factor != 1 cannot be imported exactly for nano-llada (its QK-norm "
+                              "follows RoPE and cancels the scale; ours precedes it)")
+    return {"type": "yarn", "factor": args.rope_factor,
+            "original_max_position_embeddings": args.original_max_position_embeddings,
+            "beta_fast": args.rope_beta_fast, "beta_slow": args.rope_beta_slow,
+            "attention_factor": args.rope_attention_factor}
 
 
 def cmd_import_nano(args) -> None:
@@ -306,19 +357,18 @@ def cmd_import_nano(args) -> None:
     arch = detect_arch(sd) if args.arch == "auto" else args.arch
     if args.hidden_act != "silu":
         raise CheckpointError(f"--hidden_act {args.hidden_act}: only silu (SwiGLU) maps onto our MLP")
-    if args.rope_scaling != "none":
-        raise CheckpointError("YaRN rope scaling (--inference-rope-scaling in Nano-LLaDA/minimind) changes the "
-                              "rotary frequencies, which ModelConfig cannot represent (it has rope_theta only)")
+    rope_scaling = resolve_nano_rope_scaling(args, obj.get("args") if isinstance(obj, dict) else None, arch)
     causal = {"auto": None, "true": True, "false": False}[args.causal]
     sd, mc = convert_nano_state(sd, arch, num_heads=args.num_heads, rope_theta=args.rope_theta,
                                 norm_eps=args.norm_eps, max_seq_len=args.max_seq_len,
-                                mask_token_id=args.mask_token_id, causal=causal)
+                                mask_token_id=args.mask_token_id, causal=causal, rope_scaling=rope_scaling)
     tok = None
     if args.tokenizer:
         tok = _tokenizer_identity(args.tokenizer)
         cio.copy_tokenizer_files(args.tokenizer, args.out_dir)
     _log(f"detected {arch}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/{mc.num_kv_heads}, "
-         f"vocab {mc.vocab_size}, qk_norm={mc.qk_norm}, norm_weight={mc.norm_weight}, causal={mc.causal}")
+         f"vocab {mc.vocab_size}, qk_norm={mc.qk_norm}, norm_weight={mc.norm_weight}, causal={mc.causal}, "
+         f"rope_scaling={mc.rope_scaling}")
     write_consolidated(sd, mc, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tok,
                        source={"path": os.path.abspath(args.pt_file), "kind": arch}, progress=not args.quiet)
 
@@ -427,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-hf", help="local HF Llama-family directory -> consolidated",
                        description="Read a local Hugging Face llama / mistral / qwen3 directory (config.json + "
                                    "safetensors or pytorch_model.bin) and write our consolidated format. Refuses "
-                                   "what our backbone cannot represent (biases, rope scaling, other activations).")
+                                   "what our backbone cannot represent (biases, rope scaling other than YaRN, other "
+                                   "activations).")
     p.add_argument("hf_dir", help="HF model directory")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
@@ -453,8 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", default="auto", choices=["auto", "true", "false"],
                    help="override causal (default: nano-llada false, minimind true)")
     p.add_argument("--hidden_act", default="silu", help="the source MLP activation; only silu is supported")
-    p.add_argument("--rope_scaling", default="none", choices=["none", "yarn"],
-                   help="whether the source used YaRN (--inference-rope-scaling); yarn is refused")
+    p.add_argument("--rope_scaling", default="auto", choices=["auto", "none", "yarn"],
+                   help="whether the source used YaRN (--inference-rope-scaling); auto (default): the "
+                        "inference_rope_scaling recorded in the .pt's 'args' (Nano-LLaDA saves them), else none")
+    p.add_argument("--rope_factor", type=float, default=16.0, help="YaRN factor (both repos use 16)")
+    p.add_argument("--original_max_position_embeddings", type=int, default=2048,
+                   help="YaRN original context length (both repos use 2048)")
+    p.add_argument("--rope_beta_fast", type=float, default=32.0, help="YaRN beta_fast (default 32)")
+    p.add_argument("--rope_beta_slow", type=float, default=1.0, help="YaRN beta_slow (default 1)")
+    p.add_argument("--rope_attention_factor", type=float, default=1.0,
+                   help="YaRN cos/sin scale (both repos use 1.0; nano-llada accepts only 1.0)")
+    p.add_argument("--source_max_position_embeddings", type=int, default=None,
+                   help="rows of the source's RoPE table; YaRN applies only above original_max_position_embeddings "
+                        "(default: from the .pt's args, Nano-LLaDA max(max_position_embeddings, 2*seq_len); "
+                        "else 32768)")
     common(p, dtype_default="fp32")
     p.set_defaults(func=cmd_import_nano)
 
