@@ -6,6 +6,7 @@ as torchrun or the SLURM scripts would set them, so the code under test takes it
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -51,3 +52,15 @@ def run_ranks(argv: list[str], world_size: int, env: dict | None = None, timeout
         detail = "\n".join(f"--- rank {i} exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}" for i, r in failed)
         raise RuntimeError(f"{argv} failed on ranks {[i for i, _ in failed]}:\n{detail}")
     return results
+
+
+def train_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """step -> the trainer's training-metrics row from ``run_dir/metrics.jsonl`` (rows with ``train/loss``;
+    a step logged twice, e.g. around a resume, keeps its last row)."""
+    rows = (json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def train_losses(run_dir: str | Path) -> dict[int, float]:
+    """step -> ``train/loss`` from ``run_dir/metrics.jsonl`` (see :func:`train_metrics`)."""
+    return {step: row["train/loss"] for step, row in train_metrics(run_dir).items()}

@@ -99,6 +99,10 @@ class Trainer:
 
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
+        if loader_factory is None:  # once per run, not at every validation
+            d = cfg.data
+            for shard_dir in {d.train_shards, d.val_shards if cfg.train.val_every else d.train_shards}:
+                self._check_tokenizer(shard_dir)
         self.step = 0
         self.skipped_batches = 0
         self._grad_norm = None
@@ -122,7 +126,6 @@ class Trainer:
                            world_size=self.world_size if world_size is None else world_size,
                            seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
                            num_workers=d.num_workers if split == "train" else 0)
-        self._check_tokenizer(shard_dir)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
 
     def _check_tokenizer(self, shard_dir: str):
@@ -389,10 +392,8 @@ class Trainer:
     @torch.no_grad()
     def sample(self) -> list[str]:
         """Generate from a few fixed prompts (every rank runs the forwards: ZeRO-3 needs them all)."""
-        try:
-            from llada_scale import generate
-        except ImportError:
-            return []
+        from llada_scale import generate
+
         prompts = self._sample_prompts()[: self.cfg.train.num_samples]
         if not prompts:
             return []

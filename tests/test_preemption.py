@@ -11,7 +11,6 @@ does the same through sbatch on a real cluster).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -24,20 +23,12 @@ from types import SimpleNamespace
 import pytest
 
 from llada_scale import checkpointer
-from llada_scale.testing import REPO_ROOT, free_port, run_ranks
+from llada_scale.testing import REPO_ROOT, free_port, run_ranks, train_losses as losses
 
 TINY = ["--config", "configs/diffusion_pretrain_tiny.yaml", "model.num_layers=2", "data.seq_len=64",
         "train.micro_batch_size=4", "train.val_every=0", "train.log_every=1", "train.init_from=",
         "train.wandb=off", "train.keep_last=0"]
 
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "train/loss" in m:
-            out[m["step"]] = m["train/loss"]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- half-written

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from llada_scale.testing import train_losses as losses
+
 from slurm_cluster import LocalSlurm, Unavailable, ensure_packages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,15 +123,6 @@ def job_log(work: Path, name: str, job: str) -> str:
     p = work / f"{name}-{job}.out"
     return p.read_text(errors="replace") if p.exists() else f"(no log {p})"
 
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from metrics.jsonl (the last entry wins if a step was logged twice)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "train/loss" in m:
-            out[m["step"]] = m["train/loss"]
-    return out
 
 
 def assert_completed(info: dict, log: str):

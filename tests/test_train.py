@@ -1,22 +1,17 @@
 """End-to-end trainer behaviour with real processes: resume exactness, world-size equivalence,
 AR -> diffusion initialisation, and clear errors for bad input."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from llada_scale.testing import run_ranks
+from llada_scale.testing import run_ranks, train_metrics as metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
         "data.seq_len=64", "data.num_workers=0", "train.wandb=off", "train.val_every=0", "train.log_every=1",
         "train.num_samples=0"]
 
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "train/loss" in r}
 
 
 def train(run_dir, shards, *extra, world=1, ds="ds_configs/zero2.json", recipe="configs/diffusion_pretrain_tiny.yaml",

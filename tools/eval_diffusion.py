@@ -32,16 +32,15 @@ import torch  # noqa: E402
 
 from llada_scale import checkpoint_io as cio  # noqa: E402
 from llada_scale.block_sampling import generate_blocks_batch  # noqa: E402
+from llada_scale.config import DEFAULT_DATA  # noqa: E402
 from llada_scale.eval_tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate,  # noqa: E402
                                     default_sampler, load_examples, run_task, trained_block_length)
 from llada_scale.generate import diffusion_generate, truncate_at  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def default_data() -> str:
     """``$LLADA_DATA`` or ``../shared/data`` next to the repository (llada_scale.config.DEFAULT_DATA)."""
-    return os.environ.get("LLADA_DATA") or str(REPO.parent / "shared" / "data")
+    return os.environ.get("LLADA_DATA") or DEFAULT_DATA
 
 
 # ------------------------------------------------------------------------------------------------ setup
