@@ -22,10 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from llada_scale.config import load_config  # noqa: E402
-from llada_scale.model import Transformer  # noqa: E402
-from llada_scale.objectives import compute_loss  # noqa: E402
-from llada_scale.train import Trainer, init_distributed  # noqa: E402
+from llada_scale.training.config import load_config  # noqa: E402
+from llada_scale.model.transformer import Transformer  # noqa: E402
+from llada_scale.objectives.losses import compute_loss  # noqa: E402
+from llada_scale.training.engine import init_distributed  # noqa: E402
+from llada_scale.training.trainer import Trainer  # noqa: E402
 
 
 def batches(n, micro, seq_len, vocab=6400, seed=0):

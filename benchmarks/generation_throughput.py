@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from llada_scale.generate import ar_generate, diffusion_generate  # noqa: E402
-from llada_scale.model import Transformer, preset  # noqa: E402
+from llada_scale.sampling import ar_generate, diffusion_generate  # noqa: E402
+from llada_scale.model.transformer import Transformer, preset  # noqa: E402
 
 
 def build_model(args, causal: bool) -> Transformer:
     if args.checkpoint:
-        from llada_scale.checkpoint_io import build_model_from_checkpoint
+        from llada_scale.checkpoint import build_model_from_checkpoint
 
         m = build_model_from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, progress=False)
         m.config.causal = causal  # same weights, both decoding modes (the mask differs only)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
           f"gen_length {args.gen_length}, block {args.block_length}, fixed steps {args.steps}")
     print(table(rows))
     if args.output:
-        from llada_scale.checkpoint_io import atomic_write_text
+        from llada_scale.checkpoint import atomic_write_text
 
         atomic_write_text(args.output, json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     return 0

@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")
 import torch  # noqa: E402
 
 from llada_scale.data.loader import PackedDataset, build_dataloader  # noqa: E402
-from llada_scale.data.shards import build_shards  # noqa: E402
+from llada_scale.data.build import build_shards  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM
 MFU = 0.45

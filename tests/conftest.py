@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llada_scale.config import DEFAULT_DATA  # noqa: E402
+from llada_scale.data import DEFAULT_DATA  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -46,7 +46,7 @@ def tokenizer_path() -> Path:
 def pretrain_shards(tmp_path_factory) -> Path:
     """~160k tokens of the English corpus in ~8 train shards + 1 val shard."""
     _need_data()
-    from llada_scale.data.shards import build_shards
+    from llada_scale.data.build import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "pretrain"
     build_shards([str(DATA / "pretrain" / "en_classics.jsonl.gz")], str(TOKENIZER), str(out), "pretrain",
@@ -57,7 +57,7 @@ def pretrain_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sft_shards(tmp_path_factory) -> Path:
     _need_data()
-    from llada_scale.data.shards import build_shards
+    from llada_scale.data.build import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "sft"
     build_shards([str(DATA / "sft" / "alpaca_en.jsonl.gz")], str(TOKENIZER), str(out), "sft",

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llada_scale.data.shards import build_shards  # noqa: E402
+from llada_scale.data.build import build_shards  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from llada_scale.checkpoint_io import CheckpointError, build_model_from_checkpoint  # noqa: E402
+from llada_scale.checkpoint import CheckpointError, build_model_from_checkpoint  # noqa: E402
 from llada_scale.data.loader import PackedDataset  # noqa: E402
-from llada_scale.objectives import ObjectiveConfig, compute_loss  # noqa: E402
+from llada_scale.objectives.config import ObjectiveConfig  # noqa: E402
+from llada_scale.objectives.losses import compute_loss  # noqa: E402
 
 
 def val_loss(model, shards: str, objective: ObjectiveConfig, seq_len: int, batches: int, micro_batch_size: int,

@@ -21,23 +21,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-META_FILE = "llada_scale.json"
+from llada_scale.checkpoint.files import META_FILE, CheckpointError, atomic_write_text
+
 _TAG = re.compile(r"^step(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be used; the message says why and what to pass instead."""
 
 
 def tag_for(step: int) -> str:
     """Checkpoint tag of optimizer step ``step``: ``step00000100``."""
     return f"step{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -116,11 +107,11 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
-        _atomic_write(ckpt_dir / tmp_tag / META_FILE, json.dumps({**meta, "step": step}, indent=2))
+        atomic_write_text(ckpt_dir / tmp_tag / META_FILE, json.dumps({**meta, "step": step}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(ckpt_dir / tmp_tag, final)
-        _atomic_write(ckpt_dir / "latest", tag)
+        atomic_write_text(ckpt_dir / "latest", tag)
         if keep_last > 0:
             for old in list_complete(ckpt_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

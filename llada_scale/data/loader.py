@@ -27,7 +27,6 @@ whose assistant tokens were all truncated away is skipped.
 
 from __future__ import annotations
 
-import heapq
 import random
 from typing import Any, Iterator
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from llada_scale.data.reshard import reshard_plan
 from llada_scale.data.shards import ShardError, index_sha256, load_index, read_shard, shard_paths
 
 __all__ = ["LoaderError", "LoaderStateError", "PackedDataset", "build_dataloader", "loader_dataset_states",
@@ -192,7 +192,8 @@ class PackedDataset(IterableDataset):
         return info.id
 
     @staticmethod
-    def _fresh_pos() -> dict:
+    def fresh_position() -> dict:
+        """The position (as in :meth:`state_dict`, without version/fingerprint) before the first batch of epoch 0."""
         return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "token_pos": 0, "batches": 0, "pass": 0,
                 "finished": False, "plan": None, "quota": None}
 
@@ -200,7 +201,7 @@ class PackedDataset(IterableDataset):
         """Position before the first batch: fresh, or derived from old-layout states (load_resharded)."""
         if self._reshard_from is not None:
             return self.reshard_state(self._reshard_from, worker)
-        return self._fresh_pos()
+        return self.fresh_position()
 
     def state_dict(self) -> dict:
         """Position after the last yielded batch of the current worker (JSON-serialisable dict).
@@ -232,7 +233,7 @@ class PackedDataset(IterableDataset):
         worker = self._worker_id()
         if state.get("worker") != worker:
             raise LoaderStateError(f"loader state is for worker {state.get('worker')}, loaded into worker {worker}")
-        pos = self._fresh_pos()
+        pos = self.fresh_position()
         for key in pos:
             if key not in state:
                 if key in ("plan", "quota"):  # version 1
@@ -302,102 +303,16 @@ class PackedDataset(IterableDataset):
         self._reshard_cache = None
         self._pos = None
 
-    def _stream_quota_old(self, fp: dict) -> int:
-        """Batches per epoch of one stream under the (old) layout described by fingerprint ``fp``."""
-        streams = fp["world_size"] * max(1, fp["num_workers"])
-        k = len(self.shards) // streams
-        if self.kind == "pretrain":
-            sizes = sorted(tokens + docs for _, docs, tokens in self.shards)
-            return sum(sizes[:k]) // (fp["seq_len"] * fp["micro_batch_size"])
-        return sum(sorted(docs for _, docs, _ in self.shards)[:k]) // fp["micro_batch_size"]
-
-    def _doc_lengths(self, shard_idx: int) -> np.ndarray:
-        """Token counts of the documents of a shard in tar order, from the tar headers (no decoding)."""
-        import tarfile
-
-        path, docs, tokens = self.shards[shard_idx]
-        itemsize = np.dtype(self.index.get("dtype", "uint16")).itemsize
-        with tarfile.open(path) as tf:
-            sizes = np.array([m.size for m in tf if m.name.endswith(".input_ids.npy")], dtype=np.int64)
-        lengths = (sizes - 128) // itemsize  # np.save v1.0 header of a 1-D array: 128 bytes
-        if len(lengths) != docs or int(lengths.sum()) != tokens:  # another header size: decode for real
-            lengths = np.array([s[1].size for s in read_shard(path, docs, tokens)], dtype=np.int64)
-        return lengths
-
-    def _remaining(self, shard_idx: int, epoch: int, sample_pos: int, token_pos: int) -> int:
-        """Capacity left in a shard from (sample_pos, token_pos) on: tokens incl. EOS, or SFT rows."""
-        _, docs, tokens = self.shards[shard_idx]
-        if self.kind != "pretrain":
-            return max(0, docs - sample_pos)
-        if sample_pos == 0 and token_pos == 0:
-            return tokens + docs
-        if sample_pos >= docs:
-            return 0
-        lengths = self._doc_lengths(shard_idx)
-        order = np.random.default_rng([self.seed, epoch, shard_idx, 0]).permutation(docs)
-        return int((lengths[order[sample_pos:]] + 1).sum()) - token_pos
-
-    def _reshard_plan(self, old_states: list[dict]) -> dict:
-        """{'epoch', 'quota', 'plans': {stream: [[shard, sample, token], ...]}} or {'epoch'} for a fresh epoch."""
-        fp = old_states[0]["fingerprint"]
-        W, nw = fp["world_size"], max(1, fp["num_workers"])
-        k_old = self._stream_quota_old(fp)
-        by_stream: dict[tuple[int, int], dict] = {}
-        for st in old_states:
-            pos = {**self._fresh_pos(), **{k: st[k] for k in self._fresh_pos() if k in st}}
-            quota = pos["quota"] if pos.get("plan") else k_old
-            if pos["finished"] or pos["batches"] >= quota:  # this stream finished its epoch
-                pos = {**self._fresh_pos(), "epoch": pos["epoch"] + 1}
-            by_stream[(st["fingerprint"]["rank"], st.get("worker", 0))] = pos
-        epoch = min(p["epoch"] for p in by_stream.values())
-        # A stream without a state never yielded a batch: it has not started (only possible in epoch 0).
-        streams_old = [by_stream.get((r, w), {**self._fresh_pos(), "epoch": epoch})
-                       for r in range(W) for w in range(nw)]
-        untouched = {**self._fresh_pos(), "epoch": epoch}
-        if all(p == untouched for p in streams_old):
-            return {"epoch": epoch}  # at an epoch boundary: the new layout's normal assignment
-        pieces: list[list[int]] = []
-        for i, pos in enumerate(streams_old):
-            # Streams run in lockstep, so a stream ahead (epoch + 1) is one that finished `epoch`: nothing left.
-            # After an SFT wrap-around (pass > 0) every row of the stream was read once: nothing left either.
-            if pos["epoch"] != epoch or pos["pass"] > 0:
-                continue
-            r, w = divmod(i, nw)
-            segs = pos["plan"] or [[s, 0, 0] for s in self.shard_order(epoch)[r::W][w::nw]]
-            sp = pos["shard_pos"]
-            if sp < len(segs):
-                pieces.append([segs[sp][0], pos["sample_pos"], pos["token_pos"]])
-                pieces.extend([list(x) for x in segs[sp + 1:]])
-        caps = [self._remaining(s, epoch, a, t) for s, a, t in pieces]
-        keep = [i for i, c in enumerate(caps) if c > 0]
-        streams = self.world_size * max(1, self.num_workers)
-        load = [0] * streams
-        members: list[list[int]] = [[] for _ in range(streams)]
-        heap = [(0, j) for j in range(streams)]
-        for i in sorted(keep, key=lambda i: (-caps[i], i)):  # largest piece onto the least loaded stream
-            _, j = heapq.heappop(heap)
-            load[j] += caps[i]
-            members[j].append(i)
-            heapq.heappush(heap, (load[j], j))
-        per_batch = self.seq_len * self.micro_batch_size if self.kind == "pretrain" else self.micro_batch_size
-        quota = min(load) // per_batch
-        if quota == 0:
-            return {"epoch": epoch + 1}
-        started = lambda i: pieces[i][1] > 0 or pieces[i][2] > 0  # noqa: E731  (continued first)
-        return {"epoch": epoch, "quota": quota,
-                "plans": {j: [pieces[i] for i in sorted(m, key=lambda i: (not started(i), i))]
-                          for j, m in enumerate(members)}}
-
     def reshard_state(self, old_states: list[dict], worker: int = 0) -> dict:
         """Position (as in :meth:`state_dict`, without version/fingerprint) of (this rank, ``worker``) when
         continuing from ``old_states`` of another layout; see :meth:`load_resharded` for the guarantee."""
         if self._reshard_cache is None:
-            self._reshard_cache = self._reshard_plan(old_states)
+            self._reshard_cache = reshard_plan(self, old_states)
         plan = self._reshard_cache
         if "plans" not in plan:
-            return {**self._fresh_pos(), "epoch": plan["epoch"]}
+            return {**self.fresh_position(), "epoch": plan["epoch"]}
         segs = plan["plans"][self.rank * max(1, self.num_workers) + worker]
-        return {**self._fresh_pos(), "epoch": plan["epoch"], "sample_pos": segs[0][1], "token_pos": segs[0][2],
+        return {**self.fresh_position(), "epoch": plan["epoch"], "sample_pos": segs[0][1], "token_pos": segs[0][2],
                 "plan": segs, "quota": plan["quota"]}
 
     # ------------------------------------------------------------------ iteration
@@ -426,7 +341,7 @@ class PackedDataset(IterableDataset):
         worker = self._worker_id()
         pos = dict(self._pos) if self._pos is not None else self._start_pos(worker)
         if pos["finished"]:
-            pos = self._fresh_pos()
+            pos = self.fresh_position()
         L, B = self.seq_len, self.micro_batch_size
         eos = self.eos_token_id
 
@@ -447,7 +362,7 @@ class PackedDataset(IterableDataset):
                     pos["finished"] = True
                     self._pos = pos
                     return
-                pos = {**self._fresh_pos(), "epoch": pos["epoch"] + 1}
+                pos = {**self.fresh_position(), "epoch": pos["epoch"] + 1}
             if shards_epoch != (pos["epoch"], bool(pos.get("plan"))):
                 shards = [s[0] for s in pos["plan"]] if pos.get("plan") else self.worker_shards(pos["epoch"], worker)
                 shards_epoch = (pos["epoch"], bool(pos.get("plan")))

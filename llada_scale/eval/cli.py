@@ -1,14 +1,13 @@
-#!/usr/bin/env python
-"""Evaluate AR and masked-diffusion (LLaDA) checkpoints on WikiText-2, LAMBADA, PIQA, GSM8K and the poem
-reversal set (see llada_scale/eval_tasks.py for what each number means, docs/EVAL.md for recipes).
+"""Command line of ``tools/eval_diffusion.py``: evaluate AR and masked-diffusion (LLaDA) checkpoints on WikiText-2, LAMBADA, PIQA, GSM8K and the poem
+reversal set (see llada_scale/eval/tasks.py for what each number means, docs/EVAL.md for recipes).
 
   python tools/eval_diffusion.py --checkpoint runs/x/checkpoints/step00001000 --tasks piqa,lambada --limit 200
   python tools/eval_diffusion.py --checkpoint DIFF --compare AR --tasks gsm8k --limit 50   # side by side
   python tools/eval_diffusion.py --checkpoint DIFF --watch --prompt "床前明月光的下一句是什么？"  # live unmasking
   python tools/eval_diffusion.py --checkpoint BD --sampler block --block_length 32 --tasks gsm8k  # block diffusion
 
-Diffusion sampler: --sampler llada (llada_scale.generate.diffusion_generate) or block (block-by-block decoding
-with a KV cache, llada_scale.block_sampling.generate_blocks_batch); the default is block when the checkpoint's
+Diffusion sampler: --sampler llada (llada_scale.sampling.diffusion.diffusion_generate) or block (block-by-block decoding
+with a KV cache, llada_scale.sampling.block.generate_blocks_batch); the default is block when the checkpoint's
 run config trained with block diffusion, else llada.
 
 Data parallel: launched by torchrun / deepspeed (WORLD_SIZE > 1) every rank loads the whole model (a ZeRO-3
@@ -24,22 +23,20 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from llada_scale import checkpoint_io as cio  # noqa: E402
-from llada_scale.block_sampling import generate_blocks_batch  # noqa: E402
-from llada_scale.config import DEFAULT_DATA  # noqa: E402
-from llada_scale.eval_tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate,  # noqa: E402
-                                    default_sampler, load_examples, run_task, trained_block_length)
-from llada_scale.generate import diffusion_generate, truncate_at  # noqa: E402
+import llada_scale.checkpoint as cio
+from llada_scale.sampling.block import generate_blocks_batch
+from llada_scale.data import DEFAULT_DATA
+from llada_scale.eval.runner import run_task
+from llada_scale.eval.tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate, default_sampler,
+                                    load_examples, trained_block_length)
+from llada_scale.sampling import diffusion_generate, truncate_at
 
 
 def default_data() -> str:
-    """``$LLADA_DATA`` or ``../shared/data`` next to the repository (llada_scale.config.DEFAULT_DATA)."""
+    """``$LLADA_DATA`` or ``../shared/data`` next to the repository (llada_scale.data.DEFAULT_DATA)."""
     return os.environ.get("LLADA_DATA") or DEFAULT_DATA
 
 
@@ -57,7 +54,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def load_tokenizer(path: str | None, meta: dict, data: str, rank: int):
-    from llada_scale.tokenizer import Tokenizer
+    from llada_scale.data.tokenizer import Tokenizer
 
     src = path or cio.tokenizer_path_from_meta(meta)
     if not src:
@@ -346,7 +343,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from llada_scale.tokenizer import TokenizerError
+        from llada_scale.data.tokenizer import TokenizerError
     except ImportError:  # pragma: no cover
         TokenizerError = ValueError  # noqa: N806
     try:

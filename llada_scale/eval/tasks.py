@@ -1,7 +1,7 @@
 """Evaluation tasks on the real eval sets in ``<data>/eval`` for AR and masked-diffusion models.
 
 Each task turns the published data into examples (:func:`load_examples`), scores a contiguous slice of
-them with a model (:func:`run_task`, batched) and reduces per-example records to metrics
+them with a model (:func:`llada_scale.eval.runner.run_task`, batched) and reduces per-example records to metrics
 (:func:`aggregate`). ``tools/eval_diffusion.py`` is the CLI (data parallel, JSON output, AR/diffusion
 comparison, live unmasking view).
 
@@ -29,8 +29,8 @@ poem       LLaDA's reversal-curse poem set (Chinese couplets): forward = given t
 =========  ===========================================================================================
 
 Diffusion samplers (``ModelHandle.sampler``, CLI ``--sampler``): ``llada`` is
-:func:`llada_scale.generate.diffusion_generate` (left-padded batches, blocks counted from the end of the
-prompt); ``block`` is :func:`llada_scale.block_sampling.generate_blocks_batch` for block-diffusion models
+:func:`llada_scale.sampling.diffusion.diffusion_generate` (left-padded batches, blocks counted from the end of the
+prompt); ``block`` is :func:`llada_scale.sampling.block.generate_blocks_batch` for block-diffusion models
 (blocks counted from position 0 as in training, exact KV cache of finished blocks, prompts batched by equal
 length; low-confidence remasking only: no ``threshold``, ``cfg_scale`` or random remasking). The CLI defaults
 to ``block`` when the checkpoint's run config has block diffusion on (:func:`default_sampler`).
@@ -43,17 +43,11 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 
-from llada_scale.block_sampling import generate_blocks_batch
-from llada_scale.generate import (_call, ar_generate, diffusion_generate, left_pad, log_likelihood_batch,
-                                  truncate_at)
-
-__all__ = ["TASKS", "SAMPLERS", "EvalConfig", "EvalError", "load_examples", "run_task", "aggregate",
+__all__ = ["TASKS", "SAMPLERS", "EvalConfig", "EvalError", "load_examples", "aggregate",
            "extract_gsm8k_answer", "normalize_number", "ModelHandle", "default_sampler", "trained_block_length"]
 
 TASKS = ("wikitext2", "lambada", "piqa", "gsm8k", "poem")
@@ -73,7 +67,7 @@ class EvalConfig:
 
     batch_size: examples (likelihood rows / prompts) per forward. mc_samples: Monte Carlo samples per
     likelihood (diffusion). gen_length/block_length/steps/temperature/remasking/threshold/cfg_scale: diffusion
-    sampling (:func:`llada_scale.generate.diffusion_generate`); the block sampler uses ``block_length`` and
+    sampling (:func:`llada_scale.sampling.diffusion.diffusion_generate`); the block sampler uses ``block_length`` and
     ``temperature`` and :meth:`steps_per_block` (the same tokens per step as ``steps`` for ``gen_length``).
     AR models decode up to ``gen_length`` tokens greedily (``temperature`` > 0 samples). poem_gen_length:
     tokens generated per poem line. chunk_len: WikiText-2 chunk length in tokens. seed: base seed of all
@@ -142,7 +136,7 @@ class ModelHandle:
     causal: AR (True) or diffusion (False). mask_token_id: required for diffusion. suppress_token_ids: ids
     never generated (vocab padding rows; the mask token for AR). stop_ids: generation is cut at the first of
     these (eos, pad). sampler: diffusion generation with ``"llada"`` (:func:`diffusion_generate`) or
-    ``"block"`` (:func:`llada_scale.block_sampling.generate_blocks_batch`, for block-diffusion models);
+    ``"block"`` (:func:`llada_scale.sampling.block.generate_blocks_batch`, for block-diffusion models);
     ignored for AR models.
     """
 
@@ -175,7 +169,7 @@ def trained_block_length(meta: dict | None) -> int | None:
     """The block length the checkpoint was last trained with: ``objective.block_length``, or the
     ``block_schedule`` value at the checkpoint's last step (its last phase when the step is unknown). None when
     block diffusion is off, the value is ``"full"`` or the schedule is unreadable."""
-    from llada_scale import block_diffusion as bd
+    from llada_scale.objectives import block_diffusion as bd
 
     obj = _objective(meta)
     bl = obj.get("block_length") or 0
@@ -318,206 +312,6 @@ def _first_line(text: str) -> str:
         if part.strip():
             return part.strip()
     return ""
-
-
-def _batches(seq: Sequence, size: int):
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
-
-
-def _seed(cfg: EvalConfig, task: str, index: int, k: int = 0) -> int:
-    return (cfg.seed * 1_000_003 + sum(map(ord, task)) * 7919 + index * 31 + k) % (2**63)
-
-
-def _generate(h: ModelHandle, prompts: list[list[int]], cfg: EvalConfig, gen_length: int, stats: dict,
-              index: int) -> list[list[int]]:
-    if h.causal:
-        res = ar_generate(h.model, prompts, max_new_tokens=gen_length, eos_token_id=h.stop_ids[0] if h.stop_ids else None,
-                          temperature=cfg.temperature, suppress_token_ids=h.suppress_token_ids,
-                          generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)))
-    else:
-        block = cfg.block_length if gen_length % cfg.block_length == 0 else gen_length
-        nb = gen_length // block
-        steps = max(nb, round(gen_length * cfg.steps / cfg.gen_length))
-        steps = -(-steps // nb) * nb
-        res = diffusion_generate(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
-                                 block_length=block, steps=steps, temperature=cfg.temperature,
-                                 remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
-                                 suppress_token_ids=h.suppress_token_ids,
-                                 generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)))
-    stats["seconds"] += res.seconds
-    stats["nfe"] += res.nfe
-    out = [truncate_at(t, h.stop_ids) for t in res.tokens]
-    stats["tokens"] += sum(len(t) for t in res.tokens)
-    return out
-
-
-def _uses_block(h: ModelHandle) -> bool:
-    return not h.causal and h.sampler == "block"
-
-
-def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg: EvalConfig, gen_length: int,
-                 stats: dict, bar):
-    """Yield ``(batch, outputs)``: ``outputs[k][i]`` = the generation (cut at a stop id) for
-    ``batch[i][keys[k]]``.
-
-    AR and the llada sampler: one call per ``batch_size`` examples (left padding). Block sampler: one
-    :func:`generate_blocks_batch` call for all prompts of all keys, which groups equal-length prompts into
-    batches of ``batch_size`` (more sharing than per batch) and seeds every prompt on its own, so outputs do
-    not depend on the batching at any temperature.
-    """
-    if _uses_block(h):
-        prompts = [e[k] for k in keys for e in examples]
-        seeds = [_seed(cfg, "gen", e["index"] + j * 1_000_000) for j in range(len(keys)) for e in examples]
-        res = generate_blocks_batch(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
-                                    block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
-                                    temperature=cfg.temperature, seeds=seeds, batch_size=cfg.batch_size,
-                                    suppress_token_ids=h.suppress_token_ids,
-                                    progress=lambda n: bar.update(n / len(keys)))
-        stats["seconds"] += res.seconds
-        stats["nfe"] += res.nfe
-        stats["tokens"] += sum(len(t) for t in res.tokens)
-        gens = [truncate_at(t, h.stop_ids) for t in res.tokens]
-        n = len(examples)
-        yield examples, [gens[j * n:(j + 1) * n] for j in range(len(keys))]
-        return
-    for batch in _batches(examples, cfg.batch_size):
-        yield batch, [_generate(h, [e[k] for e in batch], cfg, gen_length, stats, batch[0]["index"] + j * 1_000_000)
-                      for j, k in enumerate(keys)]
-        bar.update(len(batch))
-
-
-def _loglik(h: ModelHandle, pairs, seeds, cfg: EvalConfig, stats: dict) -> list[float]:
-    t0 = time.perf_counter()
-    if h.causal:
-        out = log_likelihood_batch(h.model, pairs, causal=True, batch_size=cfg.batch_size)
-        stats["nfe"] += math.ceil(len(pairs) / cfg.batch_size)
-    else:
-        out = log_likelihood_batch(h.model, pairs, causal=False, mask_token_id=h.mask_token_id,
-                                   mc_samples=cfg.mc_samples, batch_size=cfg.batch_size * 8, pair_seeds=seeds)
-        stats["nfe"] += math.ceil(len(pairs) * cfg.mc_samples / (cfg.batch_size * 8))
-    stats["seconds"] += time.perf_counter() - t0
-    stats["tokens"] += sum(len(a) for _, a in pairs)
-    return out
-
-
-@torch.no_grad()
-def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *, progress: bool = True,
-             position: int = 0) -> tuple[list[dict], dict]:
-    """Score ``examples`` (from :func:`load_examples`) with the model in ``h``.
-
-    Returns ``(records, stats)``: one JSON-serialisable record per example (with its ``index``), and
-    ``{"seconds", "tokens", "nfe"}`` (model time, generated or scored tokens, forward passes).
-
-    Diffusion likelihood forwards pack ``8 * batch_size`` Monte Carlo rows (rows are cheap relative to
-    examples); generation uses ``batch_size`` prompts per call (block sampler: up to ``batch_size`` prompts
-    of equal length per call, over the whole of ``examples``). Results do not depend on how examples are
-    split into calls (per-example seeds; left padding with document masks; the block sampler needs no
-    padding and seeds every prompt, so it is independent of the split at any temperature).
-    """
-    from tqdm.auto import tqdm
-
-    cfg.validate(None if h.causal else h.sampler)
-    if not h.causal and h.mask_token_id is None:
-        raise EvalError("a diffusion model needs mask_token_id")
-    stats = {"seconds": 0.0, "tokens": 0, "nfe": 0}
-    records: list[dict] = []
-    bar = tqdm(total=len(examples), desc=f"{task} [{h.name}]", unit="ex", disable=not progress, position=position,
-               leave=False)
-    tok = h.tokenizer
-    if task == "wikitext2":
-        prefix = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        for batch in _batches(examples, cfg.batch_size):
-            lls = _loglik(h, [(prefix, e["answer"]) for e in batch], [_seed(cfg, task, e["index"]) for e in batch],
-                          cfg, stats)
-            records += [{"index": e["index"], "nll": -ll, "tokens": len(e["answer"])} for e, ll in zip(batch, lls)]
-            bar.update(len(batch))
-    elif task == "lambada":
-        if h.causal:
-            for batch in _batches(examples, cfg.batch_size):
-                t0 = time.perf_counter()
-                x, pos, doc = left_pad([e["context"] + e["target"] for e in batch], 0, device=_dev(h.model))
-                logits = _call(h.model, x, pos, doc).float()
-                if h.suppress_token_ids:
-                    logits[..., h.suppress_token_ids] = -math.inf
-                stats["nfe"] += 1
-                width = x.shape[1]
-                for i, e in enumerate(batch):
-                    t = len(e["target"])
-                    pred = logits[i, width - t - 1:width - 1].argmax(-1).tolist()
-                    records.append({"index": e["index"], "correct": pred == e["target"],
-                                    "prediction": tok.decode(pred).strip(), "word": e["word"]})
-                stats["seconds"] += time.perf_counter() - t0
-                stats["tokens"] += sum(len(e["target"]) for e in batch)
-                bar.update(len(batch))
-        else:
-            by_len: dict[int, list[dict]] = {}
-            for e in examples:
-                by_len.setdefault(len(e["target"]), []).append(e)
-            for t, group in sorted(by_len.items()):
-                # one token committed per step, temperature 0
-                if _uses_block(h):  # grouped by context length inside, batch_size rows per call
-                    calls = [(group, generate_blocks_batch(
-                        h.model, [e["context"] for e in group], mask_token_id=h.mask_token_id, gen_length=t,
-                        block_length=cfg.block_length, steps_per_block=cfg.block_length, temperature=0.0,
-                        batch_size=cfg.batch_size, suppress_token_ids=h.suppress_token_ids, progress=bar.update))]
-                else:
-                    calls = ((batch, diffusion_generate(h.model, [e["context"] for e in batch],
-                                                        mask_token_id=h.mask_token_id, gen_length=t, block_length=t,
-                                                        steps=t, temperature=0.0,
-                                                        suppress_token_ids=h.suppress_token_ids))
-                             for batch in _batches(group, cfg.batch_size))
-                for batch, res in calls:
-                    stats["seconds"] += res.seconds
-                    stats["nfe"] += res.nfe
-                    stats["tokens"] += t * len(batch)
-                    for e, pred in zip(batch, res.tokens):
-                        records.append({"index": e["index"], "correct": pred == e["target"],
-                                        "prediction": tok.decode(pred).strip(), "word": e["word"]})
-                    if not _uses_block(h):
-                        bar.update(len(batch))
-            records.sort(key=lambda r: r["index"])
-    elif task == "piqa":
-        for batch in _batches(examples, cfg.batch_size):
-            pairs, seeds = [], []
-            for e in batch:
-                for k, c in enumerate(e["choices"]):
-                    pairs.append((e["prompt"], c))
-                    seeds.append(_seed(cfg, task, e["index"], k))
-            lls = _loglik(h, pairs, seeds, cfg, stats)
-            for i, e in enumerate(batch):
-                s = lls[2 * i:2 * i + 2]
-                norm = [s[k] / e["choice_chars"][k] for k in range(2)]
-                records.append({"index": e["index"], "label": e["label"], "loglik": s,
-                                "correct": int(s[1] > s[0]) == e["label"],
-                                "correct_norm": int(norm[1] > norm[0]) == e["label"]})
-            bar.update(len(batch))
-    elif task == "gsm8k":
-        for batch, (gens,) in _generations(h, examples, ["prompt"], cfg, cfg.gen_length, stats, bar):
-            for e, g in zip(batch, gens):
-                text = tok.decode(g)
-                pred = extract_gsm8k_answer(text)
-                records.append({"index": e["index"], "gold": e["gold"], "prediction": pred,
-                                "correct": pred is not None and pred == e["gold"], "output": text})
-    elif task == "poem":
-        for batch, (fw, rv) in _generations(h, examples, ["forward_prompt", "reversal_prompt"], cfg,
-                                            cfg.poem_gen_length, stats, bar):
-            for e, f, r in zip(batch, fw, rv):
-                ft, rt = _first_line(tok.decode(f)), _first_line(tok.decode(r))
-                records.append({"index": e["index"], "forward_output": ft, "reversal_output": rt,
-                                "forward_correct": _PUNCT.sub("", ft) == _PUNCT.sub("", e["second"]),
-                                "reversal_correct": _PUNCT.sub("", rt) == _PUNCT.sub("", e["first"])})
-    else:
-        raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    bar.close()
-    return records, stats
-
-
-def _dev(model):
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def aggregate(task: str, records: list[dict], causal: bool) -> dict:

@@ -1,12 +1,12 @@
 """Llama-style decoder backbone shared by AR and masked-diffusion (LLaDA) models.
 
-RMSNorm, rotary position embeddings, SwiGLU MLP and grouped-query attention, with module names that
+RMSNorm, rotary position embeddings (:mod:`llada_scale.model.rope`), SwiGLU MLP and grouped-query attention, with module names that
 follow Hugging Face ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj`` ...) so a state dict
 exports to HF Llama without renaming. The only difference between an AR model and a LLaDA mask
 predictor is ``ModelConfig.causal`` (LLaDA GUIDELINES.md, "Model Architecture": remove the causal mask).
 
 This module knows nothing about distribution, objectives or data; attention masks come from
-:mod:`llada_scale.attention`.
+:mod:`llada_scale.model.attention`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada_scale import attention
+from llada_scale.model import attention
+from llada_scale.model.rope import apply_rotary, normalize_rope_scaling, rotary_cos_sin
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelConfig:
     ``rope_scaling``: None = plain RoPE with base ``rope_theta``. ``{"type": "yarn", "factor": s,
     "original_max_position_embeddings": L, "beta_fast": 32, "beta_slow": 1, "attention_factor": 1.0}``
     (HF Llama key names; ``rope_type`` is accepted for ``type``) = YaRN frequency interpolation as computed by
-    minimind / Nano-LLaDA (see :func:`rope_inv_freq`). ``type``, ``factor`` (>= 1) and
+    minimind / Nano-LLaDA (see :func:`llada_scale.model.rope.rope_inv_freq`). ``type``, ``factor`` (>= 1) and
     ``original_max_position_embeddings`` are required; the others default to minimind's values (note: HF's
     default ``attention_factor`` is 0.1 ln(s) + 1, minimind's is 1.0). The dict is normalised to all six keys.
     """
@@ -120,140 +121,6 @@ class RMSNorm(nn.Module):
         return y.type_as(x)
 
 
-_YARN_KEYS = ("type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
-
-
-def normalize_rope_scaling(rope_scaling) -> dict:
-    """Validate a ``ModelConfig.rope_scaling`` dict and return it with all keys of ``_YARN_KEYS`` filled.
-
-    Raises:
-        ValueError: not a dict, a type other than ``"yarn"``, an unknown key, a missing ``factor`` /
-            ``original_max_position_embeddings``, or an out-of-range value (the message names the key).
-    """
-    if not isinstance(rope_scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")
-    rs = dict(rope_scaling)
-    if "rope_type" in rs:  # HF's newer spelling of "type"
-        kind = rs.pop("rope_type")
-        if rs.get("type", kind) != kind:
-            raise ValueError(f"rope_scaling has conflicting type {rs['type']!r} and rope_type {kind!r}")
-        rs["type"] = kind
-    if rs.get("type") != "yarn":
-        raise ValueError(f"rope_scaling type {rs.get('type')!r} is not supported (only 'yarn'; None = plain RoPE)")
-    unknown = sorted(set(rs) - set(_YARN_KEYS))
-    if unknown:
-        raise ValueError(f"rope_scaling has unsupported key(s) {unknown}; known: {list(_YARN_KEYS)}")
-    for key in ("factor", "original_max_position_embeddings"):
-        if rs.get(key) is None:
-            raise ValueError(f"rope_scaling (yarn) needs {key!r}")
-    rs.setdefault("beta_fast", 32.0)
-    rs.setdefault("beta_slow", 1.0)
-    rs.setdefault("attention_factor", 1.0)
-    for key in _YARN_KEYS[1:]:
-        v = rs[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"rope_scaling[{key!r}] must be a finite number, got {v!r}")
-    orig = rs["original_max_position_embeddings"]
-    if orig != int(orig) or orig < 1:
-        raise ValueError(f"rope_scaling['original_max_position_embeddings'] must be a positive integer, got {orig}")
-    if rs["factor"] < 1:
-        raise ValueError(f"rope_scaling['factor'] must be >= 1 (the context extension ratio), got {rs['factor']}")
-    if not rs["beta_fast"] > rs["beta_slow"] > 0:
-        raise ValueError(f"rope_scaling needs beta_fast > beta_slow > 0, got beta_fast={rs['beta_fast']}, "
-                         f"beta_slow={rs['beta_slow']}")
-    if rs["attention_factor"] <= 0:
-        raise ValueError(f"rope_scaling['attention_factor'] must be > 0, got {rs['attention_factor']}")
-    return {"type": "yarn", "factor": float(rs["factor"]), "original_max_position_embeddings": int(orig),
-            "beta_fast": float(rs["beta_fast"]), "beta_slow": float(rs["beta_slow"]),
-            "attention_factor": float(rs["attention_factor"])}
-
-
-def yarn_correction_range(head_dim: int, theta: float, rope_scaling: dict) -> tuple[int, int]:
-    """Ramp bounds ``(low, high)`` over the ``head_dim // 2`` frequency indices, minimind's convention.
-
-    ``d(b) = head_dim * ln(L / (2 pi b)) / (2 ln theta)`` is the index whose wavelength 2 pi / theta_d fits
-    ``b`` times into the original context ``L``; low = max(floor(d(beta_fast)), 0),
-    high = min(ceil(d(beta_slow)), head_dim // 2 - 1). (HF ``_compute_yarn_parameters`` clamps high to
-    ``head_dim - 1`` instead; the two agree whenever ``low <= ceil(d(beta_slow)) <= head_dim // 2 - 1``.)
-    """
-    orig = rope_scaling["original_max_position_embeddings"]
-
-    def index(rotations: float) -> float:
-        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low = max(math.floor(index(rope_scaling["beta_fast"])), 0)
-    high = min(math.ceil(index(rope_scaling["beta_slow"])), head_dim // 2 - 1)
-    return low, high
-
-
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
-    """Rotary inverse frequencies [head_dim // 2] (float32) and the cos/sin multiplier.
-
-    Plain RoPE: theta_d = theta^(-2d / head_dim), multiplier 1.
-
-    YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models",
-    arXiv:2309.00071). Sec. 3.2 ("NTK-by-parts" interpolation, which YaRN uses unchanged in Sec. 3.4) gives,
-    for scale s = ``factor``, original context L and wavelength lambda_d = 2 pi / theta_d, the ratio
-    r(d) = L / lambda_d and
-
-        h(theta_d) = (1 - gamma(r(d))) * theta_d / s + gamma(r(d)) * theta_d,
-        gamma(r) = 0 if r < beta_slow, 1 if r > beta_fast, (r - beta_slow) / (beta_fast - beta_slow) otherwise
-
-    (the paper's alpha = beta_slow = 1, beta = beta_fast = 32). The reference implementations (YaRN's own code,
-    HF ``_compute_yarn_parameters``, minimind, Nano-LLaDA) instead solve r(d) = beta for the index,
-    d(beta) = head_dim * ln(L / (2 pi beta)) / (2 ln theta), round it outward and make the weight linear in the
-    index d rather than in r; that is what is computed here:
-
-        ramp_d = clamp((d - low) / max(high - low, 0.001), 0, 1)      # = 1 - gamma, d = 0 .. head_dim/2 - 1
-        theta'_d = theta_d * (1 - ramp_d + ramp_d / s)
-
-    with (low, high) from :func:`yarn_correction_range`. cos and sin are multiplied by ``attention_factor``
-    (YaRN's attention temperature sqrt(1/t), Sec. 3.4, folded into the tables as the reference code does; the
-    paper recommends 0.1 ln(s) + 1, minimind and Nano-LLaDA hard-code 1.0).
-
-    Conventions follow minimind ``model/model_minimind.py::precompute_freqs_cis`` and Nano-LLaDA
-    ``scripts/train/diffusion.py::precompute_freqs_cis`` exactly (same float32 operations, the index range
-    0..head_dim/2-1, the high clamp, the 0.001 floor), since their checkpoints were trained with them. Unlike
-    those functions this one always applies the scaling when ``rope_scaling`` is set; they skip it when their
-    table length (``max_position_embeddings``) does not exceed ``original_max_position_embeddings``, which the
-    importer (tools/convert_checkpoint.py) resolves by setting ``rope_scaling=None``.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    if rope_scaling is None:
-        return inv_freq, 1.0
-    low, high = yarn_correction_range(head_dim, theta, rope_scaling)
-    ramp = (torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / max(high - low, 0.001)
-    ramp = ramp.clamp(0, 1)
-    inv_freq = inv_freq * (1 - ramp + ramp / rope_scaling["factor"])
-    return inv_freq, float(rope_scaling["attention_factor"])
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                   rope_scaling: dict | None = None):
-    """Rotary embedding tables (Su et al. 2021, RoFormer eq. 34; HF Llama's rotate-half layout).
-
-    Args:
-        position_ids: int64 [B, L] positions (restart at each packed document).
-        rope_scaling: ``ModelConfig.rope_scaling`` (None = plain RoPE); frequencies from :func:`rope_inv_freq`.
-    Returns:
-        cos, sin: [B, 1, L, head_dim] in ``dtype``, to broadcast over heads.
-    """
-    inv_freq, mscale = rope_inv_freq(head_dim, theta, rope_scaling, position_ids.device)
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, L, D]
-    cos, sin = emb.cos(), emb.sin()
-    if mscale != 1.0:
-        cos, sin = cos * mscale, sin * mscale
-    return cos.to(dtype), sin.to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, L, D] by the tables from :func:`rotary_cos_sin` (rotate-half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, RoPE and optional QK-norm (per-head RMSNorm)."""
 
@@ -330,7 +197,7 @@ class Transformer(nn.Module):
         position_ids: int64 [B, L]; default ``arange(L)`` for every row.
         document_ids: int [B, L] segment ids of packed documents; tokens attend only within their
             document (and causally when ``cfg.causal``). Ignored when ``attention_mask`` is given.
-        attention_mask: a prebuilt mask from :mod:`llada_scale.attention` (dense bool [B, 1, Lq, Lk],
+        attention_mask: a prebuilt mask from :mod:`llada_scale.model.attention` (dense bool [B, 1, Lq, Lk],
             True = attend, or a FlexAttention ``BlockMask``) for custom patterns such as block diffusion.
     Returns:
         logits: [B, L, vocab_size] in the dtype of the weights.

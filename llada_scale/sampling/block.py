@@ -1,7 +1,7 @@
 """Semi-autoregressive sampling for block-diffusion models, with an exact KV cache of finished blocks.
 
 The sequence ``[prompt ; gen_length masks]`` is cut into blocks of ``block_length`` positions counted from
-position 0 (the same blocks as training, :func:`llada_scale.block_diffusion.block_ids`), so the first block
+position 0 (the same blocks as training, :func:`llada_scale.model.block_attention.block_ids`), so the first block
 that is decoded may hold the prompt's tail. Blocks are decoded left to right; within a block,
 ``steps_per_block`` denoising steps each commit the most confident predictions among the block's masked
 positions (LLaDA low-confidence remasking, GUIDELINES.md / ML-GSAI/LLaDA ``generate.py``; block-wise semi-AR
@@ -12,15 +12,15 @@ Why the cache is exact: under the block-diffusion training mask a noisy block at
 values of a finished block, computed once from its clean tokens attending to the cache plus the whole block,
 never change afterwards, and a noisy block only needs them plus its own tokens: full (unmasked) attention over
 ``[cache ; block]``. The uncached path recomputes everything with
-:func:`llada_scale.block_diffusion.block_diffusion_logits` on ``[x ; x]`` every step; the tests check both give
+:func:`llada_scale.model.block_attention.block_diffusion_logits` on ``[x ; x]`` every step; the tests check both give
 identical tokens.
 
 Prompts of different lengths: :func:`generate_blocks_batch` groups them by length (no padding, so every row is
-decoded exactly as if alone) and returns a :class:`llada_scale.generate.GenerationResult` with an honest
+decoded exactly as if alone) and returns a :class:`llada_scale.sampling.common.GenerationResult` with an honest
 forward count; this is what ``tools/eval_diffusion.py --sampler block`` uses.
 
 The model has no cache API; the cached forward walks its submodules (HF Llama names, see
-:mod:`llada_scale.model`) and reuses ``rotary_cos_sin`` / ``apply_rotary``.
+:mod:`llada_scale.model.transformer`) and reuses ``rotary_cos_sin`` / ``apply_rotary``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from llada_scale import block_diffusion as bd
-from llada_scale.generate import GenerationResult
-from llada_scale.model import apply_rotary, rotary_cos_sin
+from llada_scale.model import block_attention as ba
+from llada_scale.model.rope import apply_rotary, rotary_cos_sin
+from llada_scale.sampling.common import GenerationResult, model_device
 
 
 def _core(model):
-    """The :class:`llada_scale.model.Transformer` inside ``model`` (itself, or a wrapper's ``.module``)."""
+    """The :class:`llada_scale.model.transformer.Transformer` inside ``model`` (itself, or a wrapper's ``.module``)."""
     if hasattr(model, "model") and hasattr(model, "output_weight"):
         return model
     inner = getattr(model, "module", None)
@@ -66,7 +66,7 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
     """Logits of one block attending to the cached finished blocks and to the whole block (no mask).
 
     Args:
-        model: :class:`llada_scale.model.Transformer` (or a wrapper with ``.module``).
+        model: :class:`llada_scale.model.transformer.Transformer` (or a wrapper with ``.module``).
         block_ids: int64 [B, l] tokens of the block (may contain mask tokens); position_ids: int64 [B, l].
         cache: finished blocks so far.
         append: store this block's keys/values in ``cache`` (call once the block is fully decoded, with its
@@ -185,7 +185,7 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
             if use_cache:
                 logits = cached_block_logits(model, x[:, s:e], positions[:, s:e], cache)
             else:
-                logits = bd.block_diffusion_logits(model, x, x, positions, None, block_length)[:, s:e]
+                logits = ba.block_diffusion_logits(model, x, x, positions, None, block_length)[:, s:e]
             committed = _commit(x, logits, s, n, mask_token_id, banned, temperature, generator)
             if callback is not None:
                 full = torch.zeros_like(x, dtype=torch.bool)
@@ -207,7 +207,7 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
     """Block-by-block (semi-autoregressive) masked-diffusion decoding for a block-diffusion model.
 
     Args:
-        model: :class:`llada_scale.model.Transformer` trained with block diffusion (any ``causal`` flag: the
+        model: :class:`llada_scale.model.transformer.Transformer` trained with block diffusion (any ``causal`` flag: the
             masks used here do not depend on it).
         prompt_ids: int64 [B, P], equal-length prompts (P >= 0), without mask tokens. (Prompts of different
             lengths: :func:`generate_blocks_batch`.)
@@ -219,7 +219,7 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
         mask_token_id: the mask token.
         temperature: 0 = greedy (deterministic); > 0 = Gumbel-max sampling with ``generator``.
         use_cache: True = exact KV cache of finished blocks (:func:`cached_block_logits`); False = recompute
-            ``[x ; x]`` with the training mask (:func:`llada_scale.block_diffusion.block_diffusion_logits`)
+            ``[x ; x]`` with the training mask (:func:`llada_scale.model.block_attention.block_diffusion_logits`)
             every step (reference, O(L^2) per step).
         generator: one ``torch.Generator`` for the batch, or B generators (row i draws from the i-th only,
             so its tokens do not depend on the other rows), on the model's device.
@@ -227,7 +227,7 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
         callback: called after every denoising step as ``callback(step, tokens, committed)`` with the
             generated part ``[B, gen_length]`` (mask tokens where still masked) and a bool ``[B, gen_length]``
             of the positions committed at this step (the signature of
-            :func:`llada_scale.generate.diffusion_generate`'s callback).
+            :func:`llada_scale.sampling.diffusion.diffusion_generate`'s callback).
     Returns:
         int64 [B, P + gen_length]: the prompt followed by the generated tokens (no mask tokens left).
     Raises:
@@ -237,13 +237,6 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
     """
     return _decode(model, prompt_ids, gen_length, block_length, steps_per_block, mask_token_id, temperature,
                    use_cache, generator, suppress_token_ids, callback)[0]
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError, TypeError):
-        return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -264,7 +257,7 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
     prompts of the same length share forwards, so many distinct lengths mean many small calls.
 
     Args:
-        model: :class:`llada_scale.model.Transformer` trained with block diffusion.
+        model: :class:`llada_scale.model.transformer.Transformer` trained with block diffusion.
         prompts: token-id lists (may differ in length; may be empty; no mask tokens).
         mask_token_id, gen_length, block_length, steps_per_block, temperature, use_cache, suppress_token_ids:
             as in :func:`generate_blocks`.
@@ -276,8 +269,8 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
         callback: passed to each :func:`generate_blocks` call (its ``step`` and rows are those of the call).
         progress: called with the number of prompts finished after every call.
     Returns:
-        :class:`llada_scale.generate.GenerationResult`: ``tokens[i]`` = the ``gen_length`` generated ids of
-        ``prompts[i]`` (input order, prompt excluded; use :func:`llada_scale.generate.truncate_at` to cut at
+        :class:`llada_scale.sampling.common.GenerationResult`: ``tokens[i]`` = the ``gen_length`` generated ids of
+        ``prompts[i]`` (input order, prompt excluded; use :func:`llada_scale.sampling.common.truncate_at` to cut at
         eos); ``nfe`` = model forwards over all calls - with the cache one per denoising step, plus one per
         complete prompt block (prefill) and one per finished block but the last (appending it to the cache),
         each over one block of positions; without the cache one per denoising step over ``2 (P +
@@ -300,7 +293,7 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
         raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device(model)
+    device = model_device(model)
     groups: dict[int, list[int]] = {}
     for i, pr in enumerate(rows):
         groups.setdefault(len(pr), []).append(i)

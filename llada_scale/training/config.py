@@ -16,11 +16,10 @@ from typing import Any
 
 import yaml
 
-from llada_scale.model import PRESETS, ModelConfig
-from llada_scale.objectives import ObjectiveConfig
+from llada_scale.data import DEFAULT_DATA
+from llada_scale.model.transformer import PRESETS, ModelConfig
+from llada_scale.objectives.config import ObjectiveConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = str(REPO_ROOT.parent / "shared" / "data")
 
 
 class ConfigError(ValueError):
@@ -43,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (see :mod:`llada_scale.schedule`)."""
+    """AdamW and the learning-rate schedule (see :mod:`llada_scale.training.schedule`)."""
 
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -174,7 +173,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe, apply ``overrides`` and return a validated :class:`RunConfig`.
 
-    The model section may name ``preset`` (see :data:`llada_scale.model.PRESETS`); other model keys override
+    The model section may name ``preset`` (see :data:`llada_scale.model.transformer.PRESETS`); other model keys override
     the preset. Raises ConfigError (missing file, bad YAML, unknown keys, invalid values).
     """
     raw: dict = {}

@@ -1,6 +1,6 @@
 """DeepSpeed setup: process group, the DeepSpeed config filled from the recipe, optimizer groups, init weights.
 
-Nothing here knows the model's internals: weights go through :func:`llada_scale.model.load_weights`.
+Nothing here knows the model's internals: weights go through :func:`llada_scale.model.transformer.load_weights`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llada_scale.config import RunConfig
-from llada_scale.model import Transformer, load_weights, resize_vocab
+from llada_scale.training.config import RunConfig
+from llada_scale.model.transformer import Transformer, load_weights, resize_vocab
 
 
 class TrainError(RuntimeError):
@@ -103,10 +103,10 @@ def load_init_weights(model: Transformer, path: str) -> dict:
     Rows are added to the embedding/head when the source vocabulary is smaller (AR -> diffusion adds the mask
     token). Returns the source metadata. Raises TrainError with the mismatch when shapes do not fit.
     """
-    from llada_scale import checkpoint_io
+    from llada_scale.checkpoint import load_model_state
 
     try:
-        state, meta = checkpoint_io.load_model_state(path)
+        state, meta = load_model_state(path)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise TrainError(f"train.init_from={path}: {e}") from None
     state = resize_vocab(state, model.config.vocab_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llada_scale.config import ConfigError, RunConfig
+from llada_scale.training.config import ConfigError, RunConfig
 
 log = logging.getLogger("llada_scale")
 

@@ -1,42 +1,33 @@
-"""Train a model (AR pretraining, LLaDA diffusion continual pretraining, SFT) with DeepSpeed ZeRO.
+"""The training loop: AR pretraining, LLaDA diffusion continual pretraining and SFT on a DeepSpeed engine.
 
-Launch with any of::
-
-    deepspeed --num_gpus 2 llada_scale/train.py --deepspeed_config ds_configs/zero2.json --config configs/X.yaml [key=value ...]
-    torchrun --nproc_per_node 2 -m llada_scale.train --deepspeed_config ds_configs/zero2.json --config configs/X.yaml
-    python -m llada_scale.train --config configs/X.yaml          # one process
-
-The trainer knows the model only through ``Transformer(cfg)`` and the objective's ``compute_loss``.
+:class:`Trainer` owns the engine, the loaders, the noise RNG and the loop (train step, validation, samples,
+logging, checkpoints). It knows the model only through ``Transformer(cfg)`` and the objective's
+``compute_loss``; resuming lives in :mod:`llada_scale.training.resume`, the loss guards in
+:mod:`llada_scale.training.guards`, the entry point in :mod:`llada_scale.train`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.distributed as dist
 
-from llada_scale import checkpointer
-from llada_scale.config import ConfigError, RunConfig, load_config
-from llada_scale import signals
-from llada_scale.engine import TrainError, build_ds_config, init_distributed, load_init_weights, param_groups  # noqa: F401
-from llada_scale.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
-from llada_scale.model import Transformer
-from llada_scale.signals import PREEMPTED_EXIT, watch_stop_signals  # noqa: F401
-from llada_scale.objectives import NUM_T_BUCKETS, compute_loss, is_diffusion
-from llada_scale.schedule import lr_multiplier
+from llada_scale.checkpoint import checkpointer
+from llada_scale.model.transformer import Transformer
+from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
+from llada_scale.objectives.losses import compute_loss
+from llada_scale.training import resume, signals
+from llada_scale.training.config import RunConfig
+from llada_scale.training.engine import TrainError, build_ds_config, load_init_weights, param_groups
+from llada_scale.training.guards import LossGuard
+from llada_scale.training.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
+from llada_scale.training.samples import generate_samples
+from llada_scale.training.schedule import lr_multiplier
 
 log = logging.getLogger("llada_scale")
 
@@ -47,15 +38,12 @@ class Trainer:
 
     _signal_received = 0  # set by the signal handler on this rank only; agreed on in train_step
     _stop_signal = 0  # the signal all ranks agreed to stop on (from the all-reduced flags)
-    _loss_ema: float | None = None  # running mean of the (max over ranks) micro-batch loss, for spikes
-    _spike_run = 0  # consecutive micro batches skipped as spikes
-    _universal_dir: Path | None = None  # universal copy of the resume checkpoint (world size changed)
 
     def __init__(self, cfg: RunConfig, ds_config_path: str | None, loader_factory=None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from llada_scale.tokenizer import Tokenizer
+        from llada_scale.data.tokenizer import Tokenizer
 
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), \
@@ -71,7 +59,7 @@ class Trainer:
         cfg.model.mask_token_id = self.tokenizer.mask_token_id
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
 
-        resume_dir = self._resume_dir()
+        resume_dir = resume.find_resume_dir(cfg.train.resume, self.ckpt_dir)
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model)
         self.init_meta = None
@@ -83,7 +71,8 @@ class Trainer:
         ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-        resume_dir = self._prepare_resume(resume_dir, ds_cfg)  # world size changed: universal checkpoint
+        # world size changed: a universal checkpoint to load instead
+        universal_dir = resume.prepare_world_size_change(resume_dir, ds_cfg, self.rank, self.world_size)
         o = cfg.optim
         lr_fn = lambda step: lr_multiplier(step, schedule=o.schedule, max_steps=cfg.train.max_steps,  # noqa: E731
                                            warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
@@ -104,14 +93,18 @@ class Trainer:
             for shard_dir in {d.train_shards, d.val_shards if cfg.train.val_every else d.train_shards}:
                 self._check_tokenizer(shard_dir)
         self.step = 0
-        self.skipped_batches = 0
+        self.guard = LossGuard(cfg.train, self.rank)
         self._grad_norm = None
         if resume_dir is not None:
-            self._load(resume_dir)
+            client = resume.restore(self.engine, self.loader, self.generator, resume_dir, universal_dir,
+                                    model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+            self.step = client["step"]
+            self.guard.skipped, self.guard.loss_ema = client.get("skipped", 0), client.get("loss_ema")
         self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
                                                   cfg.data.seq_len),
                                   self.world_size, device_peak_flops(cfg.train.peak_flops, self.device))
         self.logger = Logger(cfg, self.rank)
+        self.guard.logger = self.logger
 
     # -- data
     def _build_loader(self, split: str, rank: int | None = None, world_size: int | None = None):
@@ -142,17 +135,6 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- checkpoints
-    def _resume_dir(self) -> Path | None:
-        mode = self.cfg.train.resume
-        if mode in ("none", "", None):
-            return None
-        if mode == "auto":
-            return checkpointer.find_latest(self.ckpt_dir)
-        try:
-            return checkpointer.resolve(mode)
-        except checkpointer.CheckpointError as e:
-            raise TrainError(f"train.resume: {e}") from None
-
     def _meta(self) -> dict:
         return {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.identity(), "zero_stage": self.zero_stage,
                 "world_size": self.world_size, "num_params": self.num_params}
@@ -163,120 +145,12 @@ class Trainer:
         rng_states = [None] * self.world_size
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
-        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.skipped_batches,
-                  "loss_ema": self._loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
+        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.guard.skipped,
+                  "loss_ema": self.guard.loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
-
-    def _load(self, tag_dir: Path):
-        meta = checkpointer.read_meta(tag_dir)
-        saved = meta.get("config", {}).get("model", {})
-        mine = self.cfg.model.to_dict()
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v and k != "attention_backend"}
-        if diff:
-            raise TrainError(f"checkpoint {tag_dir} is of another model (checkpoint vs recipe: {diff}); "
-                             "resume with the recipe it was trained with, or use train.init_from")
-        src = self._universal_dir or tag_dir
-        load_path, client = self.engine.load_checkpoint(str(src.parent), tag=src.name)
-        if load_path is None:
-            raise TrainError(f"DeepSpeed could not load {src}")
-        self.step = client["step"]
-        self.skipped_batches = client.get("skipped", 0)
-        self._loss_ema = client.get("loss_ema")
-        old_world = len(client["rng"])
-        resharded = self._load_loader_state(client["loader"])
-        if self.rank < old_world:
-            state = client["rng"][self.rank]
-            self.generator.set_state(state.to(self.generator.device) if self.device.type != "cuda" else state)
-        else:  # a rank the old run did not have: its own noise stream, distinct per rank and resume step
-            self.generator.manual_seed(self.cfg.seed * 1000 + self.rank + 1_000_003 * self.step)
-        if self._universal_dir is not None:
-            dist.barrier()  # every rank has read it: the converted copy is no longer needed
-            if self.rank == 0:
-                shutil.rmtree(self._universal_dir, ignore_errors=True)
-                (self._universal_dir.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's
-                try:
-                    self._universal_dir.parent.rmdir()  # checkpoints/universal, when now empty
-                except OSError:
-                    pass
-        if self.rank == 0:
-            how = f" (written by {old_world} ranks, now {self.world_size}: " \
-                  f"{'universal checkpoint, ' if self._universal_dir else ''}" \
-                  f"{'loader resharded' if resharded else 'loader state as saved'})" if old_world != self.world_size \
-                else ""
-            log.info(f"resumed from {tag_dir} at step {self.step}{how}")
-
-    def _load_loader_state(self, saved: list) -> bool:
-        """Restore this rank's loader position; under another layout, reshard it (returns True then).
-
-        ``saved`` is the list over the old run's ranks of ``StatefulDataLoader.state_dict()``. Same layout
-        (world size, loader workers, micro batch, seq_len): exact resume. Otherwise every rank derives its
-        position from all old positions with :meth:`PackedDataset.load_resharded` (no document repeated or
-        skipped mid-shard; see its docstring for the exact guarantee).
-        """
-        from llada_scale.data.loader import LoaderStateError, PackedDataset, loader_dataset_states
-
-        dataset = getattr(self.loader, "dataset", None)
-        old = [s for st in saved for s in loader_dataset_states(st)]
-        same = len(saved) == self.world_size and all(dataset.same_layout(s) for s in old) \
-            if isinstance(dataset, PackedDataset) else True
-        try:
-            if same:
-                self.loader.load_state_dict(saved[self.rank])
-                return False
-            dataset.load_resharded(old)
-        except LoaderStateError as e:
-            raise TrainError(f"cannot resume the data loader: {e}") from None
-        return True
-
-    def _prepare_resume(self, tag_dir: Path | None, ds_cfg: dict) -> Path | None:
-        """Before ``deepspeed.initialize``: make a checkpoint written by another world size loadable.
-
-        ZeRO stages 1-3 shard the optimizer state by rank, so rank 0 converts the checkpoint once into a
-        universal checkpoint (``deepspeed.checkpoint.ds_to_universal --inject_missing_state``) under
-        ``checkpoints/universal/<tag>`` (written to ``<tag>.tmp`` and renamed; reused when present) and
-        ``ds_cfg["checkpoint"]["load_universal"]`` is set. ZeRO-0 checkpoints hold the whole optimizer state
-        and load at any world size as they are. Collective. Returns ``tag_dir``.
-        """
-        if tag_dir is None:
-            return None
-        try:
-            meta = checkpointer.read_meta(tag_dir)
-        except checkpointer.CheckpointError as e:
-            raise TrainError(str(e)) from None
-        old_world, stage = meta.get("world_size"), meta.get("zero_stage", 0)
-        if old_world == self.world_size or not stage:
-            return tag_dir
-        uni = tag_dir.parent / "universal" / tag_dir.name
-        error = None
-        if self.rank == 0 and not uni.is_dir():
-            log.info(f"checkpoint {tag_dir} was written by {old_world} ranks, this run has {self.world_size}: "
-                     f"converting it to a universal checkpoint in {uni}")
-            tmp = uni.with_name(uni.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
-                   "--num_merge_workers", workers]
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                error = (f"converting {tag_dir} to a universal checkpoint failed (exit {r.returncode}): "
-                         f"{(r.stderr or r.stdout).strip()[-1500:]}\nresume on {old_world} ranks, or run "
-                         f"{' '.join(cmd[1:])} yourself and rename the output to {uni}")
-            else:
-                os.replace(tmp, uni)
-                log.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f} s")
-        box = [error]
-        dist.broadcast_object_list(box, src=0)  # also the barrier: the conversion is finished
-        if box[0]:
-            raise TrainError(box[0])
-        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-        self._universal_dir = uni
-        return tag_dir
 
     # -- signals (SLURM preemption / time limit)
     def install_signal_handlers(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
@@ -296,39 +170,6 @@ class Trainer:
         for s in signals:
             signal.signal(s, handler)
 
-    # -- loss guards
-    SPIKE_EMA_DECAY = 0.99  # running mean over roughly the last 100 micro batches
-    SPIKE_MAX_CONSECUTIVE = 20  # this many spikes in a row: the loss level really changed, stop
-
-    def _is_spike(self, loss: float) -> bool:
-        """Loss-spike rule on the largest micro-batch loss over ranks (identical on every rank).
-
-        With ``train.spike_factor`` > 0 and after ``train.spike_warmup`` steps, a micro batch whose loss
-        exceeds spike_factor x the running mean is a spike: ``train.spike_action=skip`` drops it on every
-        rank (no backward, counted in train/skipped_batches, logged), ``stop`` raises TrainError. Spikes
-        do not update the running mean. Returns True when the micro batch is to be skipped.
-        """
-        t = self.cfg.train
-        ema = self._loss_ema
-        if t.spike_factor > 0 and ema is not None and self.step >= t.spike_warmup and loss > t.spike_factor * ema:
-            self._spike_run += 1
-            self.skipped_batches += 1
-            msg = (f"step {self.step}: loss spike, micro-batch loss {loss:.4f} > train.spike_factor "
-                   f"{t.spike_factor} x running mean {ema:.4f}")
-            if t.spike_action == "stop":
-                raise TrainError(f"{msg}; lower optim.lr, raise train.spike_factor or set train.spike_action=skip")
-            if self._spike_run >= self.SPIKE_MAX_CONSECUTIVE:
-                raise TrainError(f"{msg}: {self._spike_run} spikes in a row, the loss level has changed; raise "
-                                 "train.spike_factor or set it to 0 (off)")
-            if self.rank == 0:
-                log.warning(f"{msg}: micro batch skipped ({self.skipped_batches} skipped so far)")
-                self.logger.log(self.step, {"train/spike_loss": loss, "train/spike_mean": ema})
-            return True
-        self._spike_run = 0
-        d = self.SPIKE_EMA_DECAY
-        self._loss_ema = loss if ema is None else d * ema + (1 - d) * loss
-        return False
-
     # -- loop
     def train_step(self, it) -> dict:
         """One optimizer step over ``grad_accum`` micro batches; returns local stats (summed tensors)."""
@@ -347,16 +188,8 @@ class Trainer:
             flags = flags.tolist()
             if flags[1] > 0:
                 self._stop_signal = int(flags[1])
-            if flags[0] > 0:  # non-finite on some rank: every rank drops this micro batch
-                self.skipped_batches += 1
-                if self.rank == 0:
-                    log.warning(f"step {self.step}: non-finite loss, micro batch skipped "
-                                f"({self.skipped_batches} so far)")
-                if self.cfg.train.nonfinite == "stop":
-                    raise TrainError(f"non-finite loss at step {self.step}; lower optim.lr or set train.nonfinite=skip")
-                continue
-            if self._is_spike(flags[2]):
-                continue
+            if self.guard.skip(self.step, nonfinite=flags[0] > 0, loss=flags[2]):
+                continue  # non-finite on some rank, or a spike: every rank drops this micro batch
             self.engine.backward(loss)
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
@@ -389,42 +222,6 @@ class Trainer:
         dist.all_reduce(total)
         return {"val/loss": (total[0] / total[1]).item()}
 
-    @torch.no_grad()
-    def sample(self) -> list[str]:
-        """Generate from a few fixed prompts (every rank runs the forwards: ZeRO-3 needs them all)."""
-        from llada_scale import generate
-
-        prompts = self._sample_prompts()[: self.cfg.train.num_samples]
-        if not prompts:
-            return []
-        model = self.engine.module
-        model.eval()
-        t = self.cfg.train
-        eos = self.tokenizer.eos_token_id
-        mask_id = self.cfg.model.mask_token_id
-        unused = list(range(self.tokenizer.vocab_size, self.cfg.model.vocab_size))  # the embedding's padding rows
-        if self.cfg.model.causal:
-            outs = generate.ar_generate(model, prompts, max_new_tokens=t.sample_tokens, eos_token_id=eos).tokens
-        elif self.cfg.objective.block_diffusion:  # block-causal model: block-by-block decoding with a KV cache
-            from llada_scale.block_sampling import generate_blocks_batch
-
-            block = min(self.cfg.objective.block_length_at(self.step), t.sample_tokens)
-            outs = generate_blocks_batch(model, prompts, mask_token_id=mask_id, gen_length=t.sample_tokens,
-                                         block_length=block, steps_per_block=block, suppress_token_ids=unused).tokens
-        else:  # LLaDA low-confidence remasking; small blocks (semi-AR) keep SFT models from flooding EOS
-            block = t.sample_block_length or t.sample_tokens
-            outs = generate.diffusion_generate(model, prompts, mask_token_id=mask_id, gen_length=t.sample_tokens,
-                                               block_length=block, steps=t.sample_tokens,
-                                               suppress_token_ids=unused).tokens
-        return [f"{self.tokenizer.decode(p)!r} -> {self.tokenizer.decode(generate.truncate_at(o, eos))!r}"
-                for p, o in zip(prompts, outs)]
-
-    def _sample_prompts(self) -> list[list[int]]:
-        if self.cfg.objective.name == "sft":
-            questions = ["Give three tips for staying healthy.", "请介绍一下你自己。", "What is the capital of France?"]
-            return [self.tokenizer.render_prompt([{"role": "user", "content": q}]) for q in questions]
-        return [self.tokenizer.encode(t) for t in ("ROMEO:\n", "床前明月光，", "The history of")]
-
     def _log_step(self, window: dict, step_time: float):
         t = self.cfg.train
         keys = sorted(window)
@@ -443,7 +240,7 @@ class Trainer:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
-                   "train/skipped_batches": self.skipped_batches, "data/checksum": sums["data_checksum"].item()}
+                   "train/skipped_batches": self.guard.skipped, "data/checksum": sums["data_checksum"].item()}
         if "block_length" in sums and speed["mfu"] is not None \
                 and (sums["block_length"] / sums["loss_count"]).item() < self.cfg.data.seq_len:
             speed["mfu"] *= 2  # block diffusion runs [x_t ; x_0]: two positions per data token
@@ -489,7 +286,7 @@ class Trainer:
                 window = {}
             if t.val_every and (self.step % t.val_every == 0 or self.step == t.max_steps):
                 last = self.validate()
-                samples = self.sample()
+                samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
                 self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
                 for s in samples:
                     self.logger.log(self.step, {}, f"  sample: {s}")
@@ -510,88 +307,3 @@ class Trainer:
     def close(self):
         self.logger.close()
         self.engine.destroy()
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Train an AR or LLaDA diffusion model with DeepSpeed ZeRO. Positional key=value arguments "
-                    "override the recipe (e.g. optim.lr=3e-4 train.max_steps=100 model.preset=30m).")
-    p.add_argument("--config", required=True, help="YAML recipe in configs/ (model, data, objective, optim, train)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                   help="DeepSpeed JSON from ds_configs/ (ZeRO stage, bf16, offload); 'auto' fields are filled from "
-                        "the recipe. Default: ZeRO-0")
-    p.add_argument("--resume", default=None,
-                   help="auto (latest complete checkpoint of the run, default), none, or a checkpoint directory")
-    p.add_argument("--init_from", default=None,
-                   help="initialise weights from this checkpoint (run dir, tag dir or safetensors dir), e.g. AR -> diffusion")
-    p.add_argument("--run_dir", default=None, help="output directory (default runs/<run_name>)")
-    p.add_argument("--wandb", default=None, choices=["auto", "online", "offline", "off"],
-                   help="wandb mode (auto: offline without WANDB_API_KEY)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value")
-    args = p.parse_args(argv)
-    for flag, key in (("resume", "train.resume"), ("init_from", "train.init_from"), ("run_dir", "run_dir"),
-                      ("wandb", "train.wandb")):
-        if getattr(args, flag) is not None:
-            args.overrides.append(f"{key}={getattr(args, flag)}")
-    return args
-
-
-def main(argv=None) -> int:
-    """Train; returns 0 (done, or stopped at train.stop_at_step), 2 (bad input / TrainError), or
-    :data:`PREEMPTED_EXIT` = 75 when a SIGUSR1/SIGTERM made every rank checkpoint and stop early."""
-    watch_stop_signals()  # SLURM may signal any time, start-up included: record, never die of it
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    # library deprecation chatter that would otherwise repeat in every log (torchdata 0.11, DeepSpeed 0.19)
-    warnings.filterwarnings("ignore", message=".*set_vital.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.distributed.*deprecated.*")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rank, _, _ = init_distributed()
-    if rank != 0:
-        logging.getLogger("llada_scale").setLevel(logging.WARNING)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, args.deepspeed_config)
-        trainer.install_signal_handlers()
-        result = trainer.fit()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if not type(e).__module__.startswith("llada_scale") and not isinstance(e, FileNotFoundError):
-            raise  # a bug or a library failure: keep the traceback
-        print(f"error (rank {rank}): {e}", file=sys.stderr)
-        return 2
-    finally:
-        if trainer is not None:
-            trainer.close()
-    if rank == 0 and result:
-        log.info("final " + " ".join(f"{k}={v}" for k, v in result.items()))
-    if result and result.get("preempted"):
-        try:
-            dist.barrier()  # leave together: srun --kill-on-bad-exit must not kill a rank still finishing
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-        return PREEMPTED_EXIT
-    return 0
-
-
-if __name__ == "__main__":
-    from llada_scale.train import PREEMPTED_EXIT as _PREEMPTED  # import as a module so error classes keep
-    from llada_scale.train import main as _main  # their module name
-
-    _code = _main()
-    if _code == _PREEMPTED:
-        # Every rank has just left a barrier: exit now, all within a millisecond, skipping the interpreter's
-        # teardown. Otherwise srun --kill-on-bad-exit=1 may see one rank's 75 while another is still tearing
-        # down, kill that one, and report 143 instead of 75 (no requeue; slurm/launch.sh copes, but late).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_code)
-    sys.exit(_code)

@@ -1,7 +1,7 @@
 """Checkpoint conversion: ZeRO checkpoints written by real (gloo) processes -> consolidate -> same logits;
 HF export/import; AR -> diffusion; clear errors; Nano-LLaDA / minimind import against reference forwards.
 
-Run as a script (``python tests/test_convert.py worker ...``) this file is the DeepSpeed worker that the
+Run as a script (``python tests/checkpoint/test_convert.py worker ...``) this file is the DeepSpeed worker that the
 distributed tests spawn.
 """
 
@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from llada_scale import checkpoint_io as cio  # noqa: E402
-from llada_scale.model import ModelConfig, Transformer  # noqa: E402
+import llada_scale.checkpoint as cio  # noqa: E402
+from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 
 TOKENIZER_DIR = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data")) / "tokenizer" / "minimind"
@@ -195,7 +195,7 @@ def test_export_hf_yarn_matches_transformers(tmp_path):
     x = torch.arange(2 * 60).reshape(2, 60) * 7 % 90
     with torch.no_grad():  # 1-ulp frequency differences grow with position: slightly looser than plain RoPE
         torch.testing.assert_close(hf(x).logits, ours(x), atol=5e-5, rtol=1e-4)
-    from llada_scale.model import rope_inv_freq
+    from llada_scale.model.rope import rope_inv_freq
 
     inv, mscale = rope_inv_freq(16, 10000.0, ours.config.rope_scaling)
     torch.testing.assert_close(hf.model.rotary_emb.inv_freq, inv, rtol=1e-6, atol=0)
@@ -213,7 +213,7 @@ def test_yarn_hf_convention_difference(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from llada_scale.model import rope_inv_freq
+    from llada_scale.model.rope import rope_inv_freq
 
     rs = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048}
     ours = Transformer(tiny_cfg(rope_theta=100.0, rope_scaling=rs))

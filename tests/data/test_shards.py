@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from llada_scale.data.shards import (FORMAT, BuildError, ShardError, ShardIndexNotFoundError, build_shards,
-                                     iter_shard, load_index, read_shard, shard_paths)
+from llada_scale.data.build import build_shards
+from llada_scale.data.shards import (FORMAT, BuildError, ShardError, ShardIndexNotFoundError, iter_shard, load_index,
+                                     read_shard, shard_paths)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 if not os.path.isdir(DATA):
     DATA = "/work/shared/data"
@@ -141,7 +142,7 @@ def test_bad_sft_rows(tmp_path):
 
 
 def test_sft_shards_keep_assistant_mask(sft_jsonl, tmp_path):
-    from llada_scale.tokenizer import Tokenizer
+    from llada_scale.data.tokenizer import Tokenizer
 
     s = _build([sft_jsonl], tmp_path / "sft", kind="sft", val_docs=4)
     assert s["documents"] == 60

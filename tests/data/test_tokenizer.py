@@ -1,13 +1,13 @@
-"""Tests for llada_scale.tokenizer on the real minimind tokenizer and tiny synthetic tokenizers."""
+"""Tests for llada_scale.data.tokenizer on the real minimind tokenizer and tiny synthetic tokenizers."""
 
 import json
 import os
 
 import pytest
 
-from llada_scale.tokenizer import Tokenizer, TokenizerError
+from llada_scale.data.tokenizer import Tokenizer, TokenizerError
 
-MINIMIND = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tokenizer", "minimind")
+MINIMIND = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "tokenizer", "minimind")
 if not os.path.isdir(MINIMIND):
     MINIMIND = "/work/shared/data/tokenizer/minimind"
 needs_minimind = pytest.mark.skipif(not os.path.isdir(MINIMIND), reason="minimind tokenizer not available")

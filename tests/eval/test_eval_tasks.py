@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from llada_scale import checkpoint_io as cio  # noqa: E402
-from llada_scale.eval_tasks import TASKS, extract_gsm8k_answer, normalize_number  # noqa: E402
-from llada_scale.model import ModelConfig, Transformer  # noqa: E402
+import llada_scale.checkpoint as cio  # noqa: E402
+from llada_scale.eval.tasks import TASKS, extract_gsm8k_answer, normalize_number  # noqa: E402
+from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 
 DATA = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data"))
@@ -31,7 +31,7 @@ SMALL = ["--limit", "3", "--batch_size", "2", "--mc_samples", "8", "--gen_length
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from llada_scale.tokenizer import Tokenizer
+    from llada_scale.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(DATA / "tokenizer" / "minimind"))
     root = tmp_path_factory.mktemp("models")

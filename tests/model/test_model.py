@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from llada_scale.attention import build_mask, mask_from_mod
-from llada_scale.model import (ModelConfig, Transformer, apply_rotary, load_weights, preset, resize_vocab,
-                                rope_inv_freq, rotary_cos_sin)
+from llada_scale.model.attention import build_mask, mask_from_mod
+from llada_scale.model.rope import apply_rotary, rope_inv_freq, rotary_cos_sin
+from llada_scale.model.transformer import ModelConfig, Transformer, load_weights, preset, resize_vocab
 
 
 def small(**kw):

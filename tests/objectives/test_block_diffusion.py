@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
-from llada_scale import block_diffusion as bd
-from llada_scale.block_sampling import KVCache, cached_block_logits, generate_blocks, num_transfer_tokens
-from llada_scale.model import ModelConfig, Transformer
-from llada_scale.objectives import (ObjectiveConfig, compute_loss, diffusion_objective, loss_weight,
-                                    mask_probability)
+from llada_scale.model import block_attention as ba
+from llada_scale.objectives import block_diffusion as bd
+from llada_scale.sampling.block import KVCache, cached_block_logits, generate_blocks, num_transfer_tokens
+from llada_scale.model.transformer import ModelConfig, Transformer
+from llada_scale.objectives.config import ObjectiveConfig
+from llada_scale.objectives.losses import compute_loss, diffusion_objective
+from llada_scale.objectives.noise import loss_weight, mask_probability
 
 VOCAB = 100
 MASK = 99
@@ -63,15 +65,15 @@ DOCS = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2],
 @pytest.mark.parametrize("block_length", [1, 3, 4, 13, 50])
 def test_mask_equals_brute_force(block_length):
     pos = positions_from_docs(DOCS)
-    seg = bd.block_ids(pos, DOCS, block_length)
-    dense = bd.block_diffusion_mask(seg, DOCS, backend="sdpa")
+    seg = ba.block_ids(pos, DOCS, block_length)
+    dense = ba.block_diffusion_mask(seg, DOCS, backend="sdpa")
     assert dense.shape == (2, 1, 26, 26) and dense.dtype == torch.bool
     assert torch.equal(dense, brute_force_mask(DOCS, pos, block_length))
 
 
 def test_block_ids_and_times():
     pos = positions_from_docs(DOCS)
-    seg = bd.block_ids(pos, DOCS, 4)
+    seg = ba.block_ids(pos, DOCS, 4)
     assert seg[0].tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 4, 4]
     assert seg[1].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
     t = bd.sample_block_times(seg, 1e-3, torch.Generator().manual_seed(0))
@@ -84,7 +86,7 @@ def test_block_ids_and_times():
 def test_mask_mod_safe_on_padded_indices():
     """FlexAttention pads Q_LEN/KV_LEN to its tile; the mask_mod must not index out of range there."""
     pos = positions_from_docs(DOCS)
-    mod = bd.block_diffusion_mask_mod(bd.block_ids(pos, DOCS, 3), DOCS)
+    mod = ba.block_diffusion_mask_mod(ba.block_ids(pos, DOCS, 3), DOCS)
     q = torch.arange(128)[:, None]
     kv = torch.arange(128)[None, :]
     out = mod(torch.tensor(1), torch.tensor(0), q, kv)  # 2L = 26, tile 128
@@ -110,9 +112,9 @@ def test_flex_block_mask_matches_dense(length, tile):
     doc = torch.zeros(2, length, dtype=torch.long)
     doc[1, length // 3:] = 1
     pos = positions_from_docs(doc)
-    seg = bd.block_ids(pos, doc, 4)
-    dense = bd.block_diffusion_mask(seg, doc, backend="sdpa")
-    bm = bd.flex_block_mask(seg, doc, block_size=tile)
+    seg = ba.block_ids(pos, doc, 4)
+    dense = ba.block_diffusion_mask(seg, doc, backend="sdpa")
+    bm = ba.flex_block_mask(seg, doc, block_size=tile)
     n = 2 * length
     nt = -(-n // tile)
     for b in range(2):
@@ -141,13 +143,13 @@ def test_block_logits_depend_only_on_allowed_context():
     ids, pos = batch["input_ids"], batch["position_ids"]
     noisy = ids.clone()
     noisy[:, ::3] = MASK
-    base = bd.block_diffusion_logits(model, noisy, ids, pos, None, 4)
+    base = ba.block_diffusion_logits(model, noisy, ids, pos, None, 4)
     later = noisy.clone()
     later[:, 8:] = (later[:, 8:] + 1) % MASK  # block 2's noisy tokens
     clean_later = ids.clone()
     clean_later[:, 4:] = (clean_later[:, 4:] + 1) % MASK  # clean tokens of blocks 1, 2
-    out1 = bd.block_diffusion_logits(model, later, ids, pos, None, 4)
-    out2 = bd.block_diffusion_logits(model, noisy, clean_later, pos, None, 4)
+    out1 = ba.block_diffusion_logits(model, later, ids, pos, None, 4)
+    out2 = ba.block_diffusion_logits(model, noisy, clean_later, pos, None, 4)
     assert torch.allclose(out1[:, :8], base[:, :8], atol=1e-5)  # blocks 0, 1 do not see block 2 (noisy)
     assert not torch.allclose(out1[:, 8:], base[:, 8:], atol=1e-5)
     assert torch.allclose(out2[:, :8], base[:, :8], atol=1e-5)  # block 1 sees clean block 0 only
@@ -279,7 +281,7 @@ def test_cached_block_logits_match_training_mask():
     x = torch.randint(0, MASK, (2, 12), generator=torch.Generator().manual_seed(2))
     x[:, 9:] = MASK
     pos = torch.arange(12).expand(2, 12)
-    ref = bd.block_diffusion_logits(model, x, x, pos, None, 4)
+    ref = ba.block_diffusion_logits(model, x, x, pos, None, 4)
     cache = KVCache(2, 2, 2, 12, 16, torch.float32, "cpu")
     for k in range(2):
         cached_block_logits(model, x[:, 4 * k:4 * k + 4], pos[:, 4 * k:4 * k + 4], cache, append=True)
@@ -308,9 +310,9 @@ def test_kv_cached_decoding_equals_uncached(prompt_len, gen_length, block_length
 def test_llada2_recipes_load():
     import os
 
-    from llada_scale.config import config_from_dict, load_config
+    from llada_scale.training.config import config_from_dict, load_config
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     ar = load_config(os.path.join(root, "ar_pretrain_tiny.yaml"))  # stage 1 is the main job's AR run
     wsd = load_config(os.path.join(root, "llada2_wsd_diffusion_tiny.yaml"))
     sft = load_config(os.path.join(root, "llada2_bd_sft_tiny.yaml"))

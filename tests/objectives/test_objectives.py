@@ -1,12 +1,13 @@
-"""Numerics of llada_scale.objectives against direct per-token python loops, on fixed logits (cheap)."""
+"""Numerics of llada_scale.objectives.losses against direct per-token python loops, on fixed logits (cheap)."""
 
 import math
 
 import pytest
 import torch
 
-from llada_scale.objectives import (NUM_T_BUCKETS, ObjectiveConfig, compute_loss, diffusion_loss, forward_process,
-                                    loss_weight, mask_probability)
+from llada_scale.objectives.config import NUM_T_BUCKETS, ObjectiveConfig
+from llada_scale.objectives.losses import compute_loss, diffusion_loss
+from llada_scale.objectives.noise import forward_process, loss_weight, mask_probability
 
 V = 11
 MASK = 10

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from llada_scale import checkpoint_io as cio  # noqa: E402
-from llada_scale.block_sampling import generate_blocks, generate_blocks_batch  # noqa: E402
-from llada_scale.eval_tasks import EvalConfig, EvalError, default_sampler, trained_block_length  # noqa: E402
-from llada_scale.model import ModelConfig, Transformer  # noqa: E402
+import llada_scale.checkpoint as cio  # noqa: E402
+from llada_scale.sampling.block import generate_blocks, generate_blocks_batch  # noqa: E402
+from llada_scale.eval.tasks import EvalConfig, EvalError, default_sampler, trained_block_length  # noqa: E402
+from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 VOCAB = 100
 MASK = 99
@@ -143,7 +143,7 @@ SMALL = ["--limit", "2", "--batch_size", "2", "--gen_length", "8", "--steps", "8
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from llada_scale.tokenizer import Tokenizer
+    from llada_scale.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(str(DATA / "tokenizer" / "minimind"))
     root = tmp_path_factory.mktemp("bd_models")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from llada_scale.generate import (add_gumbel_noise, ar_generate, diffusion_generate, get_num_transfer_tokens,
+from llada_scale.sampling import (add_gumbel_noise, ar_generate, diffusion_generate, get_num_transfer_tokens,
                                   left_pad, truncate_at)
-from llada_scale.model import ModelConfig, Transformer
+from llada_scale.model.transformer import ModelConfig, Transformer
 
 
 V = 16
@@ -227,8 +227,8 @@ SYNC_SCRIPT = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.environ["REPO"])
 torch.distributed.init_process_group("gloo")
-from llada_scale.generate import ar_generate, diffusion_generate, log_likelihood_batch
-from llada_scale.model import ModelConfig, Transformer
+from llada_scale.sampling import ar_generate, diffusion_generate, log_likelihood_batch
+from llada_scale.model.transformer import ModelConfig, Transformer
 rank = torch.distributed.get_rank()
 torch.manual_seed(0)
 cfg = dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
@@ -261,7 +261,7 @@ def test_sync_ranks_keeps_forward_counts_equal():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     procs = [subprocess.Popen([sys.executable, "-c", SYNC_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "REPO": repo})

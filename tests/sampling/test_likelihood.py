@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from llada_scale.generate import _stratified_counts, log_likelihood, log_likelihood_batch
-from llada_scale.model import ModelConfig, Transformer
+from llada_scale.sampling.likelihood import _stratified_counts, log_likelihood, log_likelihood_batch
+from llada_scale.model.transformer import ModelConfig, Transformer
 
 
 V = 12

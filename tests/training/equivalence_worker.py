@@ -2,7 +2,7 @@
 
 Trains an AR model on a fixed sequence of global batches: rank r of W takes rows [r*b, (r+1)*b) of each global
 batch of W*b rows, so 2 ranks x micro batch b and 1 rank x micro batch 2b see exactly the same data.
-Usage: python tests/equivalence_worker.py RUN_DIR MICRO_BATCH DS_CONFIG
+Usage: python tests/training/equivalence_worker.py RUN_DIR MICRO_BATCH DS_CONFIG
 """
 
 import sys
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from llada_scale.config import load_config  # noqa: E402
-from llada_scale.train import Trainer, init_distributed  # noqa: E402
+from llada_scale.training.config import load_config  # noqa: E402
+from llada_scale.training.engine import init_distributed  # noqa: E402
+from llada_scale.training.trainer import Trainer  # noqa: E402
 
 GLOBAL_ROWS, SEQ_LEN, STEPS = 4, 32, 5
 

@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on this machine, for tests/test_slurm.py (root only).
+"""A real two-node SLURM cluster on this machine, for tests/training/test_slurm.py (root only).
 
 munged (own socket, pid and log under a temporary directory), slurmctld and two slurmd daemons started as
 ``slurmd -N n1`` / ``slurmd -N n2`` with their own ports and spool directories, partition ``debug`` of both
@@ -7,8 +7,8 @@ Everything this module starts is ended by pid in :meth:`LocalSlurm.stop`, which 
 
 By hand (debugging)::
 
-    python tests/slurm_cluster.py up      # prints the SLURM_CONF to export; state in /tmp/llada_slurm_*
-    python tests/slurm_cluster.py down /tmp/llada_slurm_XXXX
+    python tests/training/slurm_cluster.py up      # prints the SLURM_CONF to export; state in /tmp/llada_slurm_*
+    python tests/training/slurm_cluster.py down /tmp/llada_slurm_XXXX
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class LocalSlurm:
         host = socket.gethostname().split(".")[0]
         ports = [free_port() for _ in range(3)]
         d = self.dir
-        self.conf.write_text(f"""# written by tests/slurm_cluster.py
+        self.conf.write_text(f"""# written by tests/training/slurm_cluster.py
 ClusterName=llada_test
 SlurmctldHost={host}
 SlurmctldPort={ports[0]}
@@ -160,7 +160,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             before = HOSTS_FILE.read_text()
         except OSError:
             before = ""
-        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # llada_scale tests/slurm_cluster.py {self.dir.name}"
+        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # llada_scale tests/training/slurm_cluster.py {self.dir.name}"
         after = before + ("" if before.endswith("\n") or not before else "\n") + self.hosts_line + "\n"
         with open(HOSTS_FILE, "w") as f:  # in place: /etc/hosts is often a bind mount
             f.write(after)

@@ -1,4 +1,4 @@
-"""Preemption, half-written checkpoints, world-size changes and loss spikes, without SLURM (tests/test_slurm.py
+"""Preemption, half-written checkpoints, world-size changes and loss spikes, without SLURM (tests/training/test_slurm.py
 does the same through sbatch on a real cluster).
 
 * A process killed (SIGKILL) in the middle of writing a checkpoint leaves ``<tag>.tmp`` behind; resume never
@@ -6,7 +6,7 @@ does the same through sbatch on a real cluster).
 * SIGUSR1 sent to ONE rank and to its data loader worker (as SLURM signals every process of a step): every
   rank stops after the same step, saves one complete checkpoint and exits 75; the worker survives.
 * A ZeRO-3 checkpoint written by 2 ranks resumes on 1 (universal checkpoint, loader resharded).
-* The loss-spike rule (Trainer._is_spike) skips or stops, is identical on every rank, and ignores warm-up.
+* The loss-spike rule (training/guards.py LossGuard) skips or stops, is identical on every rank, and ignores warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llada_scale import checkpointer
+from llada_scale.checkpoint import checkpointer
 from llada_scale.testing import REPO_ROOT, free_port, run_ranks, train_losses as losses
 
 TINY = ["--config", "configs/diffusion_pretrain_tiny.yaml", "model.num_layers=2", "data.seq_len=64",
@@ -144,46 +144,40 @@ def test_zero3_checkpoint_of_two_ranks_resumes_on_one(tmp_path, pretrain_shards)
 
 
 # ---------------------------------------------------------------------------------------------- spikes
-def _spike_trainer(factor=2.0, action="skip", warmup=2):
-    from llada_scale.train import Trainer
+def _spike_guard(factor=2.0, action="skip", warmup=2):
+    from llada_scale.training.guards import LossGuard
 
-    t = Trainer.__new__(Trainer)
-    t.cfg = SimpleNamespace(train=SimpleNamespace(spike_factor=factor, spike_action=action, spike_warmup=warmup))
-    t.rank, t.step, t.skipped_batches = 1, 0, 0  # rank 1: no logging needed
-    return t
+    cfg = SimpleNamespace(nonfinite="skip", spike_factor=factor, spike_action=action, spike_warmup=warmup)
+    return LossGuard(cfg, rank=1)  # rank 1: no logging needed
 
 
 def test_spike_rule_skips_and_keeps_the_running_mean():
-    t = _spike_trainer()
-    assert not t._is_spike(10.0)  # first value sets the mean
-    assert not t._is_spike(50.0)  # warm-up (step 0 < 2): never a spike, but it moves the mean
-    t.step = 5
-    mean = t._loss_ema
-    assert t._is_spike(2.0 * mean + 1) and t.skipped_batches == 1
-    assert t._loss_ema == mean, "a spike must not move the running mean"
-    assert not t._is_spike(mean)  # an ordinary loss resets the consecutive count
-    assert t._spike_run == 0
+    g = _spike_guard()
+    assert not g.is_spike(0, 10.0)  # first value sets the mean
+    assert not g.is_spike(0, 50.0)  # warm-up (step 0 < 2): never a spike, but it moves the mean
+    mean = g.loss_ema
+    assert g.is_spike(5, 2.0 * mean + 1) and g.skipped == 1
+    assert g.loss_ema == mean, "a spike must not move the running mean"
+    assert not g.is_spike(5, mean)  # an ordinary loss resets the consecutive count
+    assert g.spike_run == 0
 
 
 def test_spike_rule_stop_and_consecutive_limit():
-    from llada_scale.train import TrainError
+    from llada_scale.training.engine import TrainError
 
-    t = _spike_trainer(action="stop")
-    t._is_spike(1.0)
-    t.step = 5
+    g = _spike_guard(action="stop")
+    g.is_spike(0, 1.0)
     with pytest.raises(TrainError, match=r"loss spike.*spike_factor 2.0 x running mean 1.0000.*spike_action=skip"):
-        t._is_spike(3.0)
-    t = _spike_trainer()
-    t._is_spike(1.0)
-    t.step = 5
-    for _ in range(t.SPIKE_MAX_CONSECUTIVE - 1):
-        assert t._is_spike(5.0)
+        g.is_spike(5, 3.0)
+    g = _spike_guard()
+    g.is_spike(0, 1.0)
+    for _ in range(g.MAX_CONSECUTIVE - 1):
+        assert g.is_spike(5, 5.0)
     with pytest.raises(TrainError, match="in a row"):
-        t._is_spike(5.0)
-    off = _spike_trainer(factor=0.0)
-    off._is_spike(1.0)
-    off.step = 5
-    assert not off._is_spike(1e6)
+        g.is_spike(5, 5.0)
+    off = _spike_guard(factor=0.0)
+    off.is_spike(0, 1.0)
+    assert not off.is_spike(5, 1e6)
 
 
 @pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""The slurm/ scripts on a real SLURM cluster: two slurmd nodes on this machine (tests/slurm_cluster.py).
+"""The slurm/ scripts on a real SLURM cluster: two slurmd nodes on this machine (tests/training/slurm_cluster.py).
 
 ``sbatch slurm/diffusion_pretrain.sh`` in its CPU smoke configuration (LLADA_DEVICE=cpu, --gpus-per-node=0,
 one rank per node, gloo) with a tiny model on shards built here by tools/build_shards.py:
@@ -33,7 +33,7 @@ from llada_scale.testing import train_losses as losses
 
 from slurm_cluster import LocalSlurm, Unavailable, ensure_packages
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data"))
 STEPS = 30
 # Tiny: 2-layer model, 64-token rows, 8 sequences per step over 2 ranks, every step logged.

@@ -7,7 +7,7 @@ import pytest
 
 from llada_scale.testing import run_ranks, train_metrics as metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
         "data.seq_len=64", "data.num_workers=0", "train.wandb=off", "train.val_every=0", "train.log_every=1",
         "train.num_samples=0"]
@@ -49,7 +49,7 @@ def test_resume_equals_uninterrupted(tmp_path, pretrain_shards, ds):
 @pytest.mark.distributed
 def test_world_size_equivalence(tmp_path):
     """2 processes x micro batch b give the same AR loss curve as 1 process x micro batch 2b."""
-    worker = str(REPO / "tests" / "equivalence_worker.py")
+    worker = str(REPO / "tests" / "training" / "equivalence_worker.py")
     run_ranks([worker, str(tmp_path / "w2"), "2", "ds_configs/zero2.json"], 2)
     run_ranks([worker, str(tmp_path / "w1"), "4", "ds_configs/zero2.json"], 1)
     two, one = metrics(tmp_path / "w2"), metrics(tmp_path / "w1")

@@ -1,0 +1,259 @@
+"""Building token shards from jsonl / jsonl.gz rows (the engine of ``tools/build_shards.py``): parse and
+validate rows, tokenize them in worker processes (pretraining text, or SFT conversations rendered with the chat
+template and their assistant mask), split train/val and write the shard directory of :mod:`llada_scale.data.shards`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from llada_scale.data.shards import SPLITS, BuildError, Document, write_shard_dir
+
+__all__ = ["build_shards"]
+
+class _Row(NamedTuple):
+    file: str
+    line: int
+    payload: Any  # str (pretrain text) or list (conversation)
+
+
+def _open_text_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw
+
+
+def _parse_row(raw: bytes, kind: str) -> tuple[Any, str | None]:
+    """Return (payload, None) or (None, reason)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    if not text.strip():
+        return None, "blank line"
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        return None, f"bad JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    if kind == "pretrain":
+        t = obj.get("text")
+        if t is None:
+            return None, 'missing "text"'
+        if not isinstance(t, str):
+            return None, f'"text" is a {type(t).__name__}, expected a string'
+        if not t.strip():
+            return None, 'blank "text"'
+        return t, None
+    conv = obj.get("conversations")
+    if conv is None:
+        return None, 'missing "conversations"'
+    if not isinstance(conv, list) or not conv:
+        return None, '"conversations" must be a non-empty list'
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None, f'conversations[{i}] must be {{"role": str, "content": str}}'
+    if not any(m["role"] == "assistant" for m in conv):
+        return None, "conversation has no assistant turn"
+    return conv, None
+
+
+_WORKER_TOK = None
+
+
+def _worker_init(tokenizer_path: str, mask_token: str) -> None:
+    global _WORKER_TOK
+    from llada_scale.data.tokenizer import Tokenizer
+
+    _WORKER_TOK = Tokenizer.load(tokenizer_path, mask_token=mask_token)
+
+
+def _tokenize(payload: Any) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    from llada_scale.data.tokenizer import TokenizerError
+
+    tok = _WORKER_TOK
+    dtype = np.uint16 if tok.padded_vocab_size() <= 2**16 else np.uint32
+    try:
+        if isinstance(payload, str):
+            ids = tok.encode(payload)
+            if not ids:
+                return None, None, "text tokenizes to nothing"
+            return np.asarray(ids, dtype=dtype), None, None
+        ids, mask = tok.render_chat(payload)
+        if not any(mask):
+            return None, None, "no assistant tokens after rendering"
+        return np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8), None
+    except TokenizerError as exc:
+        return None, None, str(exc)
+
+
+def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, *, val_fraction: float = 0.01,
+                 val_docs: int | None = None, shard_tokens: int = 1_000_000, max_docs: int | None = None,
+                 max_tokens: int | None = None, num_workers: int = 1, seed: int = 0, overwrite: bool = False,
+                 strict: bool = False, progress: bool = True, mask_token: str = "<|mask|>",
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Tokenize jsonl / jsonl.gz inputs and write a shard directory (the engine of tools/build_shards.py).
+
+    Rows: pretraining ``{"text": str}``; SFT ``{"conversations": [{"role", "content"}, ...]}`` (rendered
+    with the tokenizer's chat template; the assistant mask is stored). Malformed rows are reported as
+    ``file:line: reason`` (first 20, then a count) and skipped, unless ``strict``.
+
+    Steps: read rows in input order (stopping after ``max_docs`` valid documents or once ``max_tokens``
+    tokens are reached), tokenize in a ``num_workers`` process pool (order preserving), shuffle documents
+    with ``numpy.random.default_rng(seed)``, put the first ``val_docs`` (or ``round(val_fraction * n)``,
+    at least 1 when the fraction is > 0) in ``val`` and the rest in ``train``, and write shards of about
+    ``shard_tokens`` tokens.
+
+    Returns:
+        Summary dict: ``documents``, ``tokens``, ``bad_rows``, ``seconds``, ``tokens_per_s``,
+        ``splits: {split: {"documents", "tokens", "shards"}}``, ``index``.
+
+    Raises:
+        FileNotFoundError: a missing input file or tokenizer.
+        BuildError: bad arguments, a bad row with ``strict``, no valid documents, or an existing index
+            without ``overwrite``.
+        TokenizerError: an unusable tokenizer.
+    """
+    from llada_scale.data.tokenizer import Tokenizer
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.time()
+    if kind not in ("pretrain", "sft"):
+        raise BuildError(f"--kind must be pretrain or sft, got {kind!r}")
+    if not inputs:
+        raise BuildError("no --input files given")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file not found: {path}")
+    if val_docs is not None and val_docs < 0:
+        raise BuildError(f"--val_docs must be >= 0, got {val_docs}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise BuildError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    for name, value in (("--max_docs", max_docs), ("--max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise BuildError(f"{name} must be >= 1, got {value}")
+    if shard_tokens < 1:
+        raise BuildError(f"--shard_tokens must be >= 1, got {shard_tokens}")
+    if num_workers < 1:
+        raise BuildError(f"--num_workers must be >= 1, got {num_workers}")
+    tok = Tokenizer.load(tokenizer, mask_token=mask_token)
+    index_path = os.path.join(output, "index.json")
+    if os.path.exists(index_path) and not overwrite:  # fail before the (slow) tokenization
+        raise BuildError(f"{output} already holds a shard index (index.json); pass --overwrite to replace it "
+                         "or choose another --output")
+
+    bad: list[str] = []
+
+    def report(file: str, line: int, reason: str) -> None:
+        msg = f"{file}:{line}: {reason}"
+        if strict:
+            raise BuildError(f"{msg} (bad row; drop --strict to skip bad rows)")
+        bad.append(msg)
+        if len(bad) <= 20:
+            log(f"warning: skipping {msg}")
+
+    def rows() -> Iterator[_Row]:
+        for path in inputs:
+            for lineno, raw in _open_text_lines(path):
+                payload, reason = _parse_row(raw, kind)
+                if reason is not None:
+                    if reason != "blank line":
+                        report(path, lineno, reason)
+                    continue
+                yield _Row(path, lineno, payload)
+
+    ids_list: list[np.ndarray] = []
+    mask_list: list[np.ndarray | None] = []
+    total_tokens = 0
+    from tqdm import tqdm
+
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    block_size = 2048 * num_workers
+    pool = None
+    try:
+        if num_workers > 1:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(num_workers, initializer=_worker_init, initargs=(tok.path, mask_token))
+        else:
+            _worker_init(tok.path, mask_token)
+        it = rows()
+        done = False
+        while not done:
+            block = []
+            for row in it:
+                block.append(row)
+                if len(block) >= block_size:
+                    break
+            if not block:
+                break
+            payloads = [r.payload for r in block]
+            if pool is not None:
+                results = pool.map(_tokenize, payloads, chunksize=max(1, len(block) // (4 * num_workers)))
+            else:
+                results = [_tokenize(p) for p in payloads]
+            for row, (ids, mask, reason) in zip(block, results):
+                if reason is not None:
+                    report(row.file, row.line, reason)
+                    continue
+                ids_list.append(ids)
+                mask_list.append(mask)
+                total_tokens += int(ids.size)
+                bar.update(1)
+                if (max_docs is not None and len(ids_list) >= max_docs) or \
+                        (max_tokens is not None and total_tokens >= max_tokens):
+                    done = True
+                    break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if len(bad) > 20:
+        log(f"warning: {len(bad)} bad rows skipped in total ({len(bad) - 20} not shown)")
+
+    n = len(ids_list)
+    if n == 0:
+        raise BuildError("no valid documents in the inputs (check --kind and the row format)")
+    if val_docs is not None:
+        n_val = val_docs
+    else:
+        n_val = int(round(val_fraction * n))
+        if val_fraction > 0 and n_val == 0 and n >= 2:
+            n_val = 1
+    if n_val >= n:
+        raise BuildError(f"validation split ({n_val} documents) would leave no training documents out of {n}; "
+                         "lower --val_docs/--val_fraction")
+    perm = np.random.default_rng(seed).permutation(n)
+    docs = [Document(int(i), ids_list[i], mask_list[i]) for i in perm]
+    splits = {"val": docs[:n_val], "train": docs[n_val:]}
+    wbar = tqdm(total=n, desc="writing", unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        index = write_shard_dir(output, kind, splits, tok.identity(), seed=seed,
+                                sources=[os.path.abspath(p) for p in inputs], shard_tokens=shard_tokens,
+                                overwrite=overwrite, progress=wbar.update)
+    finally:
+        wbar.close()
+    seconds = time.time() - t0
+    summary = {
+        "documents": n,
+        "tokens": total_tokens,
+        "bad_rows": len(bad),
+        "seconds": seconds,
+        "tokens_per_s": total_tokens / max(seconds, 1e-9),
+        "splits": {s: {"documents": sum(e["documents"] for e in index["splits"][s]),
+                       "tokens": sum(e["tokens"] for e in index["splits"][s]),
+                       "shards": len(index["splits"][s])} for s in SPLITS},
+        "bad_row_messages": bad,
+        "index": index,
+    }
+    return summary

@@ -1,0 +1,182 @@
+"""Resuming a run: which checkpoint, a world-size change (universal checkpoint, loader resharding), and
+restoring the engine, loader and noise-RNG states saved by :meth:`llada_scale.training.trainer.Trainer.save`.
+
+Client state of a checkpoint (all ranks' states, written by rank 0): ``step``, ``loader`` (list over ranks of
+``StatefulDataLoader.state_dict()``), ``rng`` (list over ranks of the noise generator state), ``skipped`` and
+``loss_ema`` (the loss guard), ``world_size``, ``config``, ``tokenizer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llada_scale.checkpoint import checkpointer
+from llada_scale.training.engine import TrainError
+
+log = logging.getLogger("llada_scale")
+
+
+def find_resume_dir(mode: str | None, ckpt_dir: Path) -> Path | None:
+    """The checkpoint tag directory to resume from for ``train.resume``.
+
+    ``none``/empty: None. ``auto``: the latest complete checkpoint under ``ckpt_dir`` (None when there is
+    none). Anything else: a path resolved by :func:`llada_scale.checkpoint.checkpointer.resolve`.
+
+    Raises:
+        TrainError: a given path holds no complete checkpoint.
+    """
+    if mode in ("none", "", None):
+        return None
+    if mode == "auto":
+        return checkpointer.find_latest(ckpt_dir)
+    try:
+        return checkpointer.resolve(mode)
+    except checkpointer.CheckpointError as e:
+        raise TrainError(f"train.resume: {e}") from None
+
+
+def prepare_world_size_change(tag_dir: Path | None, ds_cfg: dict, rank: int, world_size: int) -> Path | None:
+    """Before ``deepspeed.initialize``: make a checkpoint written by another world size loadable.
+
+    ZeRO stages 1-3 shard the optimizer state by rank, so rank 0 converts the checkpoint once into a
+    universal checkpoint (``deepspeed.checkpoint.ds_to_universal --inject_missing_state``) under
+    ``checkpoints/universal/<tag>`` (written to ``<tag>.tmp`` and renamed; reused when present) and
+    ``ds_cfg["checkpoint"]["load_universal"]`` is set. ZeRO-0 checkpoints hold the whole optimizer state
+    and load at any world size as they are. Collective.
+
+    Returns:
+        The universal checkpoint directory to load instead of ``tag_dir``, or None (same world size,
+        ZeRO-0, or no checkpoint).
+    Raises:
+        TrainError: unreadable metadata or a failed conversion (the message says how to convert by hand).
+    """
+    if tag_dir is None:
+        return None
+    try:
+        meta = checkpointer.read_meta(tag_dir)
+    except checkpointer.CheckpointError as e:
+        raise TrainError(str(e)) from None
+    old_world, stage = meta.get("world_size"), meta.get("zero_stage", 0)
+    if old_world == world_size or not stage:
+        return None
+    uni = tag_dir.parent / "universal" / tag_dir.name
+    error = None
+    if rank == 0 and not uni.is_dir():
+        log.info(f"checkpoint {tag_dir} was written by {old_world} ranks, this run has {world_size}: "
+                 f"converting it to a universal checkpoint in {uni}")
+        tmp = uni.with_name(uni.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
+               "--num_merge_workers", workers]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            error = (f"converting {tag_dir} to a universal checkpoint failed (exit {r.returncode}): "
+                     f"{(r.stderr or r.stdout).strip()[-1500:]}\nresume on {old_world} ranks, or run "
+                     f"{' '.join(cmd[1:])} yourself and rename the output to {uni}")
+        else:
+            os.replace(tmp, uni)
+            log.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f} s")
+    box = [error]
+    dist.broadcast_object_list(box, src=0)  # also the barrier: the conversion is finished
+    if box[0]:
+        raise TrainError(box[0])
+    ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+    return uni
+
+
+def check_same_model(tag_dir: Path, model_cfg) -> None:
+    """Refuse to resume a checkpoint of another model shape (``attention_backend`` may differ).
+
+    Raises:
+        TrainError: naming every differing ModelConfig field (checkpoint vs recipe).
+    """
+    meta = checkpointer.read_meta(tag_dir)
+    saved = meta.get("config", {}).get("model", {})
+    mine = model_cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if k in saved and saved[k] != v and k != "attention_backend"}
+    if diff:
+        raise TrainError(f"checkpoint {tag_dir} is of another model (checkpoint vs recipe: {diff}); "
+                         "resume with the recipe it was trained with, or use train.init_from")
+
+
+def load_loader_state(loader, saved: list, rank: int, world_size: int) -> bool:
+    """Restore this rank's loader position; under another layout, reshard it (returns True then).
+
+    ``saved`` is the list over the old run's ranks of ``StatefulDataLoader.state_dict()``. Same layout
+    (world size, loader workers, micro batch, seq_len): exact resume. Otherwise every rank derives its
+    position from all old positions with :meth:`PackedDataset.load_resharded` (no document repeated or
+    skipped mid-shard; see its docstring for the exact guarantee).
+
+    Raises:
+        TrainError: the saved states are of other data or mixed layouts.
+    """
+    from llada_scale.data.loader import LoaderStateError, PackedDataset, loader_dataset_states
+
+    dataset = getattr(loader, "dataset", None)
+    old = [s for st in saved for s in loader_dataset_states(st)]
+    same = len(saved) == world_size and all(dataset.same_layout(s) for s in old) \
+        if isinstance(dataset, PackedDataset) else True
+    try:
+        if same:
+            loader.load_state_dict(saved[rank])
+            return False
+        dataset.load_resharded(old)
+    except LoaderStateError as e:
+        raise TrainError(f"cannot resume the data loader: {e}") from None
+    return True
+
+
+def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal_dir: Path | None, *,
+            model_cfg, seed: int, rank: int, world_size: int) -> dict:
+    """Load a checkpoint into ``engine``, ``loader`` and the noise ``generator``; collective.
+
+    A rank the old run did not have gets its own noise stream, distinct per rank and resume step. The
+    universal copy (``universal_dir``, from :func:`prepare_world_size_change`) is deleted once every rank
+    has read it.
+
+    Returns:
+        The checkpoint's client state (see the module docstring).
+    Raises:
+        TrainError: another model shape, a checkpoint DeepSpeed cannot load, an unusable loader state.
+    """
+    check_same_model(tag_dir, model_cfg)
+    src = universal_dir or tag_dir
+    load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+    if load_path is None:
+        raise TrainError(f"DeepSpeed could not load {src}")
+    step = client["step"]
+    old_world = len(client["rng"])
+    resharded = load_loader_state(loader, client["loader"], rank, world_size)
+    if rank < old_world:
+        state = client["rng"][rank]
+        generator.set_state(state.to(generator.device) if generator.device.type != "cuda" else state)
+    else:
+        generator.manual_seed(seed * 1000 + rank + 1_000_003 * step)
+    if universal_dir is not None:
+        dist.barrier()  # every rank has read it: the converted copy is no longer needed
+        if rank == 0:
+            shutil.rmtree(universal_dir, ignore_errors=True)
+            (universal_dir.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's
+            try:
+                universal_dir.parent.rmdir()  # checkpoints/universal, when now empty
+            except OSError:
+                pass
+    if rank == 0:
+        how = f" (written by {old_world} ranks, now {world_size}: " \
+              f"{'universal checkpoint, ' if universal_dir else ''}" \
+              f"{'loader resharded' if resharded else 'loader state as saved'})" if old_world != world_size else ""
+        log.info(f"resumed from {tag_dir} at step {step}{how}")
+    return client

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Convert llada_scale checkpoints between formats (one process, no deepspeed launcher needed).
+
+Subcommands (each has its own --help):
+
+  consolidate CKPT OUT_DIR         DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors + config.json
+                                   + the tokenizer files named by the checkpoint's tokenizer identity
+  export-hf SRC OUT_DIR            our model (tag dir or consolidated) -> HF LlamaForCausalLM directory
+  import-hf HF_DIR OUT_DIR         local HF Llama-family directory -> our consolidated format
+  import-nano-llada PT OUT_DIR     Nano-LLaDA diffusion / minimind AR ``.pt`` state dict -> consolidated
+  ar-to-diffusion SRC OUT_DIR      AR model -> LLaDA mask predictor (adds the mask-token rows, causal=false)
+
+The work is done by :mod:`llada_scale.checkpoint.convert` and :mod:`llada_scale.checkpoint.nano_llada` (callable
+from Python with the same argument names). Errors print one line ``error: ...`` and exit with status 2.
+See docs/EVAL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llada_scale.checkpoint import convert, nano_llada  # noqa: E402
+from llada_scale.checkpoint.files import CheckpointError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(p, dtype_default="bf16"):
+        p.add_argument("--dtype", default=dtype_default, choices=["bf16", "fp32", "fp16"],
+                       help=f"dtype of the written weights (default {dtype_default})")
+        p.add_argument("--max_shard_size", default="5GB",
+                       help="largest weight file; above it write HF-style shards + model.safetensors.index.json "
+                            "(e.g. 5GB, 500MB, 2GiB; default 5GB)")
+        p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--tokenizer", default=None,
+                       help="tokenizer directory/file to copy and record (default: the one the checkpoint names)")
+
+    p = sub.add_parser("consolidate", help="DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors",
+                       description="Merge a DeepSpeed checkpoint tag directory (any ZeRO stage, any number of "
+                                   "ranks) into fp32 weights with deepspeed's zero_to_fp32 and write them as "
+                                   "safetensors + config.json + tokenizer files. A checkpoints/ or run directory "
+                                   "resolves to its 'latest' tag.")
+    p.add_argument("checkpoint", help="runs/<name>/checkpoints/<tag> (or checkpoints/ with a 'latest' file)")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--any_source", action="store_true",
+                   help="also accept consolidated/HF sources (re-shard / re-type them)")
+    common(p)
+    p.set_defaults(func=convert.consolidate)
+
+    p = sub.add_parser("export-hf", help="our model -> HF LlamaForCausalLM directory",
+                       description="Write config.json (LlamaConfig) + safetensors loadable by "
+                                   "transformers.LlamaForCausalLM. Key names are unchanged. Diffusion models record "
+                                   "mask_token_id and llada_scale.causal=false; load them with the causal mask "
+                                   "removed (docs/EVAL.md). QK-norm and weightless-norm models are refused.")
+    p.add_argument("source", help="tag dir, consolidated dir or .safetensors file")
+    p.add_argument("out_dir", help="output directory")
+    common(p)
+    p.set_defaults(func=convert.export_hf)
+
+    p = sub.add_parser("import-hf", help="local HF Llama-family directory -> consolidated",
+                       description="Read a local Hugging Face llama / mistral / qwen3 directory (config.json + "
+                                   "safetensors or pytorch_model.bin) and write our consolidated format. Refuses "
+                                   "what our backbone cannot represent (biases, rope scaling other than YaRN, other "
+                                   "activations).")
+    p.add_argument("hf_dir", help="HF model directory")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
+    common(p)
+    p.set_defaults(func=convert.import_hf)
+
+    p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",
+                       description="Import a Nano-LLaDA diffusion Model state dict (token_emb, blocks.N.attn.c_q, "
+                                   "...) or a minimind MiniMindForCausalLM state dict (HF names, optional "
+                                   "q_norm/k_norm, tied head). Shapes are read from the tensors; the flags give what "
+                                   "a state dict does not record.")
+    p.add_argument("pt_file", help="torch .pt file: a state dict or {'model_state_dict'|'state_dict'|'model': ...}")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--arch", default="auto", choices=["auto", "nano-llada", "minimind"],
+                   help="source architecture (default: detect from key names)")
+    p.add_argument("--num_heads", type=int, default=8, help="attention heads (not in the state dict; default 8)")
+    p.add_argument("--rope_theta", type=float, default=1e6, help="RoPE base (both repos default to 1e6)")
+    p.add_argument("--norm_eps", type=float, default=1e-5,
+                   help="RMSNorm eps (Nano-LLaDA 1e-5; recent minimind 1e-6; default 1e-5)")
+    p.add_argument("--max_seq_len", type=int, default=512, help="max_seq_len to record (default 512)")
+    p.add_argument("--mask_token_id", type=int, default=None,
+                   help="mask token id (default for nano-llada with vocab 6401: 6400)")
+    p.add_argument("--causal", default="auto", choices=["auto", "true", "false"],
+                   help="override causal (default: nano-llada false, minimind true)")
+    p.add_argument("--hidden_act", default="silu", help="the source MLP activation; only silu is supported")
+    p.add_argument("--rope_scaling", default="auto", choices=["auto", "none", "yarn"],
+                   help="whether the source used YaRN (--inference-rope-scaling); auto (default): the "
+                        "inference_rope_scaling recorded in the .pt's 'args' (Nano-LLaDA saves them), else none")
+    p.add_argument("--rope_factor", type=float, default=16.0, help="YaRN factor (both repos use 16)")
+    p.add_argument("--original_max_position_embeddings", type=int, default=2048,
+                   help="YaRN original context length (both repos use 2048)")
+    p.add_argument("--rope_beta_fast", type=float, default=32.0, help="YaRN beta_fast (default 32)")
+    p.add_argument("--rope_beta_slow", type=float, default=1.0, help="YaRN beta_slow (default 1)")
+    p.add_argument("--rope_attention_factor", type=float, default=1.0,
+                   help="YaRN cos/sin scale (both repos use 1.0; nano-llada accepts only 1.0)")
+    p.add_argument("--source_max_position_embeddings", type=int, default=None,
+                   help="rows of the source's RoPE table; YaRN applies only above original_max_position_embeddings "
+                        "(default: from the .pt's args, Nano-LLaDA max(max_position_embeddings, 2*seq_len); "
+                        "else 32768)")
+    common(p, dtype_default="fp32")
+    p.set_defaults(func=nano_llada.import_nano_llada)
+
+    p = sub.add_parser("ar-to-diffusion", help="AR model -> LLaDA mask predictor",
+                       description="Add the mask token (grow embedding/head rows via llada_scale.model.transformer.resize_vocab "
+                                   "when it is outside the vocabulary), record mask_token_id and causal=false.")
+    p.add_argument("source", help="tag dir, consolidated dir or .safetensors file of an AR model")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--mask_token_id", type=int, default=None,
+                   help="mask token id (default: the recorded tokenizer's mask_token_id)")
+    p.add_argument("--vocab_multiple", type=int, default=64, help="round a grown vocabulary up to this (default 64)")
+    p.add_argument("--reset_head_row", action="store_true",
+                   help="reset the mask token's embedding and head rows to the mean row even if they exist")
+    common(p, dtype_default="fp32")
+    p.set_defaults(func=convert.ar_to_diffusion)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; 0 on success, 2 with one ``error:`` line on bad input."""
+    args = build_parser().parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    try:
+        args.func(**kwargs)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = str(e).strip("'\"")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
