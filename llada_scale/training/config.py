@@ -3,6 +3,11 @@
 A recipe has the sections ``model``, ``data``, ``objective``, ``optim`` and ``train`` (plus ``run_name``,
 ``run_dir``, ``seed``, ``tokenizer``). Strings may use ``${VAR}`` / ``${VAR:-default}`` environment
 variables; ``LLADA_DATA`` defaults to ``../shared/data`` next to the repository.
+
+Every value is checked against its field's type before anything runs (:func:`load_config`): a bool field takes
+a YAML bool (``true``/``false``; the string ``"false"`` is refused), an int field an integer (``1e4`` is
+10000, ``2.5`` is refused), a number field a number; a ``${VAR}`` value of a non-string field is expanded and
+then read as YAML (``${CAUSAL:-false}`` is the bool false). Ranges and choices are checked too.
 """
 
 from __future__ import annotations
@@ -81,7 +86,11 @@ class TrainLoopConfig:
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
     sample_block_length: int = 0  # diffusion samples: semi-autoregressive block length (0 = one block)
-    nonfinite: str = "skip"  # skip | stop: what to do when the loss is NaN/inf
+    nonfinite: str = "skip"  # skip | stop: what to do when the loss or the gradients are NaN/inf
+    # Bound on micro batches with a non-finite loss in a row, and on optimizer steps skipped for non-finite
+    # gradients in a row (DeepSpeed's overflow skips; at ZeRO-0 a NaN/inf grad norm): then the run saves its last
+    # good state and stops with exit status 2 (training/guards.py).
+    max_consecutive_skips: int = 10
     # Loss spikes: a micro batch whose loss (largest over ranks) exceeds spike_factor x the running mean
     # (EMA, decay 0.99) after spike_warmup steps is skipped on every rank or stops the run (spike_action).
     # 0 = off. 20 spikes in a row stop the run (the loss level itself changed). See Trainer._is_spike.
@@ -89,6 +98,10 @@ class TrainLoopConfig:
     spike_action: str = "skip"  # skip | stop
     spike_warmup: int = 100
     stop_at_step: int = 0  # >0: checkpoint and exit at this step as if preempted (split a run across jobs; tests)
+    # Early stopping on the validation loss (needs val_every > 0): stop, save and exit 0 after this many
+    # validations in a row without an improvement of more than early_stop_min_delta over the best. 0 = off.
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
 
 
 @dataclass
@@ -132,34 +145,122 @@ def expand_env(value: str) -> str:
     return _ENV.sub(sub, value)
 
 
+def _number(v: str):
+    """A number written as text (YAML 1.1 reads ``1e-3`` and ``1e4`` without a dot as strings), or None."""
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def _coerce(v: Any, typ: str, key: str):
+    """``v`` as a value of the dataclass field type ``typ`` (its annotation text), or ConfigError."""
+    if isinstance(v, str) and typ != "str" and "${" in v:  # an environment value for a non-string field
+        v = yaml.safe_load(expand_env(v))
+    optional = typ.endswith(" | None")
+    base = typ[:-len(" | None")] if optional else typ
+    if v is None and optional:
+        return None
+    if base == "str":
+        if isinstance(v, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            return "on" if v else "off"
+        if isinstance(v, (int, float)):
+            return str(v)
+        if not isinstance(v, str):
+            raise ConfigError(f"{key} must be a string, not {v!r}")
+        return expand_env(v)
+    if base == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key} must be true or false (a YAML bool, unquoted), not {v!r}")
+        return v
+    if base in ("int", "float"):
+        n = _number(v) if isinstance(v, str) else v
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != n or n in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} must be a{'n integer' if base == 'int' else ' number'}, not {v!r}")
+        if base == "float":
+            return float(n)
+        if n != int(n):
+            raise ConfigError(f"{key} must be an integer, not {v!r}")
+        return int(n)
+    if base.startswith("tuple[float, float]"):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ConfigError(f"{key} must be a list of two numbers, e.g. [0.9, 0.95], not {v!r}")
+        return tuple(_coerce(x, "float", f"{key}[{i}]") for i, x in enumerate(v))
+    if base == "list" and not isinstance(v, list):
+        raise ConfigError(f"{key} must be a list, not {v!r}")
+    if base == "dict" and not isinstance(v, dict):
+        raise ConfigError(f"{key} must be a mapping, not {v!r}")
+    return v
+
+
 def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, not {values!r}")
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
-    kwargs = {}
-    for k, v in values.items():
-        if names[k].type == "str" and isinstance(v, bool):  # YAML 1.1 reads off/on/no/yes as booleans
-            v = "on" if v else "off"
-        if names[k].type == "str" and isinstance(v, (int, float)):
-            v = str(v)
-        if isinstance(v, str):
-            v = expand_env(v)
-        typ = names[k].type
-        if typ in ("float", "int") and isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                v = float(v) if typ == "float" else int(v)
-            except ValueError:
-                raise ConfigError(f"{where}.{k} must be a number, not {v!r}") from None
-        if typ == "float" and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if names[k].name == "betas" and isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
+    prefix = "" if where == "the top level" else f"{where}."
+    kwargs = {k: _coerce(v, names[k].type, f"{prefix}{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+# (section, key, test, what it must be): checked by load_config after the types
+_RULES = [
+    ("data", "seq_len", lambda v: v >= 1, ">= 1"),
+    ("data", "num_workers", lambda v: v >= 0, ">= 0"),
+    ("optim", "lr", lambda v: v > 0, "> 0"),
+    ("optim", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim", "betas", lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim", "eps", lambda v: v > 0, "> 0"),
+    ("optim", "schedule", lambda v: v in ("wsd", "cosine", "constant"), "one of wsd, cosine, constant"),
+    ("optim", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim", "decay_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim", "grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train", "global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "max_steps", lambda v: v >= 1, ">= 1"),
+    ("train", "log_every", lambda v: v >= 1, ">= 1"),
+    ("train", "val_every", lambda v: v >= 0, ">= 0 (0 = no validation)"),
+    ("train", "val_batches", lambda v: v >= 1, ">= 1"),
+    ("train", "save_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train", "keep_last", lambda v: v >= 0, ">= 0 (0 = keep all)"),
+    ("train", "wandb", lambda v: v in ("auto", "online", "offline", "off"), "one of auto, online, offline, off"),
+    ("train", "peak_flops", lambda v: v >= 0, ">= 0"),
+    ("train", "num_samples", lambda v: v >= 0, ">= 0"),
+    ("train", "sample_tokens", lambda v: v >= 1, ">= 1"),
+    ("train", "sample_block_length", lambda v: v >= 0, ">= 0"),
+    ("train", "nonfinite", lambda v: v in ("skip", "stop"), "one of skip, stop"),
+    ("train", "max_consecutive_skips", lambda v: v >= 1, ">= 1"),
+    ("train", "spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+    ("train", "spike_action", lambda v: v in ("skip", "stop"), "one of skip, stop"),
+    ("train", "spike_warmup", lambda v: v >= 0, ">= 0"),
+    ("train", "stop_at_step", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train", "early_stop_patience", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train", "early_stop_min_delta", lambda v: v >= 0, ">= 0"),
+]
+
+
+def validate(cfg: "RunConfig") -> None:
+    """Ranges, choices and cross-field rules of a typed recipe (:data:`_RULES` and the ones below).
+
+    Raises:
+        ConfigError: naming the key, the value and what it must be.
+    """
+    for section, key, ok, what in _RULES:
+        v = getattr(getattr(cfg, section), key)
+        if not ok(v):
+            raise ConfigError(f"{section}.{key} must be {what}, not {v!r}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len="
+                          f"{cfg.model.max_seq_len} (preset {cfg.model_preset}); lower data.seq_len or raise "
+                          "model.max_seq_len")
+    if cfg.train.early_stop_patience and not cfg.train.val_every:
+        raise ConfigError("train.early_stop_patience needs validation: set train.val_every > 0")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -183,7 +284,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, objective:, optim:, train:), "
+                              f"not a {type(raw).__name__}")
     for ov in overrides:
         keys, value = parse_override(ov)
         node = raw
@@ -193,6 +297,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
                 raise ConfigError(f"override {ov!r}: {k} is not a section")
         node[keys[-1]] = value
     sections = {"model", "data", "objective", "optim", "train"}
+    for name in sections:
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"section {name} must be a mapping of keys to values, not {raw[name]!r}")
     top = {k: v for k, v in raw.items() if k not in sections}
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", top.pop("model_preset", "tiny"))
@@ -211,13 +318,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         cfg.run_dir = str(Path("runs") / cfg.run_name)
     if not cfg.data.val_shards:
         cfg.data.val_shards = cfg.data.train_shards
-    if cfg.train.micro_batch_size <= 0 or cfg.train.global_batch_size <= 0:
-        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
-    for key, allowed in (("nonfinite", ("skip", "stop")), ("spike_action", ("skip", "stop"))):
-        if getattr(cfg.train, key) not in allowed:
-            raise ConfigError(f"train.{key} must be one of {allowed}, not {getattr(cfg.train, key)!r}")
-    if cfg.train.spike_factor < 0 or 0 < cfg.train.spike_factor <= 1:
-        raise ConfigError(f"train.spike_factor must be 0 (off) or > 1, not {cfg.train.spike_factor}")
+    validate(cfg)
     return cfg
 
 

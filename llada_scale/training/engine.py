@@ -61,6 +61,8 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
             raise TrainError(f"DeepSpeed config {path} does not exist (see ds_configs/)") from None
         except json.JSONDecodeError as e:
             raise TrainError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+        if not isinstance(ds, dict):
+            raise TrainError(f"DeepSpeed config {path} must be a JSON object, not a {type(ds).__name__}")
     else:
         ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
     t = cfg.train
@@ -87,7 +89,64 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
         ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                                      "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
+    validate_ds_config(ds, path or "the default DeepSpeed config")
     return ds
+
+
+# Top-level sections DeepSpeed 0.19 reads (DeepSpeedConfig and the features configured outside it). DeepSpeed
+# ignores any other key, so a typo such as "zero_optimizaton" would silently train at ZeRO-0.
+DS_SECTIONS = frozenset("""
+    activation_checkpointing aio amp autotuning bf16 checkpoint comet comms_logger communication_data_type compile
+    compression_training csv_monitor curriculum_learning data_efficiency data_types dataloader_drop_last
+    datastates_ckpt disable_allgather disable_python_gc dump_state eigenvalue elasticity expert_parallel
+    flops_profiler fp16 gradient_accumulation_steps gradient_allreduce_op gradient_clipping
+    gradient_predivide_factor graph_harvesting hybrid_engine log_level managed_gradient_accumulation
+    memory_breakdown nebula optimizer pipeline prescale_gradients progressive_layer_drop quantize_training
+    scheduler seq_parallel_communication_data_type sparse_attention sparse_gradients steps_per_print
+    tensor_parallel tensorboard timers torch_autocast train_batch_size train_micro_batch_size_per_gpu
+    use_data_before_expert_parallelism use_node_local_storage vocabulary_size wall_clock_breakdown wandb
+    weight_quantization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer zero_optimization
+""".split())
+
+
+def validate_ds_config(ds: dict, path: str) -> None:
+    """Refuse a DeepSpeed config that DeepSpeed would misread or silently ignore.
+
+    Checks: unknown top-level sections (:data:`DS_SECTIONS`; the message suggests the closest known one),
+    ``zero_optimization.stage`` an integer 0-3 (a string ``"2"`` would reach our ``stage > 0`` tests), the
+    ``zero_optimization`` keys against DeepSpeed's own ZeRO config model, and ``bf16``/``fp16`` ``enabled``
+    a JSON bool.
+
+    Raises:
+        TrainError: naming the file, the key and the fix.
+    """
+    import difflib
+
+    unknown = sorted(set(ds) - DS_SECTIONS)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, DS_SECTIONS, 1)) else repr(k)
+                 for k in unknown]
+        raise TrainError(f"{path}: unknown DeepSpeed section(s) {', '.join(hints)}; DeepSpeed would ignore them")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise TrainError(f"{path}: zero_optimization must be a JSON object, not {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise TrainError(f"{path}: zero_optimization.stage must be the integer 0, 1, 2 or 3, not {stage!r}")
+    for section in ("bf16", "fp16"):
+        value = ds.get(section, {})
+        if not isinstance(value, dict) or not isinstance(value.get("enabled", False), bool):
+            raise TrainError(f"{path}: {section} must be {{\"enabled\": true|false|\"auto\"}}, not {ds.get(section)!r}")
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        DeepSpeedZeroConfig(**zero)
+    except ImportError:
+        return
+    except ValueError as e:  # pydantic.ValidationError is a ValueError
+        first = [x for x in str(e).splitlines() if x.strip()]
+        raise TrainError(f"{path}: zero_optimization is not valid for DeepSpeed: "
+                         f"{' '.join(first[1:3]) if len(first) > 2 else ' '.join(first)}") from None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
