@@ -1,5 +1,6 @@
-"""Resuming a run: which checkpoint, a world-size change (universal checkpoint, loader resharding), and
-restoring the engine, loader and noise-RNG states saved by :meth:`llada_scale.training.trainer.Trainer.save`.
+"""Resuming a run: which checkpoint (never a damaged one, never silently over another run, never silently
+instead of ``train.init_from``), a world-size change (universal checkpoint, loader resharding), and restoring
+the engine, loader and noise-RNG states saved by :meth:`llada_scale.training.trainer.Trainer.save`.
 
 Client state of a checkpoint (all ranks' states, written by rank 0): ``step``, ``loader`` (list over ranks of
 ``StatefulDataLoader.state_dict()``), ``rng`` (list over ranks of the noise generator state), ``skipped`` and
@@ -42,6 +43,72 @@ def find_resume_dir(mode: str | None, ckpt_dir: Path) -> Path | None:
         return checkpointer.resolve(mode)
     except checkpointer.CheckpointError as e:
         raise TrainError(f"train.resume: {e}") from None
+
+
+def choose_resume_dir(train_cfg, ckpt_dir: Path, rank: int = 0) -> Path | None:
+    """The checkpoint a run starts from (None = fresh), with the checks :func:`find_resume_dir` leaves out.
+
+    * ``train.resume=none`` in a run directory that already holds complete checkpoints: refused. Starting
+      another run there would interleave both runs' checkpoints; retention and ``--resume auto`` (what a
+      requeue does) would then pick the other run's.
+    * ``auto`` (or a run / checkpoints directory): the newest checkpoint that :func:`checkpointer.damage`
+      finds loadable; damaged newer ones are reported (rank 0) and skipped. A given tag directory that is
+      damaged is refused.
+    * A checkpoint wins over ``train.init_from``: rank 0 says so (see :func:`check_init_from` for the refusal
+      when ``--init_from`` was typed on the command line).
+
+    Raises:
+        TrainError: the cases above, or a given path that holds no complete checkpoint.
+    """
+    mode = train_cfg.resume
+    if mode in ("none", "", None):
+        existing = checkpointer.list_complete(ckpt_dir)
+        if existing:
+            raise TrainError(f"train.resume=none, but {ckpt_dir} already holds checkpoints of a run (newest "
+                             f"{existing[-1].name}); a fresh run there would mix with them. Continue it with "
+                             f"train.resume=auto, choose another run_dir, or move {ckpt_dir} away")
+        return None
+    given_tag = mode != "auto" and checkpointer.is_complete(Path(mode))
+    found = find_resume_dir(mode, ckpt_dir)
+    if found is None:
+        return None
+    why = checkpointer.damage(found)
+    if why is not None:
+        if given_tag:
+            raise TrainError(f"train.resume={mode}: the checkpoint is damaged: {why}")
+        found, problems = checkpointer.find_usable(found.parent)
+        if rank == 0:
+            for p in problems:
+                log.warning(f"skipping damaged checkpoint {p}")
+        if found is None:
+            raise TrainError(f"no loadable checkpoint in {ckpt_dir if mode == 'auto' else mode}: "
+                             + "; ".join(problems) + "; move the damaged ones away or start another run_dir")
+        if rank == 0:
+            log.warning(f"resuming from the previous complete checkpoint {found}")
+    if rank == 0 and train_cfg.init_from:
+        log.warning(f"train.init_from={train_cfg.init_from} is ignored: the run resumes from its checkpoint {found}")
+    return found
+
+
+def check_init_from(cfg, *, cli_init_from: bool, cli_resume: bool) -> None:
+    """Refuse ``--init_from X`` on the command line when ``--resume auto`` would resume a checkpoint instead.
+
+    A requeued job repeats its command line; the recipe's ``train.init_from`` (how the main job's stages
+    chain) is simply superseded by the run's own checkpoint and logged by :func:`choose_resume_dir`. But a
+    user who types ``--init_from`` into a directory with checkpoints most likely means it, so this asks
+    them to say which with an explicit ``--resume``. Reads the file system only (no process group).
+
+    Raises:
+        TrainError: ``cli_init_from`` without ``cli_resume`` while ``run_dir/checkpoints`` has a checkpoint.
+    """
+    t = cfg.train
+    if not (cli_init_from and t.init_from and not cli_resume and t.resume == "auto"):
+        return
+    latest = checkpointer.find_latest(Path(cfg.run_dir) / "checkpoints")
+    if latest is not None:
+        raise TrainError(f"--init_from {t.init_from} was given, but {cfg.run_dir} holds checkpoint {latest}, "
+                         "which --resume auto would load instead; pass --resume auto to continue that run (init_from "
+                         "ignored), or another run_dir / --resume none after moving its checkpoints away")
 
 
 def prepare_world_size_change(tag_dir: Path | None, ds_cfg: dict, rank: int, world_size: int) -> Path | None:
@@ -154,7 +221,12 @@ def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal
     """
     check_same_model(tag_dir, model_cfg)
     src = universal_dir or tag_dir
-    load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+    try:
+        load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+    except (RuntimeError, OSError, EOFError, AssertionError, KeyError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TrainError(f"cannot load checkpoint {src} ({type(e).__name__}: {first}); if it is damaged, move it "
+                         "away and resume from the previous one") from None
     if load_path is None:
         raise TrainError(f"DeepSpeed could not load {src}")
     step = client["step"]
