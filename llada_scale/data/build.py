@@ -1,6 +1,11 @@
 """Building token shards from jsonl / jsonl.gz rows (the engine of ``tools/build_shards.py``): parse and
 validate rows, tokenize them in worker processes (pretraining text, or SFT conversations rendered with the chat
 template and their assistant mask), split train/val and write the shard directory of :mod:`llada_scale.data.shards`.
+
+Hostile input is a skipped row, never an abort: undecodable or lone-surrogate text, a corrupt or truncated
+``.gz`` (the rows read before the damage are kept), and the literal mask-token text in a document (encoded as
+plain text in pretraining rows; an SFT row holding it is skipped). ``--overwrite`` builds the new shards beside
+the old ones and swaps them in at the end, so an interrupted rebuild leaves the old shards usable.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ import gzip
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
+import zlib
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from llada_scale.data.shards import SPLITS, BuildError, Document, write_shard_dir
+from llada_scale.data.shards import _SHARD_RE, SPLITS, BuildError, Document, write_shard_dir
 
 __all__ = ["build_shards"]
 
@@ -25,11 +32,32 @@ class _Row(NamedTuple):
     payload: Any  # str (pretrain text) or list (conversation)
 
 
+class _Unreadable(Exception):
+    """The rest of an input file cannot be read (corrupt or truncated compression); args: (line, reason)."""
+
+
 def _open_text_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of a .jsonl / .jsonl.gz file; raises :class:`_Unreadable` at the first
+    undecompressable byte (the lines before it have been yielded)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            yield lineno, raw
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        what = "truncated" if isinstance(e, EOFError) else "corrupt"
+        raise _Unreadable(lineno + 1, f"{what} gzip data ({type(e).__name__}: {e or 'unexpected end'}); the rest of "
+                                      f"the file is skipped ({lineno} lines read)") from None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings JSON allows but UTF-8 does not (lone surrogates such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _parse_row(raw: bytes, kind: str) -> tuple[Any, str | None]:
@@ -54,6 +82,8 @@ def _parse_row(raw: bytes, kind: str) -> tuple[Any, str | None]:
             return None, f'"text" is a {type(t).__name__}, expected a string'
         if not t.strip():
             return None, 'blank "text"'
+        if not _is_unicode(t):
+            return None, '"text" holds a lone surrogate (e.g. \\ud800), not valid Unicode'
         return t, None
     conv = obj.get("conversations")
     if conv is None:
@@ -63,6 +93,8 @@ def _parse_row(raw: bytes, kind: str) -> tuple[Any, str | None]:
     for i, m in enumerate(conv):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return None, f'conversations[{i}] must be {{"role": str, "content": str}}'
+        if not _is_unicode(m["content"]) or not _is_unicode(m["role"]):
+            return None, f"conversations[{i}] holds a lone surrogate (e.g. \\ud800), not valid Unicode"
     if not any(m["role"] == "assistant" for m in conv):
         return None, "conversation has no assistant turn"
     return conv, None
@@ -78,23 +110,47 @@ def _worker_init(tokenizer_path: str, mask_token: str) -> None:
     _WORKER_TOK = Tokenizer.load(tokenizer_path, mask_token=mask_token)
 
 
+MASK_LITERAL = "literal mask token"  # _tokenize's note for a pretraining row whose text holds the mask token
+
+
+def _encode_plain(tok, text: str) -> tuple[list[int], bool]:
+    """Token ids of pretraining ``text`` in which the mask-token string is ordinary text (the mask id never
+    comes from data: a clean x_0 holding it would teach the model to predict masks). Returns (ids, whether the
+    text held the mask-token string)."""
+    ids = tok.encode(text)
+    if tok.mask_token_id not in ids:
+        return ids, False
+    literal = [i for half in (tok.mask_token[:2], tok.mask_token[2:]) for i in tok.encode(half)]
+    parts = text.split(tok.mask_token)
+    out = tok.encode(parts[0])
+    for part in parts[1:]:
+        out += literal + tok.encode(part)
+    return [i for i in out if i != tok.mask_token_id], True
+
+
 def _tokenize(payload: Any) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """``(ids, assistant mask or None, reason for skipping or None)``; a pretraining row whose text holds the
+    mask-token string comes back with reason :data:`MASK_LITERAL` AND its ids (encoded as plain text)."""
     from llada_scale.data.tokenizer import TokenizerError
 
     tok = _WORKER_TOK
     dtype = np.uint16 if tok.padded_vocab_size() <= 2**16 else np.uint32
     try:
         if isinstance(payload, str):
-            ids = tok.encode(payload)
+            ids, literal = _encode_plain(tok, payload)
             if not ids:
                 return None, None, "text tokenizes to nothing"
-            return np.asarray(ids, dtype=dtype), None, None
+            return np.asarray(ids, dtype=dtype), None, MASK_LITERAL if literal else None
+        if any(tok.mask_token in m["content"] for m in payload):
+            return None, None, f"a message holds the literal mask token {tok.mask_token} (SFT rows with it are skipped)"
         ids, mask = tok.render_chat(payload)
         if not any(mask):
             return None, None, "no assistant tokens after rendering"
         return np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8), None
     except TokenizerError as exc:
         return None, None, str(exc)
+    except (TypeError, ValueError) as exc:  # the Rust tokenizer's complaints about odd strings: skip the row
+        return None, None, f"cannot tokenize: {type(exc).__name__}: {exc}"
 
 
 def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, *, val_fraction: float = 0.01,
@@ -164,13 +220,18 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
 
     def rows() -> Iterator[_Row]:
         for path in inputs:
-            for lineno, raw in _open_text_lines(path):
-                payload, reason = _parse_row(raw, kind)
-                if reason is not None:
-                    if reason != "blank line":
-                        report(path, lineno, reason)
-                    continue
-                yield _Row(path, lineno, payload)
+            try:
+                for lineno, raw in _open_text_lines(path):
+                    payload, reason = _parse_row(raw, kind)
+                    if reason is not None:
+                        if reason != "blank line":
+                            report(path, lineno, reason)
+                        continue
+                    yield _Row(path, lineno, payload)
+            except _Unreadable as e:
+                report(path, *e.args)
+
+    mask_literals = 0
 
     ids_list: list[np.ndarray] = []
     mask_list: list[np.ndarray | None] = []
@@ -202,7 +263,9 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
             else:
                 results = [_tokenize(p) for p in payloads]
             for row, (ids, mask, reason) in zip(block, results):
-                if reason is not None:
+                if reason == MASK_LITERAL:
+                    mask_literals += 1
+                elif reason is not None:
                     report(row.file, row.line, reason)
                     continue
                 ids_list.append(ids)
@@ -220,6 +283,9 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
             pool.join()
     if len(bad) > 20:
         log(f"warning: {len(bad)} bad rows skipped in total ({len(bad) - 20} not shown)")
+    if mask_literals:
+        log(f"warning: {mask_literals} document(s) contain the literal text {tok.mask_token}; it was encoded as "
+            "plain text, never as the mask token")
 
     n = len(ids_list)
     if n == 0:
@@ -237,12 +303,16 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
     docs = [Document(int(i), ids_list[i], mask_list[i]) for i in perm]
     splits = {"val": docs[:n_val], "train": docs[n_val:]}
     wbar = tqdm(total=n, desc="writing", unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    staging = os.path.normpath(output) + ".building"  # beside the old shards; swapped in when complete
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        index = write_shard_dir(output, kind, splits, tok.identity(), seed=seed,
+        index = write_shard_dir(staging, kind, splits, tok.identity(), seed=seed,
                                 sources=[os.path.abspath(p) for p in inputs], shard_tokens=shard_tokens,
-                                overwrite=overwrite, progress=wbar.update)
+                                overwrite=False, progress=wbar.update)
+        _swap_in(staging, output)
     finally:
         wbar.close()
+        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.time() - t0
     summary = {
         "documents": n,
@@ -254,6 +324,24 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
                        "tokens": sum(e["tokens"] for e in index["splits"][s]),
                        "shards": len(index["splits"][s])} for s in SPLITS},
         "bad_row_messages": bad,
+        "mask_literal_documents": mask_literals,
         "index": index,
     }
     return summary
+
+
+def _swap_in(staging: str, output: str) -> None:
+    """Move a complete shard directory ``staging`` into ``output``: the old index first (so a half-swapped
+    directory never looks valid), then the old shards go, the new shards move in and the new index last.
+    Other files in ``output`` are left alone. Only renames: a second at most, against minutes of building."""
+    os.makedirs(output, exist_ok=True)
+    old_index = os.path.join(output, "index.json")
+    if os.path.exists(old_index):
+        os.remove(old_index)
+    for name in os.listdir(output):
+        if _SHARD_RE.match(name):
+            os.remove(os.path.join(output, name))
+    for name in sorted(os.listdir(staging)):
+        if name != "index.json":
+            os.replace(os.path.join(staging, name), os.path.join(output, name))
+    os.replace(os.path.join(staging, "index.json"), old_index)

@@ -74,6 +74,9 @@ class PackedDataset(IterableDataset):
             ``num_workers`` given to :func:`build_dataloader`; it is part of the deterministic split.
         infinite: True: epochs follow each other forever (training). False: stop after one epoch
             (validation; a new ``iter`` then starts the epoch again from the beginning).
+        vocab_size: when given, every token id read must be below it (the model's embedding rows); a
+            shard holding a larger id raises ShardError naming the shard (instead of an IndexError deep in
+            the model's embedding lookup).
 
     Sharding (WebDataset's ``split_by_node`` + ``split_by_worker``, done explicitly so the assignment is
     deterministic, testable and changes every epoch): at epoch ``e`` the split's shard list is shuffled
@@ -110,7 +113,7 @@ class PackedDataset(IterableDataset):
 
     def __init__(self, shard_dir: str, split: str, seq_len: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, eos_token_id: int | None = None, num_workers: int = 0,
-                 infinite: bool = True) -> None:
+                 infinite: bool = True, vocab_size: int | None = None) -> None:
         super().__init__()
         self.seq_len = _positive_int("seq_len", seq_len)
         self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
@@ -132,6 +135,7 @@ class PackedDataset(IterableDataset):
             if eos_token_id is None:
                 raise LoaderError(f"{shard_dir}/index.json has no tokenizer eos_token_id; pass eos_token_id=")
         self.eos_token_id = _positive_int("eos_token_id", eos_token_id, 0)
+        self.vocab_size = None if vocab_size is None else _positive_int("vocab_size", vocab_size)
 
         streams = self.world_size * max(1, self.num_workers)
         n = len(self.shards)
@@ -319,6 +323,11 @@ class PackedDataset(IterableDataset):
     def _load_docs(self, shard_idx: int, epoch: int, pas: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
         path, docs, tokens = self.shards[shard_idx]
         samples = read_shard(path, expected_documents=docs, expected_tokens=tokens)
+        if self.vocab_size is not None and samples:
+            top = max((int(ids.max()) for _, ids, _ in samples if ids.size), default=-1)
+            if top >= self.vocab_size:
+                raise ShardError(f"{path}: token id {top} is outside the model's vocabulary ({self.vocab_size} rows); "
+                                 "the shards were built with another tokenizer: rebuild them with the recipe's")
         order = np.random.default_rng([self.seed, epoch, shard_idx, pas]).permutation(len(samples))
         out = []
         for i in order:
