@@ -78,27 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=convert.import_hf)
 
     p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",
-                       description="Import a Nano-LLaDA diffusion Model state dict (token_emb, blocks.N.attn.c_q, "
-                                   "...) or a minimind MiniMindForCausalLM state dict (HF names, optional "
-                                   "q_norm/k_norm, tied head). Shapes are read from the tensors; the flags give what "
-                                   "a state dict does not record.")
+                       description="Import a Nano-LLaDA diffusion or AR model (token_emb, blocks.N.attn.c_q, ...) "
+                                   "or a minimind MiniMindForCausalLM state dict (HF names, optional q_norm/k_norm, "
+                                   "tied head). Shapes are read from the tensors; head count, RoPE base, norm eps, "
+                                   "activation, YaRN and causal/bidirectional from the 'args' Nano-LLaDA saves in "
+                                   "its checkpoints. Without that record the flags below are required; a flag that "
+                                   "contradicts the record is refused.")
     p.add_argument("pt_file", help="torch .pt file: a state dict or {'model_state_dict'|'state_dict'|'model': ...}")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--arch", default="auto", choices=["auto", "nano-llada", "minimind"],
                    help="source architecture (default: detect from key names)")
-    p.add_argument("--num_heads", type=int, default=8, help="attention heads (not in the state dict; default 8)")
-    p.add_argument("--rope_theta", type=float, default=1e6, help="RoPE base (both repos default to 1e6)")
-    p.add_argument("--norm_eps", type=float, default=1e-5,
-                   help="RMSNorm eps (Nano-LLaDA 1e-5; recent minimind 1e-6; default 1e-5)")
-    p.add_argument("--max_seq_len", type=int, default=512, help="max_seq_len to record (default 512)")
+    p.add_argument("--num_heads", type=int, default=None,
+                   help="attention heads (the tensors cannot tell). Default: the recorded num_attention_heads (for "
+                        "Nano-LLaDA diffusion SFT runs started from a checkpoint: the count that trainer infers, 16 "
+                        "for hidden 512), or minimind's q_norm shape; else required")
+    p.add_argument("--rope_theta", type=float, default=None,
+                   help="RoPE base. Default: the recorded rope_theta; else required (both repos default to 1e6)")
+    p.add_argument("--norm_eps", type=float, default=None,
+                   help="RMSNorm eps. Default: the recorded rms_norm_eps; else required (Nano-LLaDA 1e-5, recent "
+                        "minimind 1e-6)")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="max_seq_len to record. Default: the recorded training length (seq_len / max_seq_len), "
+                        "else 512")
     p.add_argument("--mask_token_id", type=int, default=None,
                    help="mask token id (default for nano-llada with vocab 6401: 6400)")
     p.add_argument("--causal", default="auto", choices=["auto", "true", "false"],
-                   help="override causal (default: nano-llada false, minimind true)")
-    p.add_argument("--hidden_act", default="silu", help="the source MLP activation; only silu is supported")
+                   help="causal (AR) or bidirectional (diffusion) attention. auto (default): from the recorded "
+                        "args (Nano-LLaDA's AR trainers and diffusion trainers save the same tensor names); the "
+                        "minimind layout is causal; a Nano-LLaDA file without args needs the flag")
+    p.add_argument("--hidden_act", default=None,
+                   help="the source MLP activation (only silu maps onto ours). Default: the recorded hidden_act; "
+                        "else required")
     p.add_argument("--rope_scaling", default="auto", choices=["auto", "none", "yarn"],
-                   help="whether the source used YaRN (--inference-rope-scaling); auto (default): the "
-                        "inference_rope_scaling recorded in the .pt's 'args' (Nano-LLaDA saves them), else none")
+                   help="whether the source used YaRN (--inference-rope-scaling). auto (default): the "
+                        "inference_rope_scaling recorded in the .pt's 'args'; without a record pass none or yarn")
     p.add_argument("--rope_factor", type=float, default=16.0, help="YaRN factor (both repos use 16)")
     p.add_argument("--original_max_position_embeddings", type=int, default=2048,
                    help="YaRN original context length (both repos use 2048)")
