@@ -7,8 +7,9 @@ Launch with any of::
     torchrun --nproc_per_node 2 -m llada_scale.train --deepspeed_config ds_configs/zero2.json --config configs/X.yaml
     python -m llada_scale.train --config configs/X.yaml          # one process
 
-Exit codes: 0 done, 2 bad input (one ``error:`` line), 75 (:data:`PREEMPTED_EXIT`) stopped by a signal after a
-complete checkpoint.
+Exit codes: 0 done (``train.max_steps``, ``train.stop_at_step`` or early stopping), 2 bad input or a run that
+cannot go on (one ``error:`` line: bad config, diverged, disk full, ...), 75 (:data:`PREEMPTED_EXIT`) stopped by
+SIGUSR1/SIGTERM/SIGHUP or a vanished launcher after a complete checkpoint, 130 the same after Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -27,7 +29,9 @@ import torch.distributed as dist  # noqa: E402
 
 from llada_scale.training.config import ConfigError, load_config  # noqa: E402
 from llada_scale.training.engine import init_distributed  # noqa: E402
-from llada_scale.training.signals import PREEMPTED_EXIT, watch_stop_signals  # noqa: E402
+from llada_scale.training.signals import exit_code, watch_stop_signals  # noqa: E402
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 log = logging.getLogger("llada_scale")
 
@@ -50,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value")
     args = p.parse_args(argv)
+    # what the command line (not the recipe) says: --init_from / --resume, or their key=value overrides
+    args.cli_init_from = args.init_from is not None or any(o.startswith("train.init_from=") for o in args.overrides)
+    args.cli_resume = args.resume is not None or any(o.startswith("train.resume=") for o in args.overrides)
     for flag, key in (("resume", "train.resume"), ("init_from", "train.init_from"), ("run_dir", "run_dir"),
                       ("wandb", "train.wandb")):
         if getattr(args, flag) is not None:
@@ -57,9 +64,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error that is the user's input or the run's state (exit 2), or None for a
+    bug or a library failure (keep the traceback).
+
+    User errors: our own exception classes (ConfigError, TrainError, CheckpointError, ShardError, LoaderError,
+    ...), FileNotFoundError, and ValueErrors raised by package code (e.g. ``ModelConfig`` checks). An error
+    re-raised from a data-loader worker carries the worker's traceback in its message: only its last line
+    (the original message) is kept.
+    """
+    if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError, KeyError)):
+        return None
+    frames = traceback.extract_tb(e.__traceback__)
+    raised_here = bool(frames) and frames[-1].filename.startswith(_PACKAGE_DIR)
+    ours = type(e).__module__.startswith("llada_scale")
+    if not (ours or isinstance(e, FileNotFoundError) or (raised_here and isinstance(e, ValueError))):
+        return None
+    msg = str(e)
+    if "Original Traceback" in msg:  # torch DataLoader ExceptionWrapper: "...\nmodule.Class: message"
+        last = [x for x in msg.strip().splitlines() if x.strip()][-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(msg.split("\n")).strip()
+
+
 def main(argv=None) -> int:
-    """Train; returns 0 (done, or stopped at train.stop_at_step), 2 (bad input / TrainError), or
-    :data:`PREEMPTED_EXIT` = 75 when a SIGUSR1/SIGTERM made every rank checkpoint and stop early."""
+    """Train; returns 0 (done, stopped at train.stop_at_step, or early-stopped), 2 (bad input / TrainError), or
+    after a stop signal made every rank checkpoint and stop early: 75 (PREEMPTED_EXIT; SIGUSR1, SIGTERM, SIGHUP or
+    a vanished launcher) or 130 (INTERRUPTED_EXIT; Ctrl-C)."""
     watch_stop_signals()  # SLURM may signal any time, start-up included: record, never die of it
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -70,8 +101,13 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from llada_scale.training import resume
+
+        resume.check_init_from(cfg, cli_init_from=args.cli_init_from, cli_resume=args.cli_resume)
+    except (ConfigError, RuntimeError) as e:
+        if user_error(e) is None:
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     rank, _, _ = init_distributed()
     if rank != 0:
@@ -83,10 +119,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, args.deepspeed_config)
         trainer.install_signal_handlers()
         result = trainer.fit()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if not type(e).__module__.startswith("llada_scale") and not isinstance(e, FileNotFoundError):
+    except Exception as e:  # noqa: BLE001 - sorted into one line (exit 2) or a traceback below
+        msg = user_error(e)
+        if msg is None:
             raise  # a bug or a library failure: keep the traceback
-        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        print(f"error (rank {rank}): {msg}", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:
@@ -98,16 +135,16 @@ def main(argv=None) -> int:
             dist.barrier()  # leave together: srun --kill-on-bad-exit must not kill a rank still finishing
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
-        return PREEMPTED_EXIT
+        return exit_code(result.get("signal", 0))
     return 0
 
 
 if __name__ == "__main__":
-    from llada_scale.train import PREEMPTED_EXIT as _PREEMPTED  # import as a module so error classes keep
-    from llada_scale.train import main as _main  # their module name
+    from llada_scale.train import main as _main  # import as a module so error classes keep their module name
+    from llada_scale.training.signals import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
     _code = _main()
-    if _code == _PREEMPTED:
+    if _code in (PREEMPTED_EXIT, INTERRUPTED_EXIT):
         # Every rank has just left a barrier: exit now, all within a millisecond, skipping the interpreter's
         # teardown. Otherwise srun --kill-on-bad-exit=1 may see one rank's 75 while another is still tearing
         # down, kill that one, and report 143 instead of 75 (no requeue; slurm/launch.sh copes, but late).

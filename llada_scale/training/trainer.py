@@ -9,6 +9,7 @@ logging, checkpoints). It knows the model only through ``Transformer(cfg)`` and 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -21,10 +22,10 @@ from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
 from llada_scale.objectives.losses import compute_loss
-from llada_scale.training import resume, signals
+from llada_scale.training import preflight, resume, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import TrainError, build_ds_config, load_init_weights, param_groups
-from llada_scale.training.guards import LossGuard
+from llada_scale.training.guards import DivergedError, LossGuard
 from llada_scale.training.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
 from llada_scale.training.samples import generate_samples
 from llada_scale.training.schedule import lr_multiplier
@@ -59,7 +60,7 @@ class Trainer:
         cfg.model.mask_token_id = self.tokenizer.mask_token_id
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
 
-        resume_dir = resume.find_resume_dir(cfg.train.resume, self.ckpt_dir)
+        resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model)
         self.init_meta = None
@@ -88,10 +89,8 @@ class Trainer:
 
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
-        if loader_factory is None:  # once per run, not at every validation
-            d = cfg.data
-            for shard_dir in {d.train_shards, d.val_shards if cfg.train.val_every else d.train_shards}:
-                self._check_tokenizer(shard_dir)
+        if loader_factory is None:  # once per run, before step 1: both splits, tokenizer, shard kind
+            preflight.check_data(cfg, self.tokenizer)
         self.step = 0
         self.guard = LossGuard(cfg.train, self.rank)
         self._grad_norm = None
@@ -99,7 +98,7 @@ class Trainer:
             client = resume.restore(self.engine, self.loader, self.generator, resume_dir, universal_dir,
                                     model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
             self.step = client["step"]
-            self.guard.skipped, self.guard.loss_ema = client.get("skipped", 0), client.get("loss_ema")
+            self.guard.load_state_dict(client)
         self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
                                                   cfg.data.seq_len),
                                   self.world_size, device_peak_flops(cfg.train.peak_flops, self.device))
@@ -118,17 +117,8 @@ class Trainer:
                            rank=self.rank if rank is None else rank,
                            world_size=self.world_size if world_size is None else world_size,
                            seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
-                           num_workers=d.num_workers if split == "train" else 0)
+                           num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
-
-    def _check_tokenizer(self, shard_dir: str):
-        from llada_scale.data.shards import load_index
-
-        ident = load_index(shard_dir).get("tokenizer", {})
-        mine = self.tokenizer.identity()
-        if ident.get("sha256") and ident.get("sha256") != mine.get("sha256"):
-            raise TrainError(f"shards in {shard_dir} were built with another tokenizer ({ident.get('path')}) than "
-                             f"the recipe's {self.cfg.tokenizer}; rebuild the shards or fix `tokenizer:`")
 
     def _next_batch(self, it):
         batch = next(it)
@@ -145,12 +135,13 @@ class Trainer:
         rng_states = [None] * self.world_size
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
-        client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.guard.skipped,
-                  "loss_ema": self.guard.loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
+        client = {"step": self.step, "loader": loader_states, "rng": rng_states, **self.guard.state_dict(),
+                  "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
+        return path
 
     # -- signals (SLURM preemption / time limit)
     def install_signal_handlers(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
@@ -190,12 +181,18 @@ class Trainer:
                 self._stop_signal = int(flags[1])
             if self.guard.skip(self.step, nonfinite=flags[0] > 0, loss=flags[2]):
                 continue  # non-finite on some rank, or a spike: every rank drops this micro batch
+            boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
-            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            if self.zero_stage == 0 and boundary:
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 self._grad_norm = float(torch.nn.utils.get_total_norm(grads))
+                self.guard.skip_nonfinite_update(self.engine, self._grad_norm)
+            skipped_steps = self.engine.skipped_steps
             self.engine.step()
+            if boundary:  # DeepSpeed's ZeRO/bf16 optimizers skip non-finite gradients and count them
+                self.guard.step_done(self.step, self.engine.skipped_steps > skipped_steps or
+                                     (self.zero_stage == 0 and not math.isfinite(self._grad_norm)))
             micro += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v.detach().float().to(self.device)
@@ -240,7 +237,8 @@ class Trainer:
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
-                   "train/skipped_batches": self.guard.skipped, "data/checksum": sums["data_checksum"].item()}
+                   "train/skipped_batches": self.guard.skipped, "train/skipped_steps": self.guard.skipped_steps,
+                   "data/checksum": sums["data_checksum"].item()}
         if "block_length" in sums and speed["mfu"] is not None \
                 and (sums["block_length"] / sums["loss_count"]).item() < self.cfg.data.seq_len:
             speed["mfu"] *= 2  # block diffusion runs [x_t ; x_0]: two positions per data token
@@ -248,12 +246,14 @@ class Trainer:
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
-        if "t_bucket_ce_sum" in sums:
-            ce = (sums["t_bucket_ce_sum"] / sums["t_bucket_count"].clamp(min=1)).tolist()
+        if "t_bucket_ce_sum" in sums:  # a bucket no row fell into is missing, not 0
+            ce = [v if n else None for v, n in zip((sums["t_bucket_ce_sum"] / sums["t_bucket_count"].clamp(min=1))
+                                                   .tolist(), sums["t_bucket_count"].tolist())]
             for i, v in enumerate(ce):
                 lo, hi = i / NUM_T_BUCKETS, (i + 1) / NUM_T_BUCKETS
-                metrics[f"train/ce_t{lo:.1f}-{hi:.1f}"] = v
-            line += " | ce by t " + "/".join(f"{v:.2f}" for v in ce)
+                if v is not None:
+                    metrics[f"train/ce_t{lo:.1f}-{hi:.1f}"] = v
+            line += " | ce by t " + "/".join("-" if v is None else f"{v:.2f}" for v in ce)
         if "block_length" in sums:
             metrics["train/block_length"] = (sums["block_length"] / sums["loss_count"]).item()
             line += f" | block {metrics['train/block_length']:.0f}"
@@ -276,26 +276,44 @@ class Trainer:
         self.speed.reset()
         while self.step < t.max_steps:
             t0 = time.perf_counter()
-            stats = self.train_step(it)
+            try:
+                stats = self.train_step(it)
+            except DivergedError as e:  # every rank raises it at the same micro step
+                if window:
+                    self._log_step(window, time.perf_counter() - t0)
+                path = self.save()
+                raise DivergedError(f"{e}. Saved the last good state (the skipped steps did not change the "
+                                    f"weights) as {path}") from None
             for k, v in stats.items():
                 window[k] = window.get(k, 0) + v
             self.speed.update(tokens_per_step)
             step_time = time.perf_counter() - t0
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            validating = bool(t.val_every) and (self.step % t.val_every == 0 or self.step == t.max_steps)
+            # a step the run may stop at: log the steps since the last line (log_every would hide them)
+            stopping = bool(self._stop_signal) or self.step == t.stop_at_step or \
+                (validating and t.early_stop_patience > 0)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or stopping:
                 self._log_step(window, step_time)
                 window = {}
-            if t.val_every and (self.step % t.val_every == 0 or self.step == t.max_steps):
+            early_stop = None
+            if validating:
                 last = self.validate()
                 samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
                 self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
                 for s in samples:
                     self.logger.log(self.step, {}, f"  sample: {s}")
                 self.speed.reset()
+                early_stop = self.guard.validated(self.step, last["val/loss"])
+            if early_stop:
+                self.logger.log(self.step, {"train/early_stopped": self.step}, early_stop)
+                self.save()
+                return {**last, "early_stopped": self.step}
             if self._stop_signal:
                 if self.rank == 0:
-                    log.info(f"signal {self._stop_signal} received: checkpointing at step {self.step} and stopping")
+                    log.info(f"signal {self._stop_signal} received: checkpointing at step {self.step} and stopping "
+                             f"({signals.describe(self._stop_signal)})")
                 self.save()
-                return {**last, "preempted": True}
+                return {**last, "preempted": True, "signal": self._stop_signal}
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps \
                     or self.step == t.stop_at_step:
                 self.save()
@@ -305,5 +323,10 @@ class Trainer:
         return last
 
     def close(self):
+        """End the run cleanly: loader workers, logger, engine, then the stop-signal thread (so that a hung
+        teardown can still be killed with SIGTERM). Without the explicit worker shutdown a run with
+        ``data.num_workers >= 1`` never exits (see :func:`llada_scale.training.signals.close_loader`)."""
+        signals.close_loader(self.loader)
         self.logger.close()
         self.engine.destroy()
+        signals.stop_watching()
