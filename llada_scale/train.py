@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wandb mode (auto: offline without WANDB_API_KEY)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow the key=value overrides
     # what the command line (not the recipe) says: --init_from / --resume, or their key=value overrides
     args.cli_init_from = args.init_from is not None or any(o.startswith("train.init_from=") for o in args.overrides)
     args.cli_resume = args.resume is not None or any(o.startswith("train.resume=") for o in args.overrides)

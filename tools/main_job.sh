@@ -34,8 +34,8 @@ if [[ ! -f $SFT/index.json ]]; then
     --max_docs "${SFT_DOCS:-20000}" --shard_tokens 250000 --num_workers 2
 fi
 
-run() {  # run RECIPE [overrides...]
-  deepspeed --num_gpus "$NPROC" llada_scale/train.py --deepspeed_config "$DS_CONFIG" --config "$@"
+run() {  # run RECIPE [overrides...]; --resume auto: a rerun continues (or skips) a stage that has checkpoints
+  deepspeed --num_gpus "$NPROC" llada_scale/train.py --deepspeed_config "$DS_CONFIG" --resume auto --config "$@"
 }
 start=$(date +%s)
 run "configs/ar_pretrain_${SIZE}.yaml"

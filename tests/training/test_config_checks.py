@@ -113,3 +113,13 @@ def test_entry_point_one_line_for_a_list_yaml(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "must hold a mapping" in r.stderr
+
+
+def test_options_may_follow_the_overrides():
+    from llada_scale.train import parse_args
+
+    a = parse_args(["--config", "x.yaml", "optim.lr=1e-3", "--resume", "none", "train.max_steps=5",
+                    "--init_from", "runs/ar"])
+    assert a.overrides == ["optim.lr=1e-3", "train.max_steps=5", "train.resume=none", "train.init_from=runs/ar"]
+    assert a.cli_init_from and a.cli_resume
+    assert not parse_args(["--config", "x.yaml", "train.max_steps=5"]).cli_init_from

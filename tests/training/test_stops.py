@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llada_scale.checkpoint import checkpointer
-from llada_scale.testing import REPO_ROOT, train_metrics
+from llada_scale.testing import REPO_ROOT, free_port, train_metrics
 
 TINY = ["--config", "configs/diffusion_pretrain_tiny.yaml", "model.num_layers=2", "model.hidden_size=64",
         "model.intermediate_size=128", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=4",
@@ -185,11 +185,11 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-LAUNCHERS = {
+LAUNCHERS = {  # both default to port 29500, which another job on the machine may hold
     "deepspeed": lambda: [sys.executable, shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1",
-                          "llada_scale/train.py"],
-    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
-                         "llada_scale.train"],
+                          "--master_port", str(free_port()), "llada_scale/train.py"],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                         str(free_port()), "-m", "llada_scale.train"],
 }
 
 
