@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import json
 import os
+from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 __all__ = ["TokenizerError", "Tokenizer", "CHATML_TEMPLATE"]
@@ -68,6 +69,7 @@ def _make_jinja_env():
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # transformers defines it too (Llama 3.x)
     return env
 
 

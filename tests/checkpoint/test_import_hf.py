@@ -161,3 +161,42 @@ def test_trainer_init_from_imported_qwen_a2d(tmp_path, pretrain_shards):
     assert train_metrics(run)[1]["train/loss"] < 20
     sd, meta = cio.load_model_state(run, progress=False)
     assert meta["config"]["model"]["vocab_size"] == 6500 and sd["model.embed_tokens.weight"].shape == (6500, 64)
+
+
+REAL_CONFIGS = {  # the published config.json values (no weights needed)
+    "Qwen2.5-0.5B": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, max_window_layers=24, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         sliding_window=32768, use_sliding_window=False, tie_word_embeddings=True, vocab_size=151936,
+                         hidden_act="silu", bos_token_id=151643, eos_token_id=151643),
+    "Qwen3-0.6B": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False, head_dim=128,
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_scaling=None,
+                       rope_theta=1000000, sliding_window=None, use_sliding_window=False, tie_word_embeddings=True,
+                       vocab_size=151936, hidden_act="silu"),
+    "Llama-3.2-1B": dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False,
+                         head_dim=64, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256,
+                         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_configs_map_exactly(name):
+    """Released configs map onto our backbone with the same parameter count as transformers' own model (both on
+    the meta device); Qwen2.5-0.5B is exactly the qwen2.5-0.5b preset; Qwen3-0.6B keeps head_dim 128."""
+    from llada_scale.model.transformer import ModelConfig, Transformer, preset
+
+    hf_cfg = REAL_CONFIGS[name]
+    mc = ModelConfig(**cio.model_config_from_hf(hf_cfg))
+    with torch.device("meta"):
+        ours = Transformer(mc).num_params()
+        theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**hf_cfg)).parameters())
+    assert ours == theirs
+    if name == "Qwen2.5-0.5B":
+        assert mc == preset("qwen2.5-0.5b")
+    if name == "Qwen3-0.6B":
+        assert (mc.head_dim, mc.num_heads, mc.hidden_size, mc.qk_norm) == (128, 16, 1024, True)
