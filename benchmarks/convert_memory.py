@@ -74,7 +74,7 @@ def main() -> None:
         save_sharded(llada_state(cfg), src, args.shards, dtype=torch.bfloat16)
         shard_mb = max(f.stat().st_size for f in src.glob("*.safetensors")) / 1e6
         total_mb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e6
-        out_mb = float(args.out_shard.rstrip("MB"))
+        out_mb = min(float(args.out_shard.rstrip("MB")), total_mb)  # the largest output file
         print(f"checkpoint: {total_mb:.0f} MB bf16 in {args.shards} shards, largest {shard_mb:.0f} MB; "
               f"output shards <= {out_mb:.0f} MB")
         print(f"{'command':<14} {'s':>6} {'MB/s':>6} {'peak-base MB':>13} {'/(shard+out)':>13}")
