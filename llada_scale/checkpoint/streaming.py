@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from llada_scale.checkpoint.files import (SAFE_INDEX, SAFE_SINGLE, CheckpointError, atomic_write_text, parse_dtype,
-                                          parse_size, read_json)
+from llada_scale.checkpoint.files import (SAFE_INDEX, SAFE_SINGLE, CheckpointError, atomic_save_file,
+                                          atomic_write_text, parse_dtype, parse_size, read_json)
 
 __all__ = ["TensorInfo", "scan_weights", "read_tensors", "stream_convert", "check_output_dir", "staged_output"]
 
@@ -141,7 +141,6 @@ def stream_convert(tensors: dict[str, TensorInfo], rename: Callable[[str], str |
     Raises:
         CheckpointError: one line naming missing, unexpected or misshapen tensors (first 4 of each).
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from llada_scale.model.transformer import state_dict_mismatch
@@ -188,7 +187,7 @@ def stream_convert(tensors: dict[str, TensorInfo], rename: Callable[[str], str |
         buffer[names[k]] = t.contiguous()
         bar.update(1)
         if len(buffer) == len(plan[current]):
-            _write_shard(save_file, buffer, out_dir, files[current], header)
+            atomic_save_file(buffer, os.path.join(out_dir, files[current]), header)
             buffer, current = {}, current + 1
     bar.close()
     assert not buffer and current == n, "shard plan and input order disagree"
@@ -198,18 +197,6 @@ def stream_convert(tensors: dict[str, TensorInfo], rename: Callable[[str], str |
                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2,
                                      sort_keys=True))
     return files
-
-
-def _write_shard(save_file, tensors: dict, out_dir: str, name: str, header: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + name + "-", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, os.path.join(out_dir, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_output_dir(out_dir: str, force: bool) -> None:
