@@ -5,14 +5,17 @@ Subcommands (each has its own --help):
 
   consolidate CKPT OUT_DIR         DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors + config.json
                                    + the tokenizer files named by the checkpoint's tokenizer identity
-  export-hf SRC OUT_DIR            our model (tag dir or consolidated) -> HF LlamaForCausalLM directory
-  import-hf HF_DIR OUT_DIR         local HF Llama-family directory -> our consolidated format
+  export-hf SRC OUT_DIR            our model -> HF Llama / Qwen2 / Qwen3 ForCausalLM directory
+  import-hf HF_DIR OUT_DIR         local HF Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 directory -> consolidated
+  import-llada HF_DIR OUT_DIR      LLaDA's released format (GSAI-ML/LLaDA-8B-*) -> consolidated
+  export-llada SRC OUT_DIR         diffusion model -> LLaDA's format + trust_remote_code modeling files
   import-nano-llada PT OUT_DIR     Nano-LLaDA diffusion / minimind AR ``.pt`` state dict -> consolidated
   ar-to-diffusion SRC OUT_DIR      AR model -> LLaDA mask predictor (adds the mask-token rows, causal=false)
+  merge-lora CKPT OUT_DIR          LoRA run checkpoint + its base -> merged consolidated weights
 
-The work is done by :mod:`llada_scale.checkpoint.convert` and :mod:`llada_scale.checkpoint.nano_llada` (callable
-from Python with the same argument names). Errors print one line ``error: ...`` and exit with status 2.
-See docs/EVAL.md.
+The work is done by :mod:`llada_scale.checkpoint.convert`, :mod:`llada_scale.checkpoint.llada`,
+:mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
+argument names). Errors print one line ``error: ...`` and exit with status 2. See docs/EVAL.md and docs/MODELS.md.
 """
 
 from __future__ import annotations
