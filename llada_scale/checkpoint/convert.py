@@ -10,7 +10,8 @@ ar_to_diffusion    AR model -> LLaDA mask predictor (adds the mask-token rows, `
 =================  ==========================================================================================
 
 (Nano-LLaDA / minimind ``.pt`` import: :mod:`llada_scale.checkpoint.nano_llada`; LLaDA's released format in and
-out: :mod:`llada_scale.checkpoint.llada`; merging LoRA adapters: ``merge_lora_checkpoint`` in :mod:`llada_scale.training.lora`.)
+out: :mod:`llada_scale.checkpoint.llada`; merging LoRA adapters: ``merge_lora_checkpoint`` in
+:mod:`llada_scale.training.lora`.)
 
 The consolidated format: ``config.json`` = ``{"format": "llada_scale", "format_version": 1, "model":
 ModelConfig dict, "tokenizer": identity | null, "step", "run_config", "source", "dtype"}`` next to
