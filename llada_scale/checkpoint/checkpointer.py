@@ -142,7 +142,8 @@ def read_meta(tag_dir: str | Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict, keep_last: int = 0) -> Path:
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict, keep_last: int = 0,
+         exclude_frozen: bool = False) -> Path:
     """Save a complete checkpoint of ``engine`` at ``step``; collective (call on every rank).
 
     Args:
@@ -152,6 +153,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
         keep_last: keep this many complete checkpoints of steps up to ``step``, the one just written included;
             delete older ones (0 keeps all). The checkpoint just written is never deleted, and checkpoints of
             later steps (another run's, or the future of a run resumed from an earlier step) are left alone.
+        exclude_frozen: leave parameters with ``requires_grad=False`` out (LoRA: only the adapters are saved).
     Returns:
         The final tag directory.
     Raises:
@@ -169,7 +171,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
     _barrier()
     error = None
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
     except (RuntimeError, OSError) as e:
         error = _save_error(e, tmp, ckpt_dir)
     _raise_if_any(error, tmp, rank)

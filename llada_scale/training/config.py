@@ -24,6 +24,7 @@ import yaml
 from llada_scale.data import DEFAULT_DATA
 from llada_scale.model.transformer import PRESETS, ModelConfig
 from llada_scale.objectives.config import ObjectiveConfig
+from llada_scale.training.lora import LoRAConfig
 
 
 
@@ -102,6 +103,7 @@ class TrainLoopConfig:
     # validations in a row without an improvement of more than early_stop_min_delta over the best. 0 = off.
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 
 @dataclass
@@ -186,8 +188,6 @@ def _coerce(v: Any, typ: str, key: str):
         if not isinstance(v, (list, tuple)) or len(v) != 2:
             raise ConfigError(f"{key} must be a list of two numbers, e.g. [0.9, 0.95], not {v!r}")
         return tuple(_coerce(x, "float", f"{key}[{i}]") for i, x in enumerate(v))
-    if base == "list" and not isinstance(v, list):
-        raise ConfigError(f"{key} must be a list, not {v!r}")
     if base == "dict" and not isinstance(v, dict):
         raise ConfigError(f"{key} must be a mapping, not {v!r}")
     return v
@@ -261,6 +261,14 @@ def validate(cfg: "RunConfig") -> None:
                           "model.max_seq_len")
     if cfg.train.early_stop_patience and not cfg.train.val_every:
         raise ConfigError("train.early_stop_patience needs validation: set train.val_every > 0")
+def _build_train(values: dict) -> TrainLoopConfig:
+    values = dict(values)
+    lora = values.pop("lora", None) or {}
+    if not isinstance(lora, dict):
+        raise ConfigError(f"train.lora must be a section (rank, alpha, dropout, target_modules), not {lora!r}")
+    train = _build(TrainLoopConfig, values, "train")
+    train.lora = _build(LoRAConfig, lora, "train.lora")
+    return train
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -312,7 +320,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     cfg.data = _build(DataConfig, raw.get("data") or {}, "data")
     cfg.objective = _build(ObjectiveConfig, raw.get("objective") or {}, "objective")
     cfg.optim = _build(OptimConfig, raw.get("optim") or {}, "optim")
-    cfg.train = _build(TrainLoopConfig, raw.get("train") or {}, "train")
+    cfg.train = _build_train(raw.get("train") or {})
     cfg.tokenizer = expand_env(cfg.tokenizer)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.run_name)
@@ -332,5 +340,5 @@ def config_from_dict(d: dict) -> RunConfig:
     cfg.data = _build(DataConfig, parts["data"], "data")
     cfg.objective = _build(ObjectiveConfig, parts["objective"], "objective")
     cfg.optim = _build(OptimConfig, parts["optim"], "optim")
-    cfg.train = _build(TrainLoopConfig, parts["train"], "train")
+    cfg.train = _build_train(parts["train"])
     return cfg

@@ -85,7 +85,8 @@ def choose_resume_dir(train_cfg, ckpt_dir: Path, rank: int = 0) -> Path | None:
                              + "; ".join(problems) + "; move the damaged ones away or start another run_dir")
         if rank == 0:
             log.warning(f"resuming from the previous complete checkpoint {found}")
-    if rank == 0 and train_cfg.init_from:
+    lora = getattr(getattr(train_cfg, "lora", None), "enabled", False)  # LoRA: init_from is the frozen base
+    if rank == 0 and train_cfg.init_from and not lora:
         log.warning(f"train.init_from={train_cfg.init_from} is ignored: the run resumes from its checkpoint {found}")
     return found
 
@@ -102,7 +103,8 @@ def check_init_from(cfg, *, cli_init_from: bool, cli_resume: bool) -> None:
         TrainError: ``cli_init_from`` without ``cli_resume`` while ``run_dir/checkpoints`` has a checkpoint.
     """
     t = cfg.train
-    if not (cli_init_from and t.init_from and not cli_resume and t.resume == "auto"):
+    lora = getattr(getattr(t, "lora", None), "enabled", False)  # LoRA resumes adapters on top of init_from
+    if not (cli_init_from and t.init_from and not cli_resume and t.resume == "auto") or lora:
         return
     latest = checkpointer.find_latest(Path(cfg.run_dir) / "checkpoints")
     if latest is not None:
@@ -207,10 +209,11 @@ def load_loader_state(loader, saved: list, rank: int, world_size: int) -> bool:
 
 
 def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal_dir: Path | None, *,
-            model_cfg, seed: int, rank: int, world_size: int) -> dict:
+            model_cfg, seed: int, rank: int, world_size: int, strict: bool = True) -> dict:
     """Load a checkpoint into ``engine``, ``loader`` and the noise ``generator``; collective.
 
-    A rank the old run did not have gets its own noise stream, distinct per rank and resume step. The
+    ``strict=False`` accepts module states without the frozen parameters (LoRA checkpoints hold only the
+    adapters). A rank the old run did not have gets its own noise stream, distinct per rank and resume step. The
     universal copy (``universal_dir``, from :func:`prepare_world_size_change`) is deleted once every rank
     has read it.
 
@@ -222,7 +225,7 @@ def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal
     check_same_model(tag_dir, model_cfg)
     src = universal_dir or tag_dir
     try:
-        load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+        load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=strict)
     except (RuntimeError, OSError, EOFError, AssertionError, KeyError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise TrainError(f"cannot load checkpoint {src} ({type(e).__name__}: {first}); if it is damaged, move it "
