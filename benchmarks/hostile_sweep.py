@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+from llada_scale.testing import free_port, launched_rank, pid_running  # noqa: E402  (this checkout's helpers)
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "data.seq_len=64",
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.log_every=1", "train.init_from=",
         "train.wandb=off", "train.num_samples=0", "train.val_every=0", "data.num_workers=1", "train.keep_last=0",
@@ -288,45 +290,9 @@ def case_early_stop(s: Sweep) -> None:
     s.row("stop at step 7 with log_every=5", "step 7 logged", f"logged steps {steps}", steps == [5, 7])
 
 
-def _rank(launcher: int) -> int | None:
-    def children(pid):
-        out = []
-        for st in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                if int(st.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(st.parent.name))
-            except (OSError, ValueError, IndexError):
-                pass
-        return out
-    todo = children(launcher)
-    while todo:
-        pid = todo.pop(0)
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if any(c.endswith(b"train.py") or c == b"llada_scale.train" for c in cmd) and \
-                b"deepspeed.launcher.launch" not in cmd:
-            return pid
-        todo += children(pid)
-    return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _alive(pid: int | None) -> bool:
-    try:
-        return pid is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def case_launchers(s: Sweep) -> None:
     ds_cmd = shutil.which("deepspeed")
-    port = str(_free_port())  # both launchers default to 29500, which another job on the machine may hold
+    port = str(free_port())  # both launchers default to 29500, which another job on the machine may hold
     launchers = {"deepspeed": [sys.executable, ds_cmd or "deepspeed", "--num_gpus", "1", "--master_port", port,
                                "llada_scale/train.py"],
                  "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
@@ -341,16 +307,16 @@ def case_launchers(s: Sweep) -> None:
         box = {}
 
         def kill(p):
-            box["rank"] = _rank(p.pid)
+            box["rank"] = launched_rank(p.pid)
             if target == "group":  # Ctrl-C in a terminal: the whole foreground process group
                 os.killpg(p.pid, sig)
             else:
                 os.kill(p.pid if target == "launcher" else box["rank"], sig)
         code, out, secs = s.stop_run(argv, run, kill, at_step=2)
         deadline = time.time() + 60
-        while _alive(box.get("rank")) and time.time() < deadline:
+        while pid_running(box.get("rank")) and time.time() < deadline:
             time.sleep(0.2)
-        alive = _alive(box.get("rank"))
+        alive = pid_running(box.get("rank"))
         ck = s.ckpts(run)
         exp = "checkpoint, rank gone" + (", exit 75" if (name, target) == ("deepspeed", "rank") else "")
         s.row(f"{name} + {sig.name} to the {target}" + (" (Ctrl-C)" if target == "group" else ""), exp, f"launcher {s.exited(code, secs)}, "

@@ -54,6 +54,43 @@ def run_ranks(argv: list[str], world_size: int, env: dict | None = None, timeout
     return results
 
 
+def child_pids(pid: int) -> list[int]:
+    """Pids of the direct children of ``pid`` (from /proc; Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def pid_running(pid: int | None) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        return pid is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def launched_rank(launcher: int) -> int | None:
+    """The training process below a launcher pid (``torchrun``, ``deepspeed``): the first descendant whose command
+    line runs ``llada_scale.train`` / ``train.py`` itself (not ``deepspeed.launcher.launch``), or None."""
+    todo = child_pids(launcher)
+    while todo:
+        pid = todo.pop(0)
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(c.endswith(b"train.py") or c == b"llada_scale.train" for c in cmd) \
+                and b"deepspeed.launcher.launch" not in cmd:
+            return pid
+        todo += child_pids(pid)
+    return None
+
+
 def train_metrics(run_dir: str | Path) -> dict[int, dict]:
     """step -> the trainer's training-metrics row from ``run_dir/metrics.jsonl`` (rows with ``train/loss``;
     a step logged twice, e.g. around a resume, keeps its last row)."""

@@ -83,14 +83,8 @@ class LossGuard:
         if nonfinite:
             self.skipped += 1
             self.nonfinite_run += 1
-            if self.cfg.nonfinite == "stop":
-                raise DivergedError(f"non-finite loss at step {step + 1}; lower optim.lr or set train.nonfinite=skip")
-            if self.nonfinite_run >= self.cfg.max_consecutive_skips:
-                raise DivergedError(f"{self.nonfinite_run} micro batches in a row had a non-finite loss (step "
-                                    f"{step + 1}, train.max_consecutive_skips={self.cfg.max_consecutive_skips}): the "
-                                    "run has diverged; lower optim.lr")
-            if self.rank == 0:
-                log.warning(f"step {step + 1}: non-finite loss, micro batch skipped ({self.skipped} so far)")
+            self._bound(f"step {step + 1}: non-finite loss, micro batch skipped", self.nonfinite_run,
+                        "micro batches", self.skipped)
             return True
         self.nonfinite_run = 0
         return self.is_spike(step, loss)
@@ -158,15 +152,18 @@ class LossGuard:
             return
         self.skipped_steps += 1
         self.step_run += 1
-        what = f"step {step + 1}: non-finite gradients, optimizer step skipped"
+        self._bound(f"step {step + 1}: non-finite gradients, optimizer step skipped", self.step_run,
+                    "optimizer steps", self.skipped_steps)
+
+    def _bound(self, what: str, run: int, unit: str, total: int) -> None:
+        """The stop rules shared by skipped micro batches and skipped optimizer steps; else a warning (rank 0)."""
         if self.cfg.nonfinite == "stop":
             raise DivergedError(f"{what}; lower optim.lr or set train.nonfinite=skip")
-        if self.step_run >= self.cfg.max_consecutive_skips:
-            raise DivergedError(f"{what}: {self.step_run} optimizer steps in a row skipped "
-                                f"(train.max_consecutive_skips={self.cfg.max_consecutive_skips}), the run has "
-                                "diverged; lower optim.lr")
+        if run >= self.cfg.max_consecutive_skips:
+            raise DivergedError(f"{what}: {run} {unit} in a row skipped (train.max_consecutive_skips="
+                                f"{self.cfg.max_consecutive_skips}), the run has diverged; lower optim.lr")
         if self.rank == 0:
-            log.warning(f"{what} ({self.skipped_steps} so far)")
+            log.warning(f"{what} ({total} so far)")
 
     # -- validation
     def validated(self, step: int, val_loss: float) -> str | None:

@@ -17,13 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from llada_scale.checkpoint import checkpointer
-from llada_scale.testing import REPO_ROOT, free_port, run_ranks, train_losses as losses
+from llada_scale.testing import REPO_ROOT, child_pids, free_port, run_ranks, train_losses as losses
 
 TINY = ["--config", "configs/diffusion_pretrain_tiny.yaml", "model.num_layers=2", "data.seq_len=64",
         "train.micro_batch_size=4", "train.val_every=0", "train.log_every=1", "train.init_from=",
@@ -72,17 +71,6 @@ def test_checkpoint_killed_mid_save_is_never_resumed(tmp_path, pretrain_shards):
 
 
 # ---------------------------------------------------------------------------------------------- signals
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-
-
 @pytest.mark.distributed
 def test_sigusr1_to_one_rank_and_its_worker_stops_all_ranks_at_one_step(tmp_path, pretrain_shards):
     run = tmp_path / "run"
@@ -103,7 +91,7 @@ def test_sigusr1_to_one_rank_and_its_worker_stops_all_ranks_at_one_step(tmp_path
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
             time.sleep(0.1)
-        tree = [procs[1].pid, *_children(procs[1].pid)]
+        tree = [procs[1].pid, *child_pids(procs[1].pid)]
         assert len(tree) >= 2, "rank 1 has no loader worker child"
         for pid in tree:  # like slurmstepd: every process of the task
             os.kill(pid, signal.SIGUSR1)

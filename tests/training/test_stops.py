@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llada_scale.checkpoint import checkpointer
-from llada_scale.testing import REPO_ROOT, free_port, train_metrics
+from llada_scale.testing import REPO_ROOT, free_port, launched_rank, pid_running, train_metrics
 
 TINY = ["--config", "configs/diffusion_pretrain_tiny.yaml", "model.num_layers=2", "model.hidden_size=64",
         "model.intermediate_size=128", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=4",
@@ -148,41 +148,11 @@ def test_ctrl_c_then_resume_past_a_damaged_checkpoint(tmp_path, pretrain_shards)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-
-
-def _rank_pid(launcher: int) -> int:
-    """The training process below a launcher: the first descendant whose command line runs llada_scale.train
-    itself (not deepspeed.launcher.launch)."""
-    todo = _children(launcher)
-    while todo:
-        pid = todo.pop(0)
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if any(c.endswith(b"train.py") or c == b"llada_scale.train" for c in cmd) and b"deepspeed.launcher.launch" \
-                not in cmd:
-            return pid
-        todo += _children(pid)
-    raise AssertionError("no rank process found")
-
-
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
+    while pid_running(pid) and time.time() < deadline:
         time.sleep(0.1)
-    return False
+    return not pid_running(pid)
 
 
 LAUNCHERS = {  # both default to port 29500, which another job on the machine may hold
@@ -210,7 +180,8 @@ def test_signals_through_launchers_checkpoint(tmp_path, pretrain_shards, launche
     run = tmp_path / "run"
     proc = start(LAUNCHERS[launcher](), run, pretrain_shards, "train.max_steps=2000")
     wait_for_step(proc, run, 2)
-    rank = _rank_pid(proc.pid)
+    rank = launched_rank(proc.pid)
+    assert rank is not None, "no rank process found"
     os.kill(proc.pid if target == "launcher" else rank, sig)
     code, _, _ = finish(proc, run)
     assert _gone(rank, 60), "the rank kept running: " + output(run)[-3000:]
