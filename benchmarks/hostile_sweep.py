@@ -7,8 +7,9 @@ kills, damaged checkpoints, a full disk, absurd learning rates, resumes. Prints 
     python benchmarks/hostile_sweep.py --only launcher       # cases whose name contains a word
 
 Everything runs on CPU with a tiny model (2 layers, hidden 64, seq 64) on shards built from the project's data
-(``LLADA_DATA``). The disk-full case mounts a 24 MiB tmpfs (needs root; skipped otherwise). Every process gets a
-timeout: a run that hangs is reported as ``hung`` and killed with its whole session.
+(``LLADA_DATA``); the cases about how a run ends use one loader worker, the others none. The disk-full case
+mounts a 24 MiB tmpfs (needs root; skipped otherwise). Every process gets a timeout: a run that hangs is
+reported as ``hung`` and killed with its whole session.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ sys.path.insert(0, str(HERE))
 from llada_scale.testing import free_port, launched_rank, pid_running  # noqa: E402  (this checkout's helpers)
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "data.seq_len=64",
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.log_every=1", "train.init_from=",
-        "train.wandb=off", "train.num_samples=0", "train.val_every=0", "data.num_workers=1", "train.keep_last=0",
+        "train.wandb=off", "train.num_samples=0", "train.val_every=0", "data.num_workers=0", "train.keep_last=0",
         "train.save_every=0"]
+WORKERS = "data.num_workers=1"  # the cases about how runs end use a loader worker (a hang there used to be forever)
 RECIPE = ["--config", "configs/diffusion_pretrain_tiny.yaml"]
 
 
@@ -139,17 +141,17 @@ class Sweep:
 def case_exit_with_workers(s: Sweep) -> None:
     for ds in (None, "ds_configs/zero1.json", "ds_configs/zero2.json", "ds_configs/zero3.json"):
         run = s.work / f"exit_{ds and Path(ds).stem}"
-        code, out, secs = s.train(run, "train.max_steps=3", ds=ds, timeout=120)
+        code, out, secs = s.train(run, "train.max_steps=3", WORKERS, ds=ds, timeout=120)
         stage = Path(ds).stem if ds else "zero0"
         s.row(f"workers=1, {stage}, normal end", "exit 0, checkpoint step 3", f"{s.exited(code, secs)}, "
               f"{s.ckpts(run)}", code == 0 and s.ckpts(run) == ["step00000003"])
     run = s.work / "exit_sigterm"
-    code, out, secs = s.stop_run(s.train_argv(run, "train.max_steps=500", ds="ds_configs/zero2.json"), run,
+    code, out, secs = s.stop_run(s.train_argv(run, "train.max_steps=500", WORKERS, ds="ds_configs/zero2.json"), run,
                                  lambda p: p.send_signal(signal.SIGTERM))
     s.row("workers=1, zero2, SIGTERM", "exit 75 within seconds, checkpoint", f"{s.exited(code, secs)}, "
           f"{len(s.ckpts(run))} ckpt", code == 75 and len(s.ckpts(run)) == 1 and secs < 30)
     run = s.work / "exit_sigint"
-    code, out, secs = s.stop_run(s.train_argv(run, "train.max_steps=500", ds="ds_configs/zero3.json"), run,
+    code, out, secs = s.stop_run(s.train_argv(run, "train.max_steps=500", WORKERS, ds="ds_configs/zero3.json"), run,
                                  lambda p: p.send_signal(signal.SIGINT))
     s.row("workers=1, zero3, Ctrl-C (SIGINT)", "exit 130, checkpoint", f"{s.exited(code, secs)}, "
           f"{len(s.ckpts(run))} ckpt", code == 130 and len(s.ckpts(run)) == 1)
@@ -217,8 +219,9 @@ def case_disk_full(s: Sweep) -> None:
 
 
 def case_bad_config(s: Sweep) -> None:
-    def check(case, extra, expect, ds=None, shards=None, recipe=RECIPE, prefix=()):
-        code, out, _ = s.run([*s.train_argv(s.work / "bad", *extra, ds=ds, shards=shards, recipe=recipe)], 120)
+    def check(case, extra, expect, ds=None, shards=None, recipe=RECIPE):
+        run = s.work / f"bad{s.n}"  # its own run dir: a checkout that accepts the input trains (and saves) there
+        code, out, _ = s.run([*s.train_argv(run, *extra, ds=ds, shards=shards, recipe=recipe)], 120)
         one = s.err_line(out)
         s.row(case, f"exit 2, one line: {expect}", f"exit {code}, {one[:90]}",
               code == 2 and "Traceback" not in out and expect in out)
@@ -271,7 +274,7 @@ def case_vocab(s: Sweep) -> None:
                     m.size = len(data)
                 t.addfile(m, io.BytesIO(data))
         shard.write_bytes(out.getvalue())
-    code, out_text, _ = s.train(s.work / "vocab", "train.max_steps=30", shards=big)
+    code, out_text, _ = s.train(s.work / "vocab", "train.max_steps=30", WORKERS, shards=big)
     s.row("token id 9000 in a shard (vocab 6464)", "exit 2, one line naming the shard",
           f"exit {code}, {s.err_line(out_text)[:90]}", code == 2 and "Traceback" not in out_text and
           ".tar" in s.err_line(out_text))
@@ -284,7 +287,7 @@ def case_early_stop(s: Sweep) -> None:
     s.row("early stopping (patience 2, min_delta 10)", "exit 0 at step 6, checkpoint, reason logged",
           f"exit {code}, {s.ckpts(run)}", code == 0 and s.ckpts(run) == ["step00000006"] and "early stopping" in out)
     run = s.work / "stoplog"
-    s.train(run, "train.max_steps=7", "train.log_every=5", "train.stop_at_step=7")
+    s.train(run, "train.max_steps=20", "train.log_every=5", "train.stop_at_step=7")
     steps = sorted({json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
                     if "train/loss" in x})
     s.row("stop at step 7 with log_every=5", "step 7 logged", f"logged steps {steps}", steps == [5, 7])
@@ -303,7 +306,7 @@ def case_launchers(s: Sweep) -> None:
                               ("torchrun", "rank", signal.SIGUSR1), ("torchrun", "group", signal.SIGINT)):
         run = s.work / f"{name}_{target}_{sig.name}"
         argv = [*launchers[name], *RECIPE, *TINY, f"run_dir={run}", f"data.train_shards={s.pre}",
-                "train.max_steps=3000"]
+                "train.max_steps=3000", WORKERS]
         box = {}
 
         def kill(p):
