@@ -23,7 +23,7 @@ class FakeEngine:
     def __init__(self, fail: BaseException | None = None):
         self.fail = fail
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"module": torch.zeros(64), "client": client_state}, d / "mp_rank_00_model_states.pt")
