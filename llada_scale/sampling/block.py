@@ -102,7 +102,19 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     if append:
         cache.length = end
-    return F.linear(core.model.norm(x), core.output_weight())
+    return _project(core, core.model.norm(x))
+
+
+def _project(core, h: torch.Tensor) -> torch.Tensor:
+    """``h @ head.T`` outside the model's forward: a DeepSpeed ZeRO-3 partitioned head weight is gathered for
+    it (``GatheredParameters``; collective, every rank decodes in lockstep), since no module hook does it here."""
+    w = core.output_weight()
+    if not hasattr(w, "ds_id"):
+        return F.linear(h, w)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+        return F.linear(h, w)
 
 
 def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
