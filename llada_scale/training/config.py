@@ -89,6 +89,12 @@ class TrainLoopConfig:
     spike_action: str = "skip"  # skip | stop
     spike_warmup: int = 100
     stop_at_step: int = 0  # >0: checkpoint and exit at this step as if preempted (split a run across jobs; tests)
+    # Memory and speed (llada_scale.training.parallelize): recompute decoder layers in the backward
+    # (none | full | selective = every activation_checkpointing_every-th layer), torch.compile each layer
+    # (auto = on for CUDA | true | false).
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    compile: str | bool = "auto"
 
 
 @dataclass
