@@ -45,8 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk_size
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        # accumulated in place chunk by chunk (addmm_: no [V, d] temporaries), in the weight's dtype
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
@@ -58,8 +58,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[s:s + chunk] = g @ weight
             if grad_weight is not None:
-                grad_weight += (g.t() @ h).float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+                grad_weight.addmm_(g.t(), h)
+        return grad_hidden, grad_weight, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -67,8 +67,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Per-position cross-entropy of ``hidden @ weight.T`` against ``labels``, in chunks of positions.
 
     Equals ``F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="none")`` (values and
-    gradients, up to float rounding; the weight gradient is summed over chunks in float32) without the
-    [N, V] logits ever existing at once.
+    gradients, up to float rounding) without the [N, V] logits ever existing at once. The weight gradient is
+    summed over chunks in place in the weight's dtype (each chunk's matmul accumulates in float32 inside, as
+    ``F.linear``'s backward does; with bf16 weights the running sum is rounded to bf16 once per chunk, as
+    Liger Kernel's fused linear cross-entropy does). Memory: one [chunk_size, V] float32 block plus the
+    [V, d] weight gradient that any head needs.
 
     Args:
         hidden: [N, d] in the model dtype (positions that carry a loss only).

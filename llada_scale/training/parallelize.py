@@ -12,7 +12,7 @@ Recipe keys (``train`` section, :class:`llada_scale.training.config.TrainLoopCon
   k = ``activation_checkpointing_every``, starting with layer 0). A checkpointed layer keeps only its input for
   the backward and recomputes the rest (``torch.utils.checkpoint``, non-reentrant: it composes with
   ``torch.compile`` and with DeepSpeed ZeRO-1/2/3).
-* ``compile``: ``auto`` (on for CUDA) | ``true`` | ``false``: ``torch.compile`` each decoder layer separately
+* ``compile``: ``auto`` (on for CUDA at ZeRO-0/1/2) | ``true`` | ``false``: ``torch.compile`` each decoder layer separately
   (identical layers share one compiled graph; the embedding, masks, head and loss stay eager). Shapes are static
   (:func:`llada_scale.objectives.losses.random_length_keep`), so a run compiles once per phase.
 """
@@ -66,16 +66,22 @@ def apply_activation_checkpointing(model: Transformer, mode: str, every: int = 2
     return chosen
 
 
-def resolve_compile(value, device: torch.device) -> bool:
-    """``train.compile`` -> bool: ``auto`` is on for CUDA devices, off elsewhere (the inductor CPU backend
-    works too, used by the tests, but compiles for minutes on small machines). Raises ConfigError."""
+def resolve_compile(value, device: torch.device, zero_stage: int = 0) -> bool:
+    """``train.compile`` -> bool. ``auto`` is on for CUDA devices at ZeRO stages 0-2 and off elsewhere: on CPU the
+    inductor backend works (the tests use it) but compiles for minutes on small machines, and under ZeRO-3
+    DeepSpeed's parameter hooks run inside every layer, so dynamo traces them, recompiles per submodule and
+    falls back to eager after ``recompile_limit`` (measured, docs/LOG.md 2026-12-03). ``true`` compiles anyway
+    (with a warning under ZeRO-3). Raises ConfigError for other values."""
     if value == "auto":
-        return torch.device(device).type == "cuda"
-    if isinstance(value, bool):
-        return value
+        return torch.device(device).type == "cuda" and zero_stage < 3
     if isinstance(value, str) and value.lower() in ("true", "false", "on", "off"):
-        return value.lower() in ("true", "on")
-    raise ConfigError(f"train.compile must be auto, true or false, not {value!r}")
+        value = value.lower() in ("true", "on")
+    if not isinstance(value, bool):
+        raise ConfigError(f"train.compile must be auto, true or false, not {value!r}")
+    if value and zero_stage == 3:
+        log.warning("train.compile=true under ZeRO-3: DeepSpeed's parameter hooks make torch.compile recompile per "
+                    "submodule and fall back to eager; expect no speed-up (use ZeRO-1/2 to compile)")
+    return value
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
@@ -99,7 +105,7 @@ def parallelize(model: Transformer, train_cfg, device: torch.device, zero_stage:
     "compile": bool}`` for the start-up log line. Raises ConfigError for bad values."""
     layers = apply_activation_checkpointing(model, train_cfg.activation_checkpointing,
                                             train_cfg.activation_checkpointing_every)
-    compiled = resolve_compile(train_cfg.compile, device)
+    compiled = resolve_compile(train_cfg.compile, device, zero_stage)
     if compiled:
         apply_compile(model)
     if zero_stage == 3:

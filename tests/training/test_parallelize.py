@@ -40,6 +40,9 @@ def test_checkpointed_layers():
     with pytest.raises(ConfigError, match="compile must be"):
         par.resolve_compile("maybe", torch.device("cpu"))
     assert par.resolve_compile("auto", torch.device("cpu")) is False
+    assert par.resolve_compile("auto", torch.device("cuda"), zero_stage=2) is True
+    assert par.resolve_compile("auto", torch.device("cuda"), zero_stage=3) is False  # DeepSpeed hooks in every layer
+    assert par.resolve_compile(False, torch.device("cuda")) is False and par.resolve_compile("true", "cpu") is True
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
