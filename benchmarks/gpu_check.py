@@ -119,6 +119,7 @@ def correctness(device, dtype, lengths, cfg_kw, compile_backend) -> list[dict]:
             ok = rel < 1e-2 and (g_err is None or g_err < 5e-2)
             rows.append({"check": f"flex vs sdpa, {kind} mask", "length": (2 if kind == "block" else 1) * length,
                          "loss_rel_diff": rel, "grad_rel_l2": g_err, "ok": ok})
+    torch._dynamo.reset()
     compiled = copy.deepcopy(model)
     apply_compile(compiled, backend=compile_backend)
     batch = packed_batch(2, lengths[-1], cfg_kw["vocab_size"], gen, device)
@@ -134,6 +135,7 @@ def correctness(device, dtype, lengths, cfg_kw, compile_backend) -> list[dict]:
 def train_speed(name, cfg: ModelConfig, objective: str, ac: str, micro: int, seq: int, steps: int, warmup: int,
                 device, dtype, compile_backend) -> dict:
     """Time ``steps`` training steps after ``warmup`` (compilation included in warmup)."""
+    torch._dynamo.reset()  # a fresh compile cache per row (the inductor FX-graph cache still helps)
     reset_peak(device)
     torch.manual_seed(0)
     cfg = copy.deepcopy(cfg)

@@ -105,7 +105,9 @@ def estimate(nodes: int = 2, gpus_per_node: int = 8, seq: int = 4096, micro: int
     head = masked * d * bf16 * 2 + 3 * chunk * v * 4  # selected hidden states + grad, ~3 float32 logits chunks
     plain_head = tokens * v * (bf16 + 4 + 4)  # bf16 logits, float32 copy, float32 softmax gradient
     gathered = 2 * layer * bf16 + largest * bf16  # ZeRO-3: prefetch of the next layer + the gathered head
-    rows = [("model states per GPU (DeepSpeed estimator, offload none)", "see the table printed above"),
+    states = largest * 4 + 18 * total / (nodes * gpus_per_node)  # DeepSpeed's formula (stage3.py), offload none:
+    # 18 bytes per parameter = bf16 weight 2 + fp32 gradient 4 + fp32 master, Adam m, v 12; + 4 B x largest layer
+    rows = [("model states (DeepSpeed estimator, offload none, zero_init=1)", states),
             ("full-checkpoint layer inputs", checkpoints), ("one layer recomputed (activations + grads)", recompute),
             ("output head + loss, memory-lean", head), ("(output head + loss, plain full logits)", plain_head),
             ("gathered parameters in flight (2 layers + head)", gathered)]
@@ -114,8 +116,7 @@ def estimate(nodes: int = 2, gpus_per_node: int = 8, seq: int = 4096, micro: int
              "| per GPU | GB |", "|---|---:|"]
     for name, value in rows:
         lines.append(f"| {name} | {value if isinstance(value, str) else f'{value / 2**30:.2f}'} |")
-    lines.append(f"| activations + head + gathered params (lean loss) | "
-                 f"{(checkpoints + recompute + head + gathered) / 2**30:.2f} |")
+    lines.append(f"| total, memory-lean loss | {(states + checkpoints + recompute + head + gathered) / 2**30:.2f} |")
     return "\n".join(lines)
 
 

@@ -85,7 +85,13 @@ def resolve_compile(value, device: torch.device, zero_stage: int = 0) -> bool:
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
-    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: names unchanged), static shapes."""
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: names unchanged), static shapes.
+
+    All layers share one code object (``Module._call_impl``), whose cache holds one entry per (input shape,
+    train/eval, checkpointed or not): a block-diffusion run with selective checkpointing needs 2 x 2 x 2 = 8,
+    dynamo's default ``recompile_limit``, so the limit is raised to 32 (past it dynamo silently runs eager).
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in model.model.layers:
         layer.compile(dynamic=False, backend=backend)
 

@@ -366,5 +366,5 @@ def test_random_length_cut_equals_sliced_batch(block_length):
     ce = torch.nn.functional.cross_entropy(logits[masked], ids[masked], reduction="none")
     expected = (ce / t[:, :cut][masked]).sum() / (b * cut)
     assert masked.any()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert float(stats["t_bucket_count"].sum()) == int(masked.sum())
