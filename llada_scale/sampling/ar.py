@@ -85,7 +85,8 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
         if kv is None:
             logits = selected_logits(model, x, pos, doc, rows, torch.full((b,), cur, device=device))
         elif t == 0:  # prefill: the prompts' keys/values
-            h = cached_hidden(model, x, pos, kv, 0, mask=mask_kwargs(model, doc)["attention_mask"], store=True, kv_len=p)
+            prefill_mask = mask_kwargs(model, doc)["attention_mask"]
+            h = cached_hidden(model, x, pos, kv, 0, mask=prefill_mask, store=True, kv_len=p)
             logits = lm_head(model, h[:, -1])
         else:  # the newest token against the cache
             h = cached_hidden(model, x[:, cur:], pos[:, cur:], kv, cur, mask=key_mask(doc), store=True, kv_len=cur + 1)
