@@ -28,7 +28,7 @@ def ckpts(tmp_path_factory, tokenizer_path):
                                      ("bd", False, {"objective": {"name": "diffusion", "block_length": 8}})):
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
-                          num_kv_heads=1, intermediate_size=64, max_seq_len=160, causal=causal,
+                          num_kv_heads=1, intermediate_size=64, max_seq_len=256, causal=causal,
                           mask_token_id=None if causal else tok.mask_token_id)
         meta = {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()}
         if run_config:
@@ -99,9 +99,9 @@ def test_bad_input_is_one_clear_line(ckpts, tmp_path):
     dm = llada_scale.load(ckpts["dm"])
     with pytest.raises(ValueError, match="unknown sampler 'fast'"):
         dm.generate("hi", sampler="fast")
-    with pytest.raises(ValueError, match="max_seq_len 160"):
-        dm.generate("word " * 200, gen_length=32)
-    assert dm.generate("word " * 200, gen_length=32, allow_extrapolation=True) is not None
+    with pytest.raises(ValueError, match="max_seq_len 256"):
+        dm.generate("word " * 300, gen_length=32)
+    assert dm.generate("word " * 300, gen_length=32, allow_extrapolation=True) is not None
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"x")
     for path in (bad, tmp_path / "missing"):

@@ -12,7 +12,7 @@ import torch
 from llada_scale.sampling.common import (GenerationResult, add_gumbel_noise, any_global, apply_repetition_penalty,
                                          check_length, check_prompts, fast_path, left_pad, mask_kwargs, model_device,
                                          our_config, selected_logits)
-from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head
+from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head, rope_tables
 
 __all__ = ["ar_generate"]
 
@@ -75,6 +75,9 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
     check_length(model, p + max_new_tokens, allow_extrapolation,
                  f"the longest prompt ({p} tokens) + max_new_tokens {max_new_tokens}")
     kv = KVCache.for_model(model, b, p + max_new_tokens) if use_cache else None
+    if kv is not None:  # RoPE tables of every position this call can reach, computed once
+        future = pos[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)
+        cos, sin = rope_tables(model, torch.cat([pos, future], 1))
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(b)]
     banned = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=device)
@@ -86,10 +89,12 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
             logits = selected_logits(model, x, pos, doc, rows, torch.full((b,), cur, device=device))
         elif t == 0:  # prefill: the prompts' keys/values
             prefill_mask = mask_kwargs(model, doc)["attention_mask"]
-            h = cached_hidden(model, x, pos, kv, 0, mask=prefill_mask, store=True, kv_len=p)
+            h = cached_hidden(model, x, pos, kv, 0, mask=prefill_mask, store=True, kv_len=p,
+                              rope=(cos[:, :, :p], sin[:, :, :p]))
             logits = lm_head(model, h[:, -1])
         else:  # the newest token against the cache
-            h = cached_hidden(model, x[:, cur:], pos[:, cur:], kv, cur, mask=key_mask(doc), store=True, kv_len=cur + 1)
+            h = cached_hidden(model, x[:, cur:], pos[:, cur:], kv, cur, mask=key_mask(doc), store=True, kv_len=cur + 1,
+                              rope=(cos[:, :, cur:cur + 1], sin[:, :, cur:cur + 1]))
             logits = lm_head(model, h[:, 0])
         nfe += 1
         logits = apply_repetition_penalty(logits, x, repetition_penalty, doc == 1)

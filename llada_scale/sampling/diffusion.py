@@ -34,7 +34,7 @@ import torch
 
 from llada_scale.sampling.common import (GenerationResult, add_gumbel_noise, any_global, apply_repetition_penalty,
                                          check_length, check_prompts, left_pad, model_device, pad_id_for, range_logits)
-from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head
+from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head, rope_tables
 
 CACHES = (None, "prefix", "dual")
 
@@ -177,6 +177,7 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
     if cache is not None:
         kv = KVCache.for_model(model, doc_in.shape[0], total)
         keys_ok = key_mask(doc_in)
+        cos, sin = rope_tables(model, pos_in)
     counts = {"full_forwards": 0, "cached_forwards": 0}
     nfe = 0
     step = 0
@@ -203,10 +204,12 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
             if kv is None:
                 logits = range_logits(model, x_in, pos_in, doc_in, s, e)
             elif i == 0:  # block start: one exact forward over everything refreshes the whole cache
-                logits = lm_head(model, cached_hidden(model, x_in, pos_in, kv, 0, mask=keys_ok, store=True)[:, s:e])
+                h = cached_hidden(model, x_in, pos_in, kv, 0, mask=keys_ok, store=True, rope=(cos, sin))
+                logits = lm_head(model, h[:, s:e])
             else:  # the block (prefix: and the suffix) against the cached rest
                 stop = total if cache == "prefix" else e
-                h = cached_hidden(model, x_in[:, s:stop], pos_in[:, s:stop], kv, s, mask=keys_ok)
+                h = cached_hidden(model, x_in[:, s:stop], pos_in[:, s:stop], kv, s, mask=keys_ok,
+                                  rope=(cos[:, :, s:stop], sin[:, :, s:stop]))
                 logits = lm_head(model, h[:, :e - s])
             counts["full_forwards" if kv is None or i == 0 else "cached_forwards"] += 1
             if un_x is not None:

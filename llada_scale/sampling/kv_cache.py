@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from llada_scale.model import attention
 from llada_scale.model.rope import rotary_cos_sin
 
-__all__ = ["KVCache", "core_of", "cached_hidden", "lm_head", "key_mask"]
+__all__ = ["KVCache", "core_of", "cached_hidden", "lm_head", "key_mask", "rope_tables"]
 
 
 def core_of(model):
@@ -62,15 +62,26 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Tensor | None:
     """bool [B, 1, 1, kv_len]: True at the keys a generated (document id 1) position may attend to, i.e. every
-    non-padding position of a left-padded batch (:func:`llada_scale.sampling.common.left_pad`)."""
+    non-padding position of a left-padded batch (:func:`llada_scale.sampling.common.left_pad`); None (attend to
+    everything, the cheaper attention call) when there is no padding."""
     doc = document_ids if kv_len is None else document_ids[:, :kv_len]
-    return (doc == 1)[:, None, None, :]
+    ok = doc == 1
+    return None if bool(ok.all()) else ok[:, None, None, :]
+
+
+def rope_tables(model, position_ids: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] of ``position_ids`` for ``model``, to compute once per generation
+    and pass (sliced along dim 2) to :func:`cached_hidden` instead of recomputing them every forward."""
+    core = core_of(model)
+    cfg = core.config
+    dtype = dtype or core.model.embed_tokens.weight.dtype
+    return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
 
 
 def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, start: int, *,
-                  mask=None, store: bool = False, kv_len: int | None = None) -> torch.Tensor:
+                  mask=None, store: bool = False, kv_len: int | None = None, rope=None) -> torch.Tensor:
     """Hidden states (before the final norm) of positions ``start .. start + n - 1`` attending to the cache.
 
     The new positions' keys and values replace cache positions ``start .. start + n - 1`` in the key set; the
@@ -86,6 +97,7 @@ def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, ca
         mask: None (attend to every key) or bool broadcastable to [B, 1, n, kv_len], True = may attend.
         store: write the new keys/values into ``cache[start:start + n]``.
         kv_len: number of key positions (default ``cache.max_len``); must be >= ``start + n``.
+        rope: precomputed ``(cos, sin)`` of ``position_ids`` (:func:`rope_tables`), else computed here.
     Returns:
         [B, n, hidden_size] in the model's dtype.
     Raises:
@@ -99,7 +111,8 @@ def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, ca
     if start < 0 or end > kv_len or kv_len > cache.max_len:
         raise ValueError(f"positions {start}..{end - 1} / kv_len {kv_len} outside the cache ({cache.max_len})")
     x = core.model.embed_tokens(input_ids)
-    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+    cos, sin = rope if rope is not None else rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype,
+                                                            cfg.rope_scaling)
     for i, layer in enumerate(core.model.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
