@@ -11,31 +11,15 @@ import torch
 
 import llada_scale
 import llada_scale.checkpoint as cio
-from llada_scale.model.transformer import ModelConfig, Transformer
 from llada_scale.sampling import diffusion_generate, log_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tokenizer_path):
-    from llada_scale.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(str(tokenizer_path))
-    root = tmp_path_factory.mktemp("api")
-    out = {}
-    for name, causal, run_config in (("ar", True, None), ("dm", False, None),
-                                     ("bd", False, {"objective": {"name": "diffusion", "block_length": 8}})):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
-                          num_kv_heads=1, intermediate_size=64, max_seq_len=256, causal=causal,
-                          mask_token_id=None if causal else tok.mask_token_id)
-        meta = {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()}
-        if run_config:
-            meta["run_config"] = run_config
-        cio.save_safetensors(Transformer(cfg).state_dict(), str(root / name), meta, dtype="fp32", progress=False)
-        out[name] = root / name
-    return out
+def ckpts(tiny_checkpoint):
+    return {"ar": tiny_checkpoint(True), "dm": tiny_checkpoint(False),
+            "bd": tiny_checkpoint(False, run_config={"objective": {"name": "diffusion", "block_length": 8}})}
 
 
 def test_readme_five_lines_run(ckpts, capsys):

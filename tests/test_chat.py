@@ -9,11 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import llada_scale.checkpoint as cio
 from llada_scale.api import Model
-from llada_scale.model.transformer import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -22,22 +19,8 @@ import chat  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tokenizer_path):
-    from llada_scale.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(str(tokenizer_path))
-    root = tmp_path_factory.mktemp("chat")
-    out = {}
-    for name, causal, seq in (("dm", False, 160), ("ar", True, 160)):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
-                          num_kv_heads=1, intermediate_size=64, max_seq_len=seq, causal=causal,
-                          mask_token_id=None if causal else tok.mask_token_id)
-        cio.save_safetensors(Transformer(cfg).state_dict(), str(root / name),
-                             {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()},
-                             dtype="fp32", progress=False)
-        out[name] = str(root / name)
-    return out
+def ckpts(tiny_checkpoint):
+    return {"dm": tiny_checkpoint(False, 160), "ar": tiny_checkpoint(True, 160)}
 
 
 def run_chat(monkeypatch, capsys, argv, lines):

@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model not in (None, "llada_scale"):
             raise ValueError(f"--model {args.model}: this command evaluates llada_scale checkpoints (use lm-eval for "
                              "other models)")
+        if args.limit is not None and args.limit < 0:
+            raise ValueError(f"--limit must be >= 0 (a count, or a fraction below 1), got {args.limit:g}")
         model_args = dict(args.model_args or {})
         opts = parse_model_args(model_args)
         for name in ("batch_size", "device"):  # lm-eval passes these itself: a copy in model_args would clash

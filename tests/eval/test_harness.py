@@ -12,30 +12,14 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-import llada_scale.checkpoint as cio  # noqa: E402
 from llada_scale.eval import harness  # noqa: E402
-from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
 from llada_scale.sampling import diffusion_generate, log_likelihood  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tokenizer_path):
-    from llada_scale.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(str(tokenizer_path))
-    root = tmp_path_factory.mktemp("harness")
-    out = {}
-    for name, causal, seq in (("ar", True, 256), ("dm", False, 256), ("ar_short", True, 16)):
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
-                          num_kv_heads=1, intermediate_size=64, max_seq_len=seq, causal=causal,
-                          mask_token_id=None if causal else tok.mask_token_id)
-        cio.save_safetensors(Transformer(cfg).state_dict(), str(root / name),
-                             {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()},
-                             dtype="fp32", progress=False)
-        out[name] = str(root / name)
-    return out
+def ckpts(tiny_checkpoint):
+    return {"ar": tiny_checkpoint(True), "dm": tiny_checkpoint(False), "ar_short": tiny_checkpoint(True, 16)}
 
 
 def test_cli_end_to_end_offline(ckpts, tmp_path, capsys):
@@ -56,12 +40,14 @@ def test_bad_model_args_fail_in_one_line_before_loading(ckpts, monkeypatch, caps
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(harness.api, "load", no_load)
-    for args, msg in ((f"pretrained={ckpts['dm']},mc_sample=4", "unknown model_arg(s) mc_sample"),
-                      (f"pretrained={ckpts['dm']},cache=triple", "cache='triple': choose one of prefix, dual"),
-                      (f"pretrained={ckpts['dm']},mc_samples=x", "mc_samples='x' must be an integer"),
-                      ("mc_samples=4", "needs pretrained=CHECKPOINT"),
-                      (f"pretrained={ckpts['dm']}/nope", "does not exist")):
-        assert harness.main(["--model_args", args, "--tasks", "llada_piqa"]) == 2
+    dm = ckpts["dm"]
+    for extra, msg in ((["--model_args", f"pretrained={dm},mc_sample=4"], "unknown model_arg(s) mc_sample"),
+                       (["--model_args", f"pretrained={dm},cache=triple"], "cache='triple': choose one of prefix, dual"),
+                       (["--model_args", f"pretrained={dm},mc_samples=x"], "mc_samples='x' must be an integer"),
+                       (["--model_args", "mc_samples=4"], "needs pretrained=CHECKPOINT"),
+                       (["--model_args", f"pretrained={dm}/nope"], "does not exist"),
+                       (["--model_args", f"pretrained={dm}", "--limit", "-3"], "--limit must be >= 0")):
+        assert harness.main([*extra, "--tasks", "llada_piqa"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(ValueError, match="unknown model_arg"):
