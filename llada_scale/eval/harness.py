@@ -186,6 +186,11 @@ class LladaScaleLM(TemplateLM):
         (low-confidence remasking; the block sampler for block-diffusion checkpoints), equals the target."""
         if not self.opts["check_greedy"]:
             return [False] * len(pairs)
+        if not getattr(self, "_warned_greedy", False):
+            self._warned_greedy = True
+            print("llada_scale: check_greedy=true decodes every continuation for lm-eval's is_greedy, which only "
+                  "loglikelihood tasks' acc uses (LAMBADA); for multiple-choice tasks pass check_greedy=false "
+                  "(~5x faster)", file=sys.stderr, flush=True)
         out = [False] * len(pairs)
         by_len: dict[int, list[int]] = {}
         for i, (_, cont) in enumerate(pairs):

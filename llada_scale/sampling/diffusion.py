@@ -240,9 +240,9 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
                     best = conf.argmax(dim=1)
                     t_blk[need.nonzero(as_tuple=True)[0], best[need]] = True
             x[:, s:e] = torch.where(t_blk, x0, blk)
-            transfer = torch.zeros_like(x, dtype=torch.bool)
-            transfer[:, s:e] = t_blk
             if callback is not None:
+                transfer = torch.zeros_like(x, dtype=torch.bool)
+                transfer[:, s:e] = t_blk
                 callback(step, x[:, p:].clone(), transfer[:, p:].clone())
             step += 1
             i += 1
