@@ -177,7 +177,8 @@ class ModelHandle:
 def _path(data_dir: str, name: str) -> str:
     p = os.path.join(data_dir, "eval", name)
     if not os.path.isfile(p):
-        raise EvalError(f"eval file {p} not found (set --data or LLADA_DATA to the shared data directory)")
+        raise EvalError(f"eval file {p} not found (point --data, the harness model_arg data=, or LLADA_DATA at the "
+                        "shared data directory)")
     return p
 
 
