@@ -23,7 +23,9 @@ from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
 from llada_scale.objectives.losses import compute_loss
 from llada_scale.training import resume, signals
 from llada_scale.training.config import RunConfig
-from llada_scale.training.engine import TrainError, build_ds_config, load_init_weights, param_groups
+from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
+                                         fit_init_source, load_init_weights, param_groups)
+from llada_scale.training.lora import apply_lora
 from llada_scale.training.guards import LossGuard
 from llada_scale.training.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
 from llada_scale.training.samples import generate_samples
@@ -55,16 +57,23 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer)
-        cfg.model.vocab_size = self.tokenizer.padded_vocab_size()
-        cfg.model.mask_token_id = self.tokenizer.mask_token_id
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
 
         resume_dir = resume.find_resume_dir(cfg.train.resume, self.ckpt_dir)
+        lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
+        source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
+            checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
+        fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model)
         self.init_meta = None
-        if cfg.train.init_from and resume_dir is None:
+        if cfg.train.init_from and (resume_dir is None or lora):
             self.init_meta = load_init_weights(model, cfg.train.init_from)
+            check_init_config(cfg.model, source, cfg.train.init_from)
+        elif lora:
+            raise TrainError("train.lora needs train.init_from (the frozen base weights)")
+        if lora:
+            model = apply_lora(model, cfg.train.lora)
         n_flop_params = model.num_params(exclude_embeddings=True)
         self.num_params = model.num_params()
 
@@ -97,7 +106,8 @@ class Trainer:
         self._grad_norm = None
         if resume_dir is not None:
             client = resume.restore(self.engine, self.loader, self.generator, resume_dir, universal_dir,
-                                    model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+                                    model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                                    strict=not lora)
             self.step = client["step"]
             self.guard.skipped, self.guard.loss_ema = client.get("skipped", 0), client.get("loss_ema")
         self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
@@ -148,7 +158,8 @@ class Trainer:
         client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.guard.skipped,
                   "loss_ema": self.guard.loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
-        path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
+        path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last,
+                                 exclude_frozen=self.cfg.train.lora.enabled)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
 

@@ -28,9 +28,16 @@ def prompts_of(lengths, seed=1):
     return [torch.randint(1, MASK - 1, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cached_hidden_equals_forward_and_recomputing_a_slice(causal):
-    model = random_model(causal, qk_norm=True)
+@pytest.mark.parametrize("causal,extra", [(False, {"qk_norm": True}), (True, {"qk_norm": True}),
+                                          (False, {"attention_bias": True, "head_dim": 24})])
+def test_cached_hidden_equals_forward_and_recomputing_a_slice(causal, extra):
+    """Also with q/k/v biases and a head_dim independent of hidden_size / num_heads (Qwen-style imports)."""
+    model = random_model(causal, **extra)
+    if extra.get("attention_bias"):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(std=0.5)
+                layer.self_attn.k_proj.bias.normal_(std=0.5)
     x, pos, doc = left_pad(prompts_of([7, 12, 3]), 0, extra=5, fill_id=MASK)
     real = doc == 1
     ref = model(x, position_ids=pos, **mask_kwargs(model, doc))
