@@ -153,7 +153,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
             self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
 
-    def forward(self, x, cos, sin, mask):
+    def qkv(self, x, cos, sin):
+        """Queries [B, num_heads, L, head_dim] and keys, values [B, num_kv_heads, L, head_dim] of ``x``
+        [B, L, hidden_size], RoPE applied to q and k (the one code path of :meth:`forward` and of KV caches)."""
         b, l, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -161,9 +163,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask):
+        q, k, v = self.qkv(x, cos, sin)
         out = attention.attend(q, k, v, mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class MLP(nn.Module):
