@@ -175,11 +175,11 @@ class Model:
                  temperature: float = 0.0, cfg_scale: float = 0.0, threshold: float = 0.9, cache: str | None = None,
                  repetition_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
                  allow_extrapolation: bool = False,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> str | list[str]:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> list[str]:
         """Generate an answer for each prompt; returns the text up to the first stop token (eos/pad).
 
         Args:
-            prompts: one string (then one string is returned) or a list of strings.
+            prompts: one string or a list of strings (one answer each, in order).
             chat: wrap each prompt as a user message in the tokenizer's chat template (instruction-tuned models).
             gen_length: tokens to generate per prompt (diffusion: the answer length; AR: the maximum; default 128).
             steps: denoising steps for ``gen_length`` tokens (default ``gen_length``: one token per step, LLaDA's
@@ -203,20 +203,18 @@ class Model:
             callback: ``callback(step, tokens [B, gen_length], committed [B, gen_length])`` after every
                 denoising step of each batch (diffusion only), e.g. to watch the answer unmask.
         Returns:
-            str for a str prompt, else a list of str.
+            One answer per prompt (a list also for a single string prompt).
         Raises:
             ValueError: an unknown sampler or cache, a setting the sampler refuses, a prompt longer than the
                 context without ``allow_extrapolation``.
         """
-        single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.encode_prompt(p, chat) for p in texts]
         res = self.generate_ids(ids, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
                                 temperature=temperature, cfg_scale=cfg_scale, threshold=threshold, cache=cache,
                                 repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size,
                                 allow_extrapolation=allow_extrapolation, callback=callback)
-        out = [self.decode(t) for t in res.tokens]
-        return out[0] if single else out
+        return [self.decode(t) for t in res.tokens]
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """The assistant's next turn for ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str},

@@ -45,7 +45,7 @@ def test_defaults_follow_the_checkpoint(ckpts):
 def test_generate_equals_the_sampler_and_is_batch_invariant(ckpts):
     dm = llada_scale.load(ckpts["dm"])
     prompts = ["Hello there", "The history of Rome is long"]
-    one = dm.generate(prompts[1], gen_length=16, block_length=8)
+    one, = dm.generate(prompts[1], gen_length=16, block_length=8)
     assert isinstance(one, str)
     both = dm.generate(prompts, gen_length=16, block_length=8, batch_size=2)
     assert both[1] == one and dm.generate(prompts, gen_length=16, block_length=8, batch_size=1) == both
@@ -56,8 +56,9 @@ def test_generate_equals_the_sampler_and_is_batch_invariant(ckpts):
 
     assert one == dm.decode(truncate_at(ref.tokens[0], dm.stop_ids))
     for sampler in ("random", "threshold", "block"):
-        assert isinstance(dm.generate("hi", gen_length=8, block_length=8, sampler=sampler), str)
-    assert isinstance(dm.generate("hi", gen_length=16, block_length=8, sampler="threshold", cache="dual"), str)
+        out = dm.generate("hi", gen_length=8, block_length=8, sampler=sampler)
+        assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    assert isinstance(dm.generate("hi", gen_length=16, block_length=8, sampler="threshold", cache="dual")[0], str)
     ar = llada_scale.load(ckpts["ar"])
     assert isinstance(ar.chat([{"role": "user", "content": "hi"}], gen_length=8), str)
     steps = []
