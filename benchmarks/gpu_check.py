@@ -146,7 +146,7 @@ def train_speed(name, cfg: ModelConfig, objective: str, ac: str, micro: int, seq
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ocfg = ObjectiveConfig(**OBJECTIVES[objective])
     flops = FlopCounter(model.num_params(), model.model.embed_tokens.weight.numel(), model.output_weight().numel(),
-                        cfg.num_layers, cfg.hidden_size, cfg.tie_embeddings)
+                        cfg.num_layers, cfg.num_heads * cfg.head_dim, cfg.tie_embeddings)
     model_len = model_input_length(ocfg, cfg.causal, seq)
     gen = torch.Generator().manual_seed(1)
     noise = torch.Generator(device=device).manual_seed(2)

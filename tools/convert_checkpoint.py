@@ -5,14 +5,17 @@ Subcommands (each has its own --help):
 
   consolidate CKPT OUT_DIR         DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors + config.json
                                    + the tokenizer files named by the checkpoint's tokenizer identity
-  export-hf SRC OUT_DIR            our model (tag dir or consolidated) -> HF LlamaForCausalLM directory
-  import-hf HF_DIR OUT_DIR         local HF Llama-family directory -> our consolidated format
+  export-hf SRC OUT_DIR            our model -> HF Llama / Qwen2 / Qwen3 ForCausalLM directory
+  import-hf HF_DIR OUT_DIR         local HF Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 directory -> consolidated
+  import-llada HF_DIR OUT_DIR      LLaDA's released format (GSAI-ML/LLaDA-8B-*) -> consolidated
+  export-llada SRC OUT_DIR         diffusion model -> LLaDA's format + trust_remote_code modeling files
   import-nano-llada PT OUT_DIR     Nano-LLaDA diffusion / minimind AR ``.pt`` state dict -> consolidated
   ar-to-diffusion SRC OUT_DIR      AR model -> LLaDA mask predictor (adds the mask-token rows, causal=false)
+  merge-lora CKPT OUT_DIR          LoRA run checkpoint + its base -> merged consolidated weights
 
-The work is done by :mod:`llada_scale.checkpoint.convert` and :mod:`llada_scale.checkpoint.nano_llada` (callable
-from Python with the same argument names). Errors print one line ``error: ...`` and exit with status 2.
-See docs/EVAL.md.
+The work is done by :mod:`llada_scale.checkpoint.convert`, :mod:`llada_scale.checkpoint.llada`,
+:mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
+argument names). Errors print one line ``error: ...`` and exit with status 2. See docs/EVAL.md and docs/MODELS.md.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llada_scale.checkpoint import convert, nano_llada  # noqa: E402
+from llada_scale.checkpoint import convert, llada, nano_llada  # noqa: E402
 from llada_scale.checkpoint.files import CheckpointError  # noqa: E402
+from llada_scale.training import lora  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,26 +60,67 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=convert.consolidate)
 
-    p = sub.add_parser("export-hf", help="our model -> HF LlamaForCausalLM directory",
-                       description="Write config.json (LlamaConfig) + safetensors loadable by "
-                                   "transformers.LlamaForCausalLM. Key names are unchanged. Diffusion models record "
-                                   "mask_token_id and llada_scale.causal=false; load them with the causal mask "
-                                   "removed (docs/EVAL.md). QK-norm and weightless-norm models are refused.")
+    p = sub.add_parser("export-hf", help="our model -> HF Llama / Qwen2 / Qwen3 directory",
+                       description="Write config.json + safetensors loadable by transformers: LlamaForCausalLM, "
+                                   "Qwen2ForCausalLM (q/k/v biases) or Qwen3ForCausalLM (QK-norm). Key names are "
+                                   "unchanged. Diffusion models record mask_token_id and llada_scale.causal=false; "
+                                   "load them with the causal mask removed (docs/EVAL.md), or use export-llada. "
+                                   "Weightless-norm models and biases together with QK-norm are refused.")
     p.add_argument("source", help="tag dir, consolidated dir or .safetensors file")
     p.add_argument("out_dir", help="output directory")
     common(p)
     p.set_defaults(func=convert.export_hf)
 
-    p = sub.add_parser("import-hf", help="local HF Llama-family directory -> consolidated",
-                       description="Read a local Hugging Face llama / mistral / qwen3 directory (config.json + "
-                                   "safetensors or pytorch_model.bin) and write our consolidated format. Refuses "
-                                   "what our backbone cannot represent (biases, rope scaling other than YaRN, other "
-                                   "activations).")
+    p = sub.add_parser("import-hf", help="local HF Llama / Mistral / Qwen2 / Qwen3 directory -> consolidated",
+                       description="Read a local Hugging Face directory (config.json + safetensors or "
+                                   "pytorch_model.bin, any number of shards) of model_type llama (Llama 2, 3, 3.x "
+                                   "with llama3 rope scaling), mistral, qwen2 (Qwen2, Qwen2.5: q/k/v biases) or "
+                                   "qwen3 (QK-norm, any head_dim) and write our consolidated format, one shard at a "
+                                   "time. The tokenizer files (chat template included) are copied. Anything else "
+                                   "(o_proj/MLP biases, other rope scaling, sliding windows, MoE) is refused with "
+                                   "the list of what is supported.")
     p.add_argument("hf_dir", help="HF model directory")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
     common(p)
     p.set_defaults(func=convert.import_hf)
+
+    p = sub.add_parser("import-llada", help="LLaDA's released format -> consolidated",
+                       description="Read a LLaDA checkpoint directory (config.json with model_type llada / "
+                                   "LLaDAModelLM, sharded safetensors, tokenizer; e.g. GSAI-ML/LLaDA-8B-Base or "
+                                   "-Instruct downloaded by you) and write our consolidated format, streaming one "
+                                   "shard at a time. Every shape is read from config.json; unsupported variants, a "
+                                   "missing or misshapen shard and a tokenizer that does not fit the vocabulary are "
+                                   "refused before anything is written. The tokenizer is copied with its chat "
+                                   "template and its mask token (<|mdm_mask|> = 126336) recorded.")
+    p.add_argument("hf_dir", help="LLaDA checkpoint directory")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_sequence_length)")
+    common(p)
+    p.set_defaults(func=llada.import_llada)
+
+    p = sub.add_parser("export-llada", help="diffusion model -> LLaDA's format (+ trust_remote_code files)",
+                       description="Write a mask predictor in LLaDA's format: config.json (LLaDA keys, mask_token_id, "
+                                   "auto_map), safetensors in LLaDA's names (model.transformer.blocks.N.q_proj ...), "
+                                   "the tokenizer and our configuration_llada.py / modeling_llada.py, so that "
+                                   "transformers.AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) loads it "
+                                   "offline with llada_scale's logits, and LLaDA's generate.py / chat.py, Fast-dLLM "
+                                   "and dllm can use it. Causal, QK-norm, rope-scaled models and head_dim != "
+                                   "hidden/heads are refused (use export-hf).")
+    p.add_argument("source", help="tag dir, consolidated dir (streamed) or .safetensors file of a diffusion model")
+    p.add_argument("out_dir", help="output directory")
+    common(p)
+    p.set_defaults(func=llada.export_llada)
+
+    p = sub.add_parser("merge-lora", help="LoRA checkpoint + base -> merged consolidated weights",
+                       description="Fold the adapters of a LoRA run (train.lora.rank > 0) into its base weights "
+                                   "(W + alpha/rank B A) and write an ordinary consolidated checkpoint (export it "
+                                   "further with export-llada / export-hf).")
+    p.add_argument("checkpoint", help="the LoRA run's directory, checkpoints/ directory or step######## tag")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--base", default=None, help="base weights (default: the run's train.init_from)")
+    common(p)
+    p.set_defaults(func=lora.merge_lora_checkpoint)
 
     p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",
                        description="Import a Nano-LLaDA diffusion Model state dict (token_emb, blocks.N.attn.c_q, "

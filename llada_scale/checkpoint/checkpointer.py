@@ -85,13 +85,15 @@ def read_meta(tag_dir: str | Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict, keep_last: int = 0) -> Path:
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict, keep_last: int = 0,
+         exclude_frozen: bool = False) -> Path:
     """Save a complete checkpoint of ``engine`` at ``step``; collective (call on every rank).
 
     Args:
         client_state: picklable dict stored by DeepSpeed next to the module (loader and RNG states).
         meta: JSON-serialisable metadata, written as ``llada_scale.json`` when the save is complete.
         keep_last: delete older complete checkpoints beyond this many (0 keeps all).
+        exclude_frozen: leave parameters with ``requires_grad=False`` out (LoRA: only the adapters are saved).
     Returns:
         The final tag directory.
     """
@@ -103,7 +105,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:

@@ -4,12 +4,14 @@
 function           what it writes
 =================  ==========================================================================================
 consolidate        DeepSpeed tag dir (ZeRO 0-3, any world size) -> our consolidated format + tokenizer files
-export_hf          our model -> HF ``LlamaForCausalLM`` directory (config.json + safetensors)
-import_hf          local HF Llama-family directory -> consolidated
+export_hf          our model -> HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` directory
+import_hf          local HF Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 directory -> consolidated (streamed)
 ar_to_diffusion    AR model -> LLaDA mask predictor (adds the mask-token rows, ``causal=false``)
 =================  ==========================================================================================
 
-(Nano-LLaDA / minimind ``.pt`` import: :mod:`llada_scale.checkpoint.nano_llada`.)
+(Nano-LLaDA / minimind ``.pt`` import: :mod:`llada_scale.checkpoint.nano_llada`; LLaDA's released format in and
+out: :mod:`llada_scale.checkpoint.llada`; merging LoRA adapters: ``merge_lora_checkpoint`` in
+:mod:`llada_scale.training.lora`.)
 
 The consolidated format: ``config.json`` = ``{"format": "llada_scale", "format_version": 1, "model":
 ModelConfig dict, "tokenizer": identity | null, "step", "run_config", "source", "dtype"}`` next to
@@ -22,20 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
 import torch
 
 from llada_scale.checkpoint.files import (FORMAT, CheckpointError, atomic_write_text, copy_tokenizer_files,
-                                          parse_dtype, save_safetensors)
+                                          parse_dtype, read_json, save_safetensors)
+from llada_scale.checkpoint.streaming import check_output_dir, scan_weights, staged_output, stream_convert
 from llada_scale.checkpoint.hf import hf_config_from_model_config
 from llada_scale.checkpoint.weights import (check_state_dict, load_model_state, model_config_from_meta,
                                             resolve_checkpoint, tokenizer_path_from_meta)
 from llada_scale.model.transformer import resize_vocab
 
-__all__ = ["FORMAT_VERSION", "write_consolidated", "consolidate", "export_hf", "import_hf", "ar_to_diffusion",
-           "ar_to_diffusion_state"]
+__all__ = ["FORMAT_VERSION", "consolidated_config", "write_consolidated", "consolidate", "export_hf", "import_hf",
+           "check_tokenizer_vocab", "ar_to_diffusion", "ar_to_diffusion_state"]
 
 FORMAT_VERSION = 1
 
@@ -49,10 +53,7 @@ def _warn(msg: str) -> None:
 
 
 def _prepare_out(out_dir: str, force: bool) -> None:
-    if os.path.isfile(out_dir):
-        raise CheckpointError(f"output {out_dir} is a file; give a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise CheckpointError(f"output directory {out_dir} is not empty; pass --force to overwrite")
+    check_output_dir(out_dir, force)
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -85,6 +86,17 @@ def _copy_tokenizer(meta: dict, out_dir: str, override: str | None) -> dict | No
     return ident
 
 
+def consolidated_config(model_cfg, dtype: str, tokenizer: dict | None, step=None, run_config=None,
+                        source: dict | None = None) -> dict:
+    """The ``config.json`` dict of our consolidated format (see the module docstring)."""
+    dt = parse_dtype(dtype)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_cfg.to_dict(), "tokenizer": tokenizer,
+        "step": step, "run_config": run_config, "source": source or {},
+        "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
+    }
+
+
 def write_consolidated(state_dict: dict, model_cfg, out_dir: str, *, dtype: str, max_shard_size: str,
                        tokenizer: dict | None, step=None, run_config=None, source: dict | None = None,
                        progress: bool = True) -> list[str]:
@@ -95,11 +107,7 @@ def write_consolidated(state_dict: dict, model_cfg, out_dir: str, *, dtype: str,
     """
     check_state_dict(state_dict, model_cfg, source=(source or {}).get("path", "checkpoint"))
     dt = parse_dtype(dtype)
-    config = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_cfg.to_dict(), "tokenizer": tokenizer,
-        "step": step, "run_config": run_config, "source": source or {},
-        "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
-    }
+    config = consolidated_config(model_cfg, dtype, tokenizer, step, run_config, source)
     files = save_safetensors(state_dict, out_dir, config, max_shard_size, dt, progress=progress)
     n = sum(v.numel() for v in state_dict.values())
     _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}")
@@ -124,14 +132,14 @@ def consolidate(checkpoint: str, out_dir: str, *, dtype: str = "bf16", max_shard
     if kind != "deepspeed" and not any_source:
         raise CheckpointError(f"{checkpoint} is a {kind} checkpoint, not a DeepSpeed tag directory "
                               "(pass --any_source to re-consolidate it anyway)")
-    _prepare_out(out_dir, force)
-    sd, meta = load_model_state(resolved, progress=not quiet)
-    cfg = model_config_from_meta(meta, resolved)
-    tok = _copy_tokenizer(meta, out_dir, tokenizer)
-    source = {"path": resolved, "kind": meta["format"], "zero_stage": meta.get("zero_stage"),
-              "world_size": meta.get("world_size")}
-    write_consolidated(sd, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                       step=meta.get("step"), run_config=meta.get("config"), source=source, progress=not quiet)
+    with staged_output(out_dir, force) as tmp:
+        sd, meta = load_model_state(resolved, progress=not quiet)
+        cfg = model_config_from_meta(meta, resolved)
+        tok = _copy_tokenizer(meta, tmp, tokenizer)
+        source = {"path": resolved, "kind": meta["format"], "zero_stage": meta.get("zero_stage"),
+                  "world_size": meta.get("world_size")}
+        write_consolidated(sd, cfg, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
+                           step=meta.get("step"), run_config=meta.get("config"), source=source, progress=not quiet)
 
 
 def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
@@ -144,56 +152,101 @@ def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
         CheckpointError: QK-norm / weightless-norm models (HF Llama cannot represent them), a non-empty
             ``out_dir`` without ``force``.
     """
-    _prepare_out(out_dir, force)
-    sd, meta = load_model_state(source, progress=not quiet)
-    cfg = model_config_from_meta(meta, meta["path"])
-    dt = parse_dtype(dtype)
-    hf = hf_config_from_model_config(cfg.to_dict(), torch_dtype=str(dt).replace("torch.", ""))
-    check_state_dict(sd, cfg, meta["path"])
-    tok = meta.get("tokenizer") or {}
-    for key, hf_key in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id"),
-                        ("pad_token_id", "pad_token_id")):
-        if isinstance(tok, dict) and tok.get(key) is not None:
-            hf[hf_key] = tok[key]
-    _copy_tokenizer(meta, out_dir, tokenizer)
-    files = save_safetensors(sd, out_dir, None, max_shard_size, dt, progress=not quiet, metadata={"format": "pt"})
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
-    gen = {"_from_model_config": True}
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if k in hf:
-            gen[k] = hf[k]
-    atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(gen, indent=2))
+    with staged_output(out_dir, force) as tmp:
+        sd, meta = load_model_state(source, progress=not quiet)
+        cfg = model_config_from_meta(meta, meta["path"])
+        dt = parse_dtype(dtype)
+        hf = hf_config_from_model_config(cfg.to_dict(), torch_dtype=str(dt).replace("torch.", ""))
+        check_state_dict(sd, cfg, meta["path"])
+        tok = meta.get("tokenizer") or {}
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(tok, dict) and tok.get(key) is not None:
+                hf[key] = tok[key]
+        _copy_tokenizer(meta, tmp, tokenizer)
+        files = save_safetensors(sd, tmp, None, max_shard_size, dt, progress=not quiet, metadata={"format": "pt"})
+        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
+        gen = {"_from_model_config": True, **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                              if k in hf}}
+        atomic_write_text(os.path.join(tmp, "generation_config.json"), json.dumps(gen, indent=2))
     kind = "diffusion (causal=false, load with the causal mask removed; see docs/EVAL.md)" if not cfg.causal else "AR"
-    _log(f"wrote HF LlamaForCausalLM {kind} to {out_dir}: {len(files)} weight file(s)")
+    _log(f"wrote HF {hf['architectures'][0]} {kind} to {out_dir}: {len(files)} weight file(s)")
+
+
+def check_tokenizer_vocab(tok_src: str, rows: int, source: str) -> None:
+    """Refuse a tokenizer with more tokens (added tokens included) than the model has embedding rows.
+
+    Raises:
+        CheckpointError: naming both sizes.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = os.path.join(tok_src, "tokenizer.json") if os.path.isdir(tok_src) else tok_src
+    if not path.endswith(".json"):
+        return  # SentencePiece: its size is checked when training starts
+    try:
+        n = HFTokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
+        raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
+    if n > rows:
+        raise CheckpointError(f"{path} has {n} tokens but {source} has {rows} embedding rows; the tokenizer is not "
+                              "this model's (pass --tokenizer with the right one)")
 
 
 def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
               quiet: bool = False, tokenizer: str | None = None, max_seq_len: int = 0) -> None:
-    """Read a local Hugging Face llama / mistral / qwen3 directory and write our consolidated format.
+    """Read a local Hugging Face Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 directory and write our consolidated
+    format, one shard at a time (:func:`llada_scale.checkpoint.streaming.stream_convert`).
 
     ``max_seq_len`` > 0 overrides the recorded ``max_position_embeddings``. ``tokenizer`` defaults to the
-    directory's own ``tokenizer.json``.
+    directory's own ``tokenizer.json`` (copied with ``tokenizer_config.json`` / ``chat_template.jinja``, so SFT
+    renders prompts with the model's own chat template). Every key, shape and the tokenizer's size are checked
+    before anything is written; the output appears complete or not at all.
 
     Raises:
-        CheckpointError: not an HF directory, or a feature our backbone cannot represent (see
-            :func:`llada_scale.checkpoint.hf.model_config_from_hf`).
+        CheckpointError: not an HF directory, an unsupported model type or feature (see
+            :func:`llada_scale.checkpoint.hf.model_config_from_hf`; the message lists what is supported), a
+            missing shard, a tensor of the wrong shape, a tokenizer larger than the embedding.
     """
+    from llada_scale.checkpoint.hf import model_config_from_hf
+    from llada_scale.model.transformer import ModelConfig
+
     kind, resolved = resolve_checkpoint(hf_dir)
     if kind != "hf":
         raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory (config.json with model_type)")
-    _prepare_out(out_dir, force)
-    sd, meta = load_model_state(resolved, progress=not quiet)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    cfg = model_config_from_meta(meta, resolved)
+    cfg_path = os.path.join(resolved, "config.json")
+    try:
+        cfg = ModelConfig(**model_config_from_hf(read_json(cfg_path), cfg_path))
+    except ValueError as e:
+        raise CheckpointError(str(e) if isinstance(e, CheckpointError) else f"{cfg_path}: {e}") from None
     if max_seq_len:
         cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+    tensors = scan_weights(resolved)
     tok_src = tokenizer or (resolved if os.path.isfile(os.path.join(resolved, "tokenizer.json")) else None)
-    tok = None
     if tok_src:
-        tok = _tokenizer_identity(tok_src)
-        copy_tokenizer_files(tok_src, out_dir)
-    write_consolidated(sd, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                       source={"path": resolved, "kind": "hf"}, progress=not quiet)
+        check_tokenizer_vocab(tok_src, cfg.vocab_size, cfg_path)
+
+    def rename(name):
+        if name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight"):
+            return None
+        return name
+
+    with staged_output(out_dir, force) as tmp:
+        tok = None
+        if tok_src:
+            copy_tokenizer_files(tok_src, tmp)
+            tok = _tokenizer_identity(tmp)
+            if tok:
+                tok["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(tok["path"]))
+        config = consolidated_config(cfg, dtype, tok, source={"path": resolved, "kind": "hf"})
+        with torch.device("meta"):
+            from llada_scale.model.transformer import Transformer
+
+            expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+        files = stream_convert(tensors, rename, expected, tmp, dtype=dtype, max_shard_size=max_shard_size,
+                               metadata={FORMAT: json.dumps(config)}, progress=not quiet, source=resolved)
+        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2, sort_keys=True))
+    n = sum(math.prod(t.shape) for k, t in tensors.items() if rename(k) is not None)
+    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}")
 
 
 def ar_to_diffusion_state(sd: dict, mc, mask_token_id: int, vocab_multiple: int, reset_head_row: bool):
@@ -238,7 +291,7 @@ def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "fp32", max_shard
     Raises:
         CheckpointError: no mask token id known, a non-empty ``out_dir`` without ``force``.
     """
-    _prepare_out(out_dir, force)
+    check_output_dir(out_dir, force)
     sd, meta = load_model_state(source, progress=not quiet)
     mc = model_config_from_meta(meta, meta["path"])
     if not mc.causal:
@@ -253,12 +306,13 @@ def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "fp32", max_shard
             raise CheckpointError("no mask token id: the checkpoint records no tokenizer; pass --mask_token_id N "
                                   "or --tokenizer PATH")
     sd, mc = ar_to_diffusion_state(sd, mc, mask, vocab_multiple, reset_head_row)
-    tok = _copy_tokenizer(meta, out_dir, tokenizer) if (tokenizer or meta.get("tokenizer")) else None
     run_cfg = meta.get("config")
     if isinstance(run_cfg, dict):
         run_cfg = {**run_cfg, "model": mc.to_dict()}
-    write_consolidated(sd, mc, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                       tokenizer=tok or tok_ident, step=meta.get("step"), run_config=run_cfg,
-                       source={"path": meta["path"], "kind": meta["format"], "converted": "ar-to-diffusion"},
-                       progress=not quiet)
+    with staged_output(out_dir, force) as tmp:
+        tok = _copy_tokenizer(meta, tmp, tokenizer) if (tokenizer or meta.get("tokenizer")) else None
+        write_consolidated(sd, mc, tmp, dtype=dtype, max_shard_size=max_shard_size,
+                           tokenizer=tok or tok_ident, step=meta.get("step"), run_config=run_cfg,
+                           source={"path": meta["path"], "kind": meta["format"], "converted": "ar-to-diffusion"},
+                           progress=not quiet)
     _log(f"mask_token_id {mask}, vocab {mc.vocab_size}, causal=false")

@@ -18,8 +18,8 @@ import tempfile
 import torch
 
 __all__ = ["CheckpointError", "META_FILE", "CONFIG_FILE", "FORMAT", "SAFE_SINGLE", "SAFE_INDEX", "parse_size",
-           "parse_dtype", "atomic_write_text", "read_json", "safetensors_files", "read_safetensors", "save_safetensors",
-           "copy_tokenizer_files"]
+           "parse_dtype", "atomic_write_text", "read_json", "safetensors_files", "read_safetensors", "atomic_save_file",
+           "save_safetensors", "copy_tokenizer_files"]
 
 
 META_FILE = "llada_scale.json"
@@ -143,6 +143,21 @@ def read_safetensors(files: list[str], progress: bool) -> tuple[dict, dict]:
     return sd, header_meta
 
 
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` to a temporary name next to ``path``, then ``os.replace``."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], out_dir: str, config_dict: dict | None,
                      max_shard_bytes: int | str = "5GB", dtype: str | torch.dtype | None = "bf16", *,
                      progress: bool = True, metadata: dict[str, str] | None = None) -> list[str]:
@@ -171,7 +186,6 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], out_dir: str, config_d
     Raises:
         CheckpointError: bad size/dtype, non-tensor values.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     limit = parse_size(max_shard_bytes)
@@ -211,15 +225,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], out_dir: str, config_d
     names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     bar = tqdm(total=len(tensors), desc=f"writing {out_dir}", unit="tensor", disable=not progress, leave=False)
     for name, shard in zip(names, shards):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + name + "-", dir=out_dir)
-        os.close(fd)
-        try:
-            save_file(shard, tmp, metadata=header)
-            os.replace(tmp, os.path.join(out_dir, name))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_save_file(shard, os.path.join(out_dir, name), header)
         bar.update(len(shard))
     bar.close()
     index_path = os.path.join(out_dir, SAFE_INDEX)

@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import json
 import os
+from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 __all__ = ["TokenizerError", "Tokenizer", "CHATML_TEMPLATE"]
@@ -68,6 +69,7 @@ def _make_jinja_env():
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # transformers defines it too (Llama 3.x)
     return env
 
 
@@ -107,20 +109,24 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str, mask_token: str = "<|mask|>") -> "Tokenizer":
-        """Load a tokenizer and add the mask token.
+    def load(cls, path: str, mask_token: str | None = None) -> "Tokenizer":
+        """Load a tokenizer and add the mask token unless it has one.
 
         Args:
             path: a directory holding ``tokenizer.json`` (and optionally ``tokenizer_config.json``), a
                 ``tokenizer.json`` file (a sibling ``tokenizer_config.json`` is read when present), or a
                 SentencePiece ``.model`` file.
-            mask_token: the mask token string; added to the vocabulary (as a special token, id
-                ``= old vocab size``) when absent.
+            mask_token: the mask token string. Default: the ``mask_token`` that ``tokenizer_config.json`` names
+                (HF's field; import-llada records LLaDA's ``<|mdm_mask|>`` = 126336 there), else ``"<|mask|>"``.
+                Used as is when the vocabulary has it (a model's own mask token is never duplicated), otherwise
+                added (as a special token, id ``= old vocab size``).
 
         Returns:
             A :class:`Tokenizer`. bos/eos/pad come from ``tokenizer_config.json`` when present (minimind:
             pad ``<|endoftext|>``=0, bos ``<|im_start|>``=1, eos ``<|im_end|>``=2), else from the
-            SentencePiece model's own ids, else from common names (``</s>``, ``<|endoftext|>``, ...).
+            SentencePiece model's own ids, else from common names (``</s>``, ``<|endoftext|>``, ...). The chat
+            template is ``chat_template.jinja`` next to the tokenizer (transformers >= 4.43 saves it there),
+            else ``tokenizer_config.json``'s ``chat_template``, else :data:`CHATML_TEMPLATE`.
 
         Raises:
             FileNotFoundError: ``path`` does not exist or a directory lacks ``tokenizer.json``/``*.model``.
@@ -143,12 +149,11 @@ class Tokenizer:
                 raise FileNotFoundError(f"{path}: directory has no tokenizer.json or SentencePiece .model file")
         else:
             file_path = path
-        if not mask_token:
+        if mask_token is not None and not mask_token:
             raise TokenizerError("mask_token must be a non-empty string")
 
         tok = cls()
         tok.path = file_path
-        tok.mask_token = mask_token
         config: dict = {}
         config_path = os.path.join(os.path.dirname(file_path), "tokenizer_config.json")
         if os.path.isfile(config_path):
@@ -160,6 +165,7 @@ class Tokenizer:
             if not isinstance(config, dict):
                 raise TokenizerError(f"{config_path}: expected a JSON object")
             tok.config_path = config_path
+        tok.mask_token = mask_token or _token_str(config.get("mask_token")) or "<|mask|>"
 
         if file_path.endswith(".model"):
             tok._load_sentencepiece(file_path, config)
@@ -167,6 +173,10 @@ class Tokenizer:
             tok._load_hf(file_path, config)
 
         template = config.get("chat_template")
+        jinja_path = os.path.join(os.path.dirname(file_path), "chat_template.jinja")
+        if os.path.isfile(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read()
         if isinstance(template, list):  # HF allows a list of named templates
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -387,6 +397,14 @@ class Tokenizer:
         for s, e in offsets:
             mask.append(any(s < b and max(e, s + 1) > a for a, b in spans))
         return ids, mask
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template's text for ``messages`` (what :meth:`render_prompt` tokenizes), e.g. for
+        lm-evaluation-harness's ``apply_chat_template``.
+
+        Raises TokenizerError on an unknown role / non-string content / template error.
+        """
+        return self._render(self._check_messages(messages), add_generation_prompt)
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` rendered with ``add_generation_prompt=True`` (the generation prompt).

@@ -1,5 +1,5 @@
-"""Rotary position embeddings: plain RoPE and YaRN frequency interpolation (the minimind / Nano-LLaDA
-convention), the cos/sin tables and the rotation.
+"""Rotary position embeddings: plain RoPE, YaRN frequency interpolation (the minimind / Nano-LLaDA
+convention) and Llama 3.1's frequency scaling, the cos/sin tables and the rotation.
 
 ``ModelConfig.rope_scaling`` is validated and normalised here (:func:`normalize_rope_scaling`).
 """
@@ -12,14 +12,16 @@ import torch
 
 
 _YARN_KEYS = ("type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
+_LLAMA3_KEYS = ("type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def normalize_rope_scaling(rope_scaling) -> dict:
-    """Validate a ``ModelConfig.rope_scaling`` dict and return it with all keys of ``_YARN_KEYS`` filled.
+    """Validate a ``ModelConfig.rope_scaling`` dict and return it with all keys of its type filled
+    (``_YARN_KEYS`` or ``_LLAMA3_KEYS``).
 
     Raises:
-        ValueError: not a dict, a type other than ``"yarn"``, an unknown key, a missing ``factor`` /
-            ``original_max_position_embeddings``, or an out-of-range value (the message names the key).
+        ValueError: not a dict, a type other than ``"yarn"`` / ``"llama3"``, an unknown key, a missing
+            required key, or an out-of-range value (the message names the key).
     """
     if not isinstance(rope_scaling, dict):
         raise ValueError(f"rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")
@@ -29,8 +31,10 @@ def normalize_rope_scaling(rope_scaling) -> dict:
         if rs.get("type", kind) != kind:
             raise ValueError(f"rope_scaling has conflicting type {rs['type']!r} and rope_type {kind!r}")
         rs["type"] = kind
+    if rs.get("type") == "llama3":
+        return _normalize_llama3(rs)
     if rs.get("type") != "yarn":
-        raise ValueError(f"rope_scaling type {rs.get('type')!r} is not supported (only 'yarn'; None = plain RoPE)")
+        raise ValueError(f"rope_scaling type {rs.get('type')!r} is not supported (yarn, llama3; None = plain RoPE)")
     unknown = sorted(set(rs) - set(_YARN_KEYS))
     if unknown:
         raise ValueError(f"rope_scaling has unsupported key(s) {unknown}; known: {list(_YARN_KEYS)}")
@@ -59,6 +63,41 @@ def normalize_rope_scaling(rope_scaling) -> dict:
             "attention_factor": float(rs["attention_factor"])}
 
 
+def _normalize_llama3(rs: dict) -> dict:
+    unknown = sorted(set(rs) - set(_LLAMA3_KEYS))
+    if unknown:
+        raise ValueError(f"rope_scaling (llama3) has unsupported key(s) {unknown}; known: {list(_LLAMA3_KEYS)}")
+    for key in _LLAMA3_KEYS[1:]:
+        v = rs.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"rope_scaling (llama3) needs a positive number {key!r}, got {v!r}")
+    if rs["factor"] < 1 or not rs["high_freq_factor"] > rs["low_freq_factor"]:
+        raise ValueError(f"rope_scaling (llama3) needs factor >= 1 and high_freq_factor > low_freq_factor, got {rs}")
+    orig = rs["original_max_position_embeddings"]
+    if orig != int(orig):
+        raise ValueError(f"rope_scaling['original_max_position_embeddings'] must be an integer, got {orig}")
+    return {"type": "llama3", "factor": float(rs["factor"]), "low_freq_factor": float(rs["low_freq_factor"]),
+            "high_freq_factor": float(rs["high_freq_factor"]), "original_max_position_embeddings": int(orig)}
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency scaling of plain-RoPE inverse frequencies (Meta, "The Llama 3 Herd of Models",
+    2024, and the ``apply_scaling`` of its reference code; HF ``_compute_llama3_parameters`` is the same).
+
+    With original context L, wavelength lambda = 2 pi / theta_d, l = L / low_freq_factor and
+    h = L / high_freq_factor: lambda < h keeps theta_d (high frequencies), lambda > l divides it by ``factor``
+    (low frequencies), and in between it blends linearly in r = L / lambda:
+    theta'_d = (1 - a) theta_d / factor + a theta_d, a = (r - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    s, lo, hi = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    orig = rope_scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    a = (orig / wavelen - lo) / (hi - lo)
+    blended = (1 - a) * inv_freq / s + a * inv_freq
+    out = torch.where(wavelen > orig / lo, inv_freq / s, inv_freq)
+    return torch.where((wavelen <= orig / lo) & (wavelen >= orig / hi), blended, out)
+
+
 def yarn_correction_range(head_dim: int, theta: float, rope_scaling: dict) -> tuple[int, int]:
     """Ramp bounds ``(low, high)`` over the ``head_dim // 2`` frequency indices, minimind's convention.
 
@@ -81,7 +120,7 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
     """Rotary inverse frequencies [head_dim // 2] (float32) and the cos/sin multiplier.
 
-    Plain RoPE: theta_d = theta^(-2d / head_dim), multiplier 1.
+    Plain RoPE: theta_d = theta^(-2d / head_dim), multiplier 1. Llama 3.1: :func:`llama3_inv_freq`, multiplier 1.
 
     YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models",
     arXiv:2309.00071). Sec. 3.2 ("NTK-by-parts" interpolation, which YaRN uses unchanged in Sec. 3.4) gives,
@@ -113,6 +152,8 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None,
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     if rope_scaling is None:
         return inv_freq, 1.0
+    if rope_scaling["type"] == "llama3":
+        return llama3_inv_freq(inv_freq, rope_scaling), 1.0
     low, high = yarn_correction_range(head_dim, theta, rope_scaling)
     ramp = (torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / max(high - low, 0.001)
     ramp = ramp.clamp(0, 1)

@@ -28,8 +28,12 @@ class ModelConfig:
     """Shape and switches of the backbone.
 
     vocab_size is the embedding/head row count (the tokenizer's vocabulary plus the mask token, padded to
-    a multiple of 64). ``num_kv_heads < num_heads`` gives grouped-query attention. ``qk_norm`` and
-    ``norm_weight=False`` exist to import Nano-LLaDA / minimind variants.
+    a multiple of 64, or an imported model's own row count). ``num_kv_heads < num_heads`` gives grouped-query
+    attention. ``head_dim`` (None = hidden_size // num_heads) may differ from hidden_size / num_heads (Qwen3:
+    hidden 1024, 16 heads, head_dim 128); q/o project between hidden_size and num_heads x head_dim.
+    ``qk_norm`` (per-head RMSNorm of q and k before RoPE: Qwen3, minimind) and ``norm_weight=False`` exist to
+    import Qwen3 / Nano-LLaDA / minimind variants; ``attention_bias`` adds biases to q, k and v (not o; Qwen2 /
+    Qwen2.5, LLaDA's ``include_qkv_bias``).
 
     ``rope_scaling``: None = plain RoPE with base ``rope_theta``. ``{"type": "yarn", "factor": s,
     "original_max_position_embeddings": L, "beta_fast": 32, "beta_slow": 1, "attention_factor": 1.0}``
@@ -37,6 +41,8 @@ class ModelConfig:
     minimind / Nano-LLaDA (see :func:`llada_scale.model.rope.rope_inv_freq`). ``type``, ``factor`` (>= 1) and
     ``original_max_position_embeddings`` are required; the others default to minimind's values (note: HF's
     default ``attention_factor`` is 0.1 ln(s) + 1, minimind's is 1.0). The dict is normalised to all six keys.
+    ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
+    = Llama 3.1's frequency scaling (all four keys required).
     """
 
     vocab_size: int = 6464
@@ -56,22 +62,25 @@ class ModelConfig:
     mask_token_id: int | None = None
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | sdpa | flex
+    attention_bias: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_heads (resolved in __post_init__)
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                                 "set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim < 2:
+            raise ValueError(f"head_dim must be >= 2, got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
+        if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,9 +94,16 @@ PRESETS: dict[str, dict] = {
     # Nano-LLaDA size (~30M with vocab 6464).
     "30m": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1408, max_seq_len=512),
     "1b": dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=5632, max_seq_len=2048),
-    # LLaDA-8B shape (ML-GSAI/LLaDA config.json): 32 layers, d 4096, 32 heads, FFN 12288, vocab 126464.
+    # GSAI-ML/LLaDA-8B-Base / -Instruct config.json, exactly what import-llada reads from it: 32 layers,
+    # d_model 4096, 32 heads (no GQA), mlp_hidden_size 12288, embedding_size 126464, rope_theta 5e5,
+    # rms_norm_eps 1e-5, no weight tying, bidirectional, mask_token_id 126336.
     "llada-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=12288,
-                     vocab_size=126464, max_seq_len=4096, rope_theta=500000.0, mask_token_id=126336),
+                     vocab_size=126464, max_seq_len=4096, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=False,
+                     causal=False, mask_token_id=126336),
+    # Qwen/Qwen2.5-0.5B config.json as import-hf reads it (AR; ar-to-diffusion keeps the shape).
+    "qwen2.5-0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                         vocab_size=151936, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
+                         tie_embeddings=True, attention_bias=True),
 }
 
 
@@ -123,21 +139,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads, RoPE and optional QK-norm (per-head RMSNorm)."""
+    """Multi-head attention with grouped-query heads, RoPE, optional q/k/v biases and optional QK-norm
+    (per-head RMSNorm before RoPE, as Qwen3 and minimind)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
             self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
 
-    def forward(self, x, cos, sin, mask):
+    def qkv(self, x, cos, sin):
+        """Queries [B, num_heads, L, head_dim] and keys, values [B, num_kv_heads, L, head_dim] of ``x``
+        [B, L, hidden_size], RoPE applied to q and k (the one code path of :meth:`forward` and of KV caches)."""
         b, l, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -145,9 +164,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask):
+        q, k, v = self.qkv(x, cos, sin)
         out = attention.attend(q, k, v, mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -224,6 +246,8 @@ class Transformer(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def output_weight(self) -> torch.Tensor:
         """The [vocab_size, hidden_size] head matrix (the input embedding when ``tie_embeddings``)."""

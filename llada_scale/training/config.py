@@ -19,6 +19,7 @@ import yaml
 from llada_scale.data import DEFAULT_DATA
 from llada_scale.model.transformer import PRESETS, ModelConfig
 from llada_scale.objectives.config import ObjectiveConfig
+from llada_scale.training.lora import LoRAConfig
 
 
 
@@ -95,6 +96,7 @@ class TrainLoopConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
     compile: str | bool = "auto"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 
 @dataclass
@@ -168,6 +170,16 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _build_train(values: dict) -> TrainLoopConfig:
+    values = dict(values)
+    lora = values.pop("lora", None) or {}
+    if not isinstance(lora, dict):
+        raise ConfigError(f"train.lora must be a section (rank, alpha, dropout, target_modules), not {lora!r}")
+    train = _build(TrainLoopConfig, values, "train")
+    train.lora = _build(LoRAConfig, lora, "train.lora")
+    return train
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optim.lr=3e-4'`` -> ``(['optim', 'lr'], 0.0003)`` (value parsed as YAML). Raises ConfigError."""
     if "=" not in text:
@@ -211,7 +223,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     cfg.data = _build(DataConfig, raw.get("data") or {}, "data")
     cfg.objective = _build(ObjectiveConfig, raw.get("objective") or {}, "objective")
     cfg.optim = _build(OptimConfig, raw.get("optim") or {}, "optim")
-    cfg.train = _build(TrainLoopConfig, raw.get("train") or {}, "train")
+    cfg.train = _build_train(raw.get("train") or {})
     cfg.tokenizer = expand_env(cfg.tokenizer)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.run_name)
@@ -237,5 +249,5 @@ def config_from_dict(d: dict) -> RunConfig:
     cfg.data = _build(DataConfig, parts["data"], "data")
     cfg.objective = _build(ObjectiveConfig, parts["objective"], "objective")
     cfg.optim = _build(OptimConfig, parts["optim"], "optim")
-    cfg.train = _build(TrainLoopConfig, parts["train"], "train")
+    cfg.train = _build_train(parts["train"])
     return cfg

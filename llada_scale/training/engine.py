@@ -107,21 +107,99 @@ def _bf16_auto(device: torch.device) -> bool:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (>= 2 dims), none on norm weights."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW groups: decay on matrices (>= 2 dims), none on norm weights and biases; frozen parameters (LoRA's
+    base weights) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_model_config(path: str) -> dict | None:
+    """The ModelConfig dict a checkpoint records (read from its metadata only, no weights), or None.
+
+    Raises:
+        TrainError: the path holds no checkpoint, or an HF directory of an unsupported model.
+    """
+    from llada_scale.checkpoint import CONFIG_FILE, META_FILE, model_config_from_hf, resolve_checkpoint
+    from llada_scale.checkpoint.files import read_json
+
+    try:
+        kind, p = resolve_checkpoint(path)
+        if kind == "deepspeed":
+            meta = read_json(os.path.join(p, META_FILE)) if os.path.isfile(os.path.join(p, META_FILE)) else {}
+            return (meta.get("config") or {}).get("model") or meta.get("model")
+        if kind == "safetensors":
+            return read_json(os.path.join(p, CONFIG_FILE)).get("model")
+        if kind == "hf":
+            return model_config_from_hf(read_json(os.path.join(p, CONFIG_FILE)), os.path.join(p, CONFIG_FILE))
+    except (ValueError, OSError) as e:
+        raise TrainError(f"train.init_from={path}: {e}") from None
+    return None
+
+
+# Fields the weights do not show but that change the function: they must agree with the model we start from.
+_SAME_AS_INIT = ("rope_theta", "rope_scaling", "norm_eps", "qk_norm", "norm_weight", "attention_bias", "head_dim",
+                 "num_heads", "num_kv_heads", "tie_embeddings")
+
+
+def fit_init_source(model_cfg, tokenizer, source: dict | None, where: str) -> None:
+    """Set ``model_cfg.vocab_size`` and ``mask_token_id`` from the tokenizer and the model we start from.
+
+    vocab_size = the tokenizer's vocabulary (mask token included) padded to a multiple of 64, or the source
+    model's row count when that is larger (an imported model keeps its own rows: Qwen2.5 151936, LLaDA 126464,
+    or any count that is not a multiple of 64). The mask token is the tokenizer's; a diffusion source that
+    records another one is refused (LLaDA's 126336 must be the tokenizer's own ``<|mdm_mask|>``, never a second
+    one added after the vocabulary).
+
+    Raises:
+        TrainError: the source records another mask token.
+    """
+    model_cfg.vocab_size = tokenizer.padded_vocab_size()
+    model_cfg.mask_token_id = tokenizer.mask_token_id
+    if not source:
+        return
+    if source.get("vocab_size", 0) > model_cfg.vocab_size:
+        model_cfg.vocab_size = source["vocab_size"]
+    mask = source.get("mask_token_id")
+    if mask is not None and source.get("causal") is False and mask != tokenizer.mask_token_id:
+        raise TrainError(f"{where} is a diffusion model with mask_token_id {mask} but the tokenizer's mask token "
+                         f"{tokenizer.mask_token!r} is id {tokenizer.mask_token_id}; use the model's own tokenizer "
+                         "(import-llada / import-hf copy it next to the weights)")
+
+
+def check_init_config(model_cfg, source: dict | None, where: str) -> None:
+    """The recipe's fields in :data:`_SAME_AS_INIT` (rope, norms, biases, heads, tying: not all visible in the
+    weights' shapes) must equal those of the ``train.init_from`` model.
+
+    Raises:
+        TrainError: naming every differing field (init_from vs recipe).
+    """
+    if not source:
+        return
+    mine = model_cfg.to_dict()
+    diff = {k: (source[k], mine[k]) for k in _SAME_AS_INIT if k in source and source[k] != mine[k]
+            and not (k == "head_dim" and source[k] is None)}
+    if diff:
+        raise TrainError(f"train.init_from={where} is another model than the recipe's (init_from vs recipe: {diff}); "
+                         "set these model.* keys (or a matching model.preset)")
 
 
 def load_init_weights(model: Transformer, path: str) -> dict:
     """Initialise ``model`` from a checkpoint (ours at any ZeRO stage, or consolidated safetensors).
 
     Rows are added to the embedding/head when the source vocabulary is smaller (AR -> diffusion adds the mask
-    token). Returns the source metadata. Raises TrainError with the mismatch when shapes do not fit.
+    token). A consolidated directory (what import-llada / import-hf write) is read one tensor at a time straight
+    into the parameters, so host memory stays at the model plus one tensor (an 8B model would otherwise need its
+    fp32 state dict twice per rank). Returns the source metadata. Raises TrainError with the mismatch when shapes
+    do not fit.
     """
-    from llada_scale.checkpoint import load_model_state
+    from llada_scale.checkpoint import load_model_state, resolve_checkpoint
 
     try:
+        kind, resolved = resolve_checkpoint(path)
+        if kind == "safetensors":
+            return _stream_init(model, resolved, path)
         state, meta = load_model_state(path)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise TrainError(f"train.init_from={path}: {e}") from None
@@ -131,3 +209,31 @@ def load_init_weights(model: Transformer, path: str) -> dict:
     except ValueError as e:
         raise TrainError(str(e)) from None
     return meta
+
+
+_VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@torch.no_grad()
+def _stream_init(model: Transformer, resolved: str, path: str) -> dict:
+    from llada_scale.checkpoint import CONFIG_FILE
+    from llada_scale.checkpoint.files import read_json
+    from llada_scale.checkpoint.streaming import scan_weights, read_tensors
+    from llada_scale.model.transformer import state_dict_mismatch
+
+    tensors = scan_weights(resolved)
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    shapes = {k: torch.empty((expected[k][0], *t.shape[1:]) if k in _VOCAB_ROWS and k in expected else t.shape,
+                             device="meta") for k, t in tensors.items()}
+    problems = state_dict_mismatch(expected, shapes, f"init_from checkpoint {path}")
+    if problems:
+        raise TrainError(f"init_from checkpoint {path} does not fit the model ({problems}); check the model "
+                         "preset/overrides match the checkpoint's config")
+    for name, t in read_tensors(tensors):
+        if name in _VOCAB_ROWS:
+            t = resize_vocab({name: t}, model.config.vocab_size)[name]
+        own[name].copy_(t.to(own[name].dtype))
+    cfg = read_json(f"{resolved}/{CONFIG_FILE}")
+    return {"format": "safetensors", "path": resolved, "step": cfg.get("step"), "config": cfg.get("run_config"),
+            "model": cfg.get("model"), "tokenizer": cfg.get("tokenizer")}

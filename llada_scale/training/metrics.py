@@ -49,6 +49,7 @@ class FlopCounter:
     Args:
         num_params: all parameters; embedding_params: the input embedding; head_params: the output head (equal
             to the embedding when tied: the head is then counted, the embedding lookup is not).
+        hidden_size: the attention width, num_heads x head_dim (PaLM's H Q; d_model unless head_dim is set apart).
     """
 
     def __init__(self, num_params: int, embedding_params: int, head_params: int, num_layers: int, hidden_size: int,

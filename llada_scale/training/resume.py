@@ -140,10 +140,11 @@ def load_loader_state(loader, saved: list, rank: int, world_size: int) -> bool:
 
 
 def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal_dir: Path | None, *,
-            model_cfg, seed: int, rank: int, world_size: int) -> dict:
+            model_cfg, seed: int, rank: int, world_size: int, strict: bool = True) -> dict:
     """Load a checkpoint into ``engine``, ``loader`` and the noise ``generator``; collective.
 
-    A rank the old run did not have gets its own noise stream, distinct per rank and resume step. The
+    ``strict=False`` accepts module states without the frozen parameters (LoRA checkpoints hold only the
+    adapters). A rank the old run did not have gets its own noise stream, distinct per rank and resume step. The
     universal copy (``universal_dir``, from :func:`prepare_world_size_change`) is deleted once every rank
     has read it.
 
@@ -154,7 +155,7 @@ def restore(engine, loader, generator: torch.Generator, tag_dir: Path, universal
     """
     check_same_model(tag_dir, model_cfg)
     src = universal_dir or tag_dir
-    load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+    load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=strict)
     if load_path is None:
         raise TrainError(f"DeepSpeed could not load {src}")
     step = client["step"]

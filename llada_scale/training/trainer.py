@@ -23,7 +23,9 @@ from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
 from llada_scale.training import resume, signals
 from llada_scale.training.config import RunConfig
-from llada_scale.training.engine import TrainError, build_ds_config, load_init_weights, param_groups
+from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
+                                         fit_init_source, load_init_weights, param_groups)
+from llada_scale.training.lora import apply_lora
 from llada_scale.training.guards import LossGuard
 from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, throughput
 from llada_scale.training.parallelize import parallelize
@@ -56,20 +58,28 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer)
-        cfg.model.vocab_size = self.tokenizer.padded_vocab_size()
-        cfg.model.mask_token_id = self.tokenizer.mask_token_id
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
 
         resume_dir = resume.find_resume_dir(cfg.train.resume, self.ckpt_dir)
+        lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
+        source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
+            checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
+        fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model)
         self.init_meta = None
-        if cfg.train.init_from and resume_dir is None:
+        if cfg.train.init_from and (resume_dir is None or lora):
             self.init_meta = load_init_weights(model, cfg.train.init_from)
+            check_init_config(cfg.model, source, cfg.train.init_from)
+        elif lora:
+            raise TrainError("train.lora needs train.init_from (the frozen base weights)")
+        if lora:
+            model = apply_lora(model, cfg.train.lora)
         self.num_params = model.num_params()
         m = cfg.model
         self.flops = FlopCounter(self.num_params, model.model.embed_tokens.weight.numel(),
-                                 model.output_weight().numel(), m.num_layers, m.hidden_size, m.tie_embeddings)
+                                 model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
+                                 m.tie_embeddings)
 
         ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
@@ -101,7 +111,8 @@ class Trainer:
         self._grad_norm = None
         if resume_dir is not None:
             client = resume.restore(self.engine, self.loader, self.generator, resume_dir, universal_dir,
-                                    model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+                                    model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                                    strict=not lora)
             self.step = client["step"]
             self.guard.skipped, self.guard.loss_ema = client.get("skipped", 0), client.get("loss_ema")
         self.peak_flops, self.peak_source = device_peak_flops(cfg.train.peak_flops, self.device)
@@ -150,7 +161,8 @@ class Trainer:
         client = {"step": self.step, "loader": loader_states, "rng": rng_states, "skipped": self.guard.skipped,
                   "loss_ema": self.guard.loss_ema, "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
-        path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last)
+        path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last,
+                                 exclude_frozen=self.cfg.train.lora.enabled)
         if self.rank == 0:
             log.info(f"saved checkpoint {path}")
 

@@ -255,12 +255,15 @@ def test_export_hf_diffusion_bidirectional(tmp_path):
     assert cio.build_model_from_checkpoint(tmp_path / "hf", progress=False).config.causal is False
 
 
-def test_export_hf_refuses_qk_norm_and_weightless(tmp_path, capsys):
-    for kw in (dict(qk_norm=True), dict(norm_weight=False)):
-        src = _save_ours(tmp_path / str(kw), Transformer(tiny_cfg(**kw)))
-        assert convert("export-hf", src, tmp_path / ("hf" + str(len(kw))), "--quiet") == 2
+def test_export_hf_refuses_what_no_hf_class_holds(tmp_path, capsys):
+    """QK-norm exports as Qwen3 (tests/checkpoint/test_import_hf.py); QK-norm with q/k/v biases and weightless norms
+    have no HF class: refused with one line."""
+    for i, kw in enumerate((dict(qk_norm=True, attention_bias=True), dict(norm_weight=False))):
+        src = _save_ours(tmp_path / f"src{i}", Transformer(tiny_cfg(**kw)))
+        assert convert("export-hf", src, tmp_path / f"hf{i}", "--quiet") == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and ("QK-norm" in err or "weightless" in err)
+        assert not (tmp_path / f"hf{i}").exists()  # nothing half-written
 
 
 def test_ar_to_diffusion_adds_rows(tmp_path):

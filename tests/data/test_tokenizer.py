@@ -141,3 +141,72 @@ def test_missing_path_raises(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError):
         Tokenizer.load(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- imported models' tokenizers
+# A Qwen2.5-Instruct-style ChatML template with a default system turn (the branch real templates have).
+QWEN_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _tiny(tmp_path, template, mask="<|mdm_mask|>"):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "checkpoint"))
+    from tiny_models import make_tokenizer
+
+    return make_tokenizer(tmp_path, mask_token=mask, template=template)
+
+
+@pytest.mark.parametrize("which", ["llada", "qwen"])
+def test_chat_template_matches_transformers_byte_for_byte(tmp_path, which):
+    """SFT prompts use the tokenizer's own template exactly as transformers renders it (string and ids)."""
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "checkpoint"))
+    from tiny_models import LLADA_CHAT_TEMPLATE
+
+    template = LLADA_CHAT_TEMPLATE if which == "llada" else QWEN_STYLE_TEMPLATE
+    specials = ["<|im_start|>", "<|im_end|>"] if which == "qwen" else []
+    _tiny(tmp_path, template)
+    if specials:  # ChatML markers as added special tokens
+        from tokenizers import Tokenizer as HFTok
+
+        t = HFTok.from_file(str(tmp_path / "tokenizer.json"))
+        t.add_special_tokens(specials)
+        t.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.load(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    conv = [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "two plus two"},
+            {"role": "user", "content": " hello world "}, {"role": "assistant", "content": "hello"}]
+    for msgs, gen in ((conv, False), (conv[:3], True), ([{"role": "system", "content": "you are"}] + conv, False)):
+        assert ours._render(msgs, add_generation_prompt=gen) == hf.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=gen)
+    assert ours.render_prompt(conv[:3]) == hf.apply_chat_template(conv[:3], tokenize=True, add_generation_prompt=True,
+                                                                  return_dict=False)
+    ids, mask = ours.render_chat(conv)
+    answer = [i for i, m in zip(ids, mask) if m]
+    assert ours.decode(answer).split()[:3] == ["two", "plus", "two"]
+
+
+def test_existing_mask_token_is_used_not_added(tmp_path):
+    """tokenizer_config.json's mask_token (what import-llada records) is the mask; none is appended."""
+    specials = _tiny(tmp_path, "")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    plain = Tokenizer.load(tmp_path)  # no mask_token named: <|mask|> is added after the vocabulary
+    assert plain.mask_token == "<|mask|>" and plain.mask_token_id == specials["<|mdm_mask|>"] + 1
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "mask_token": "<|mdm_mask|>"}))
+    t = Tokenizer.load(tmp_path)
+    assert t.mask_token_id == specials["<|mdm_mask|>"] and t.vocab_size == specials["<|mdm_mask|>"] + 1
+    assert Tokenizer.load(tmp_path, mask_token="<|eot_id|>").mask_token_id == specials["<|eot_id|>"]
+
+
+def test_chat_template_jinja_file_wins(tmp_path):
+    _tiny(tmp_path, "{{ 'from config' }}")
+    (tmp_path / "chat_template.jinja").write_text("{{ 'from file' }}")
+    assert Tokenizer.load(tmp_path)._render([{"role": "user", "content": "x"}], False) == "from file"
