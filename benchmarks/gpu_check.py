@@ -269,8 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="correctness,speed,loss_memory",
                    help="comma-separated subset of correctness, speed, loss_memory (default: all)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per speed row (default 10; dry run 2)")
-    p.add_argument("--budget_s", type=float, default=420.0,
-                   help="stop adding speed rows after this many seconds in all (default 420: the run stays < 8 min)")
+    p.add_argument("--budget_s", type=float, default=360.0,
+                   help="stop adding speed rows after this many seconds in all (default 360: the run stays < 8 min)")
     args = p.parse_args(argv)
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():

@@ -78,7 +78,7 @@ class TrainLoopConfig:
     init_from: str = ""
     wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
     wandb_project: str = "llada_scale"
-    peak_flops: float = 0.0  # per device, FLOP/s; 0 = H100/H200/A100 datasheet, measured matmul on CPU
+    peak_flops: float = 0.0  # per device, FLOP/s, for MFU; 0 = datasheet bf16 peak of known GPUs, none on CPU
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
     sample_block_length: int = 0  # diffusion samples: semi-autoregressive block length (0 = one block)
