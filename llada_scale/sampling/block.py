@@ -29,12 +29,11 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from llada_scale.model import block_attention as ba
 from llada_scale.sampling.common import (GenerationResult, apply_repetition_penalty, check_length, check_prompts,
                                          model_device)
-from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of
+from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of, lm_head
 
 
 @torch.no_grad()
@@ -49,7 +48,7 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
         append: store this block's keys/values in ``cache`` (call once the block is fully decoded, with its
             clean tokens).
     Returns:
-        logits [B, l, V] in the model's dtype.
+        float32 logits [B, l, V].
     Raises:
         TypeError: ``model`` is not a llada_scale Transformer (or a wrapper of one).
     """
@@ -58,7 +57,7 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
     x = cached_hidden(core, block_ids, position_ids, cache, cache.length, store=append, kv_len=end)
     if append:
         cache.length = end
-    return F.linear(core.model.norm(x), core.output_weight())
+    return lm_head(core, x)  # a module call (ZeRO-3 gathers the head)
 
 
 def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:

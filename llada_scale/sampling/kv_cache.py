@@ -131,8 +131,16 @@ def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, ca
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits [..., vocab_size] of hidden states from :func:`cached_hidden` (final norm + head; the head
-    is called as a module when it is one, so ZeRO-3 gathers it)."""
+    is called as a module when it is one, so ZeRO-3 gathers it; a tied head, the embedding's weight, is gathered
+    explicitly when ZeRO-3 partitions it: ``GatheredParameters``, a collective, every rank decodes in lockstep)."""
     core = core_of(model)
     h = core.model.norm(hidden)
-    out = core.lm_head(h) if core.lm_head is not None else F.linear(h, core.output_weight())
-    return out.float()
+    if core.lm_head is not None:
+        return core.lm_head(h).float()
+    w = core.output_weight()
+    if not hasattr(w, "ds_id"):
+        return F.linear(h, w).float()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+        return F.linear(h, w).float()
