@@ -63,3 +63,35 @@ def sft_shards(tmp_path_factory) -> Path:
     build_shards([str(DATA / "sft" / "alpaca_en.jsonl.gz")], str(TOKENIZER), str(out), "sft",
                  max_docs=600, shard_tokens=15_000, val_docs=40, progress=False, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_path):
+    """Factory ``tiny_checkpoint(causal, max_seq_len=256, run_config=None) -> str``: the path of a consolidated
+    checkpoint of a 1-layer random model (hidden 32) with the minimind tokenizer, built once per setting."""
+    import torch
+
+    import llada_scale.checkpoint as cio
+    from llada_scale.data.tokenizer import Tokenizer
+    from llada_scale.model.transformer import ModelConfig, Transformer
+
+    tok = Tokenizer.load(str(tokenizer_path))
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    made: dict = {}
+
+    def make(causal: bool, max_seq_len: int = 256, run_config: dict | None = None) -> str:
+        key = (causal, max_seq_len, repr(run_config))
+        if key not in made:
+            torch.manual_seed(0)
+            cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
+                              num_kv_heads=1, intermediate_size=64, max_seq_len=max_seq_len, causal=causal,
+                              mask_token_id=None if causal else tok.mask_token_id)
+            meta = {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()}
+            if run_config:
+                meta["run_config"] = run_config
+            path = root / f"m{len(made)}"
+            cio.save_safetensors(Transformer(cfg).state_dict(), str(path), meta, dtype="fp32", progress=False)
+            made[key] = str(path)
+        return made[key]
+
+    return make

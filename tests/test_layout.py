@@ -17,9 +17,11 @@ ALLOWED = {
     "sampling": {"model"},
     "checkpoint": {"model", "data"},
     "training": {"model", "data", "objectives", "sampling", "checkpoint"},
-    "eval": {"model", "data", "objectives", "sampling", "checkpoint"},
+    "eval": {"model", "data", "objectives", "sampling", "checkpoint", "api"},
 }
-TOP_LEVEL = {"train": {"training"}, "testing": set()}  # modules directly under llada_scale/
+# modules directly under llada_scale/. api (llada_scale.load) sits above the inference layers and below eval,
+# whose lm-evaluation-harness model and CLI are built on it.
+TOP_LEVEL = {"train": {"training"}, "testing": set(), "api": {"model", "data", "objectives", "sampling", "checkpoint"}}
 MAX_LINES = 520
 
 

@@ -398,6 +398,14 @@ class Tokenizer:
             mask.append(any(s < b and max(e, s + 1) > a for a, b in spans))
         return ids, mask
 
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template's text for ``messages`` (what :meth:`render_prompt` tokenizes), e.g. for
+        lm-evaluation-harness's ``apply_chat_template``.
+
+        Raises TokenizerError on an unknown role / non-string content / template error.
+        """
+        return self._render(self._check_messages(messages), add_generation_prompt)
+
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` rendered with ``add_generation_prompt=True`` (the generation prompt).
 

@@ -27,11 +27,12 @@ import time
 import torch
 
 import llada_scale.checkpoint as cio
+from llada_scale.api import render_partial, special_ids
 from llada_scale.sampling.block import generate_blocks_batch
 from llada_scale.data import DEFAULT_DATA
 from llada_scale.eval.runner import run_task
-from llada_scale.eval.tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate, default_sampler,
-                                    load_examples, trained_block_length)
+from llada_scale.eval.tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate, check_lengths,
+                                    default_sampler, load_examples, trained_block_length)
 from llada_scale.sampling import diffusion_generate, truncate_at
 
 
@@ -64,27 +65,33 @@ def load_tokenizer(path: str | None, meta: dict, data: str, rank: int):
     return Tokenizer.load(src)
 
 
-def make_handle(model, tokenizer, name: str, sampler: str = "llada") -> ModelHandle:
-    """Wrap a loaded Transformer for the tasks: mask id, ids to suppress (vocab padding rows; the mask token
-    for AR models), stop ids (eos, pad) and the diffusion sampler (``"llada"`` / ``"block"``; AR: ignored).
+def make_handle(model, tokenizer, name: str, sampler: str = "llada", likelihood_block_length: int | None = None
+                ) -> ModelHandle:
+    """Wrap a loaded Transformer for the tasks: mask id, ids to suppress and stop ids
+    (:func:`llada_scale.api.special_ids`), the diffusion sampler (``"llada"`` / ``"block"``; AR: ignored) and the
+    likelihood estimator (``likelihood_block_length``: None = LLaDA's full-attention ELBO, else the block NELBO).
 
     Raises:
         EvalError: tokenizer larger than the model vocabulary; diffusion model without a usable mask id.
     """
-    cfg = model.config
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise EvalError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size} rows; "
-                        "wrong --tokenizer?")
-    mask = cfg.mask_token_id if cfg.mask_token_id is not None else tokenizer.mask_token_id
-    suppress = list(range(tokenizer.vocab_size, cfg.vocab_size))
-    if cfg.causal and mask is not None and mask < cfg.vocab_size:
-        suppress.append(mask)
-    if not cfg.causal and not 0 <= mask < cfg.vocab_size:
-        raise EvalError(f"diffusion model: mask token id {mask} outside the vocabulary ({cfg.vocab_size})")
-    stops = [tokenizer.eos_token_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id not in
-                                        (None, tokenizer.eos_token_id) else [])
-    return ModelHandle(model=model, tokenizer=tokenizer, causal=cfg.causal, mask_token_id=None if cfg.causal else mask,
-                       suppress_token_ids=sorted(set(suppress)), stop_ids=stops, name=name, sampler=sampler)
+    try:
+        mask, suppress, stops = special_ids(model.config, tokenizer)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return ModelHandle(model=model, tokenizer=tokenizer, causal=model.config.causal, mask_token_id=mask,
+                       suppress_token_ids=suppress, stop_ids=stops, name=name, sampler=sampler,
+                       likelihood_block_length=likelihood_block_length, max_seq_len=model.config.max_seq_len)
+
+
+def resolve_likelihood(flag: str, model, sampler: str | None) -> tuple[str | None, str]:
+    """``(estimator, source)``: None for AR models (exact); else ``flag`` when it is ``full``/``block``
+    ("flag"), else ``block`` for checkpoints decoded with the block sampler (trained with block diffusion) and
+    ``full`` otherwise ("checkpoint")."""
+    if model.config.causal:
+        return None, "ar model"
+    if flag != "auto":
+        return flag, "flag"
+    return ("block" if sampler == "block" else "full"), "checkpoint"
 
 
 def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
@@ -98,22 +105,6 @@ def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
 
 
 # ------------------------------------------------------------------------------------------------ watch
-def render_partial(tokenizer, tokens: list[int], mask_id: int, symbol: str) -> str:
-    """Decode ``tokens`` with every mask token shown as ``symbol`` (runs of real tokens decoded together)."""
-    out, run = [], []
-    for t in tokens:
-        if t == mask_id:
-            if run:
-                out.append(tokenizer.decode(run))
-                run = []
-            out.append(symbol)
-        else:
-            run.append(t)
-    if run:
-        out.append(tokenizer.decode(run))
-    return "".join(out)
-
-
 def watch(h: ModelHandle, args, cfg: EvalConfig) -> dict:
     """Generate for one prompt and print the partially unmasked answer after every step."""
     if h.causal:
@@ -140,12 +131,16 @@ def watch(h: ModelHandle, args, cfg: EvalConfig) -> dict:
         res = generate_blocks_batch(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
                                     block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
                                     temperature=cfg.temperature, seeds=[cfg.seed],
-                                    suppress_token_ids=h.suppress_token_ids, callback=show)
+                                    suppress_token_ids=h.suppress_token_ids, callback=show,
+                                    repetition_penalty=cfg.repetition_penalty,
+                                    allow_extrapolation=cfg.allow_extrapolation)
     else:
         res = diffusion_generate(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
                                  block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
                                  remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
-                                 suppress_token_ids=h.suppress_token_ids,
+                                 suppress_token_ids=h.suppress_token_ids, cache=cfg.cache,
+                                 repetition_penalty=cfg.repetition_penalty,
+                                 allow_extrapolation=cfg.allow_extrapolation,
                                  generator=torch.Generator().manual_seed(cfg.seed), callback=show)
     final = tok.decode(truncate_at(res.tokens[0], h.stop_ids))
     print(f"\nfinal ({res.steps} steps, {res.nfe} forwards, {res.seconds:.2f}s): {final}", flush=True)
@@ -187,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compare", metavar="AR_CKPT", default=None,
                     help="a second (AR) checkpoint run on the same prompts; the table shows both side by side")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default all)")
-    ap.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = all; wikitext2: N chunks)")
+    ap.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = all; wikitext2: N chunks; "
+                                                         "negative values are refused)")
     ap.add_argument("--data", default=None, help="shared data directory holding eval/ (default $LLADA_DATA or "
                                                  "../shared/data)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: the one the checkpoint names)")
@@ -214,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=float, default=None,
                     help="Fast-dLLM confidence threshold for parallel decoding (default off: fixed steps)")
     ap.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
+    ap.add_argument("--cache", default=None, choices=["prefix", "dual"],
+                    help="Fast-dLLM's approximate KV cache for the llada sampler: prefix (cache the prompt and "
+                         "finished blocks) or dual (also the masked suffix); refreshed at every block's first step. "
+                         "Default off (exact); usually with --threshold. See docs/EVAL.md")
+    ap.add_argument("--repetition_penalty", type=float, default=1.0,
+                    help="HF-style repetition penalty on tokens already in the sequence, every sampler "
+                         "(default 1 = off; > 1 discourages repeats)")
+    ap.add_argument("--likelihood", default="auto", choices=["auto", "full", "block"],
+                    help="diffusion likelihood estimator for wikitext2/piqa: full (LLaDA's Monte Carlo ELBO with "
+                         "full attention) or block (the block NELBO of block diffusion, blocks of --block_length); "
+                         "auto (default) = block for checkpoints trained with block diffusion, else full")
+    ap.add_argument("--allow_extrapolation", action="store_true",
+                    help="run prompts + generations longer than the model's max_seq_len (refused by default: "
+                         "RoPE models degrade silently beyond their trained context)")
     ap.add_argument("--poem_gen_length", type=int, default=32, help="tokens generated per poem line (default 32)")
     ap.add_argument("--chunk_len", type=int, default=128, help="WikiText-2 chunk length in tokens (default 128)")
     ap.add_argument("--seed", type=int, default=0, help="base seed of MC masks and sampling (default 0)")
@@ -233,7 +243,11 @@ def run(args) -> int:
     cfg = EvalConfig(batch_size=args.batch_size, mc_samples=args.mc_samples, gen_length=args.gen_length,
                      block_length=args.block_length or 32, steps=args.steps, temperature=args.temperature,
                      remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
-                     poem_gen_length=args.poem_gen_length, chunk_len=args.chunk_len, seed=args.seed)
+                     poem_gen_length=args.poem_gen_length, chunk_len=args.chunk_len, seed=args.seed,
+                     cache=args.cache, repetition_penalty=args.repetition_penalty,
+                     allow_extrapolation=args.allow_extrapolation, likelihood=args.likelihood)
+    if args.limit < 0:
+        raise EvalError(f"--limit must be >= 0 (0 = all examples), got {args.limit}")
     cfg.validate(args.sampler)  # sampler-specific checks again once the models (and default samplers) are known
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -270,17 +284,23 @@ def run(args) -> int:
             if trained:
                 cfg.block_length, block_length_source = trained, f"checkpoint ({h.name})"
                 break
+    likelihoods, likelihood_sources = {}, {}
     for h in handles:
         cfg.validate(None if h.causal else h.sampler)
+        likelihoods[h.name], likelihood_sources[h.name] = resolve_likelihood(cfg.likelihood, h.model, samplers[h.name])
+        h.likelihood_block_length = cfg.block_length if likelihoods[h.name] == "block" else None
     if rank == 0:
         for h in handles:
             if not h.causal:
                 extra = f", {cfg.steps_per_block()} steps per block" if h.sampler == "block" else ""
+                est = likelihoods[h.name] + (f" (blocks of {cfg.block_length})" if h.likelihood_block_length else "")
                 print(f"[{h.name}] sampler {h.sampler} ({sources[h.name]}), block_length {cfg.block_length} "
-                      f"({block_length_source}){extra}", flush=True)
+                      f"({block_length_source}){extra}; likelihood {est} ({likelihood_sources[h.name]})", flush=True)
     sampler_settings = {"sampler": sampler, "sampler_source": sampler_source, "samplers": samplers,
                         "block_length": cfg.block_length, "block_length_source": block_length_source,
-                        "steps_per_block": cfg.steps_per_block() if "block" in samplers.values() else None}
+                        "steps_per_block": cfg.steps_per_block() if "block" in samplers.values() else None,
+                        "likelihood": likelihoods[main_name], "likelihood_source": likelihood_sources[main_name],
+                        "likelihoods": likelihoods}
     if args.watch:
         if rank == 0:
             out = watch(handles[0], args, cfg)
@@ -293,8 +313,12 @@ def run(args) -> int:
     results: dict = {}
     records: dict = {}
     t_start = time.time()
+    all_examples = {task: load_examples(task, data, tok, cfg, args.limit or None) for task in tasks}
+    for task in tasks:  # refuse sequences beyond a model's context before any work
+        for h in handles:
+            check_lengths(task, all_examples[task], cfg, h.max_seq_len)
     for task in tasks:
-        examples = load_examples(task, data, tok, cfg, args.limit or None)
+        examples = all_examples[task]
         lo, hi = len(examples) * rank // world, len(examples) * (rank + 1) // world
         shard = examples[lo:hi]
         results[task], records[task] = {}, {}
@@ -326,7 +350,7 @@ def run(args) -> int:
                 "settings": {**vars(args), **sampler_settings, "data": data, "eval_config": cfg.to_dict(),
                              "world_size": world},
                 "models": {n: {"path": metas[n]["path"], "format": metas[n]["format"], "step": metas[n].get("step"),
-                               "sampler": samplers[n],
+                               "sampler": samplers[n], "likelihood": likelihoods[n],
                                "model_config": next(h.model.config.to_dict() for h in handles if h.name == n)}
                            for n in names},
                 "tokenizer": tok.identity(),

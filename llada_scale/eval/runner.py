@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from llada_scale.eval.tasks import (_PUNCT, TASKS, EvalConfig, EvalError, ModelHandle, _first_line,
+from llada_scale.eval.tasks import (_PUNCT, TASKS, EvalConfig, EvalError, ModelHandle, _first_line, check_lengths,
                                     extract_gsm8k_answer)
 from llada_scale.sampling import ar_generate, diffusion_generate, generate_blocks_batch, left_pad, truncate_at
 from llada_scale.sampling.common import call_model, model_device
@@ -27,12 +27,17 @@ def _seed(cfg: EvalConfig, task: str, index: int, k: int = 0) -> int:
     return (cfg.seed * 1_000_003 + sum(map(ord, task)) * 7919 + index * 31 + k) % (2**63)
 
 
+def _common(cfg: EvalConfig) -> dict:
+    """Sampler arguments every task passes through."""
+    return {"repetition_penalty": cfg.repetition_penalty, "allow_extrapolation": cfg.allow_extrapolation}
+
+
 def _generate(h: ModelHandle, prompts: list[list[int]], cfg: EvalConfig, gen_length: int, stats: dict,
               index: int) -> list[list[int]]:
     if h.causal:
         res = ar_generate(h.model, prompts, max_new_tokens=gen_length, eos_token_id=h.stop_ids[0] if h.stop_ids else None,
                           temperature=cfg.temperature, suppress_token_ids=h.suppress_token_ids,
-                          generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)))
+                          generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)), **_common(cfg))
     else:
         block = cfg.block_length if gen_length % cfg.block_length == 0 else gen_length
         nb = gen_length // block
@@ -41,8 +46,8 @@ def _generate(h: ModelHandle, prompts: list[list[int]], cfg: EvalConfig, gen_len
         res = diffusion_generate(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
                                  block_length=block, steps=steps, temperature=cfg.temperature,
                                  remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
-                                 suppress_token_ids=h.suppress_token_ids,
-                                 generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)))
+                                 suppress_token_ids=h.suppress_token_ids, cache=cfg.cache,
+                                 generator=torch.Generator().manual_seed(_seed(cfg, "gen", index)), **_common(cfg))
     stats["seconds"] += res.seconds
     stats["nfe"] += res.nfe
     out = [truncate_at(t, h.stop_ids) for t in res.tokens]
@@ -71,7 +76,7 @@ def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg:
                                     block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
                                     temperature=cfg.temperature, seeds=seeds, batch_size=cfg.batch_size,
                                     suppress_token_ids=h.suppress_token_ids,
-                                    progress=lambda n: bar.update(n / len(keys)))
+                                    progress=lambda n: bar.update(n / len(keys)), **_common(cfg))
         stats["seconds"] += res.seconds
         stats["nfe"] += res.nfe
         stats["tokens"] += sum(len(t) for t in res.tokens)
@@ -88,11 +93,14 @@ def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg:
 def _loglik(h: ModelHandle, pairs, seeds, cfg: EvalConfig, stats: dict) -> list[float]:
     t0 = time.perf_counter()
     if h.causal:
-        out = log_likelihood_batch(h.model, pairs, causal=True, batch_size=cfg.batch_size)
+        out = log_likelihood_batch(h.model, pairs, causal=True, batch_size=cfg.batch_size,
+                                   allow_extrapolation=cfg.allow_extrapolation)
         stats["nfe"] += math.ceil(len(pairs) / cfg.batch_size)
     else:
         out = log_likelihood_batch(h.model, pairs, causal=False, mask_token_id=h.mask_token_id,
-                                   mc_samples=cfg.mc_samples, batch_size=cfg.batch_size * 8, pair_seeds=seeds)
+                                   mc_samples=cfg.mc_samples, batch_size=cfg.batch_size * 8, pair_seeds=seeds,
+                                   block_length=h.likelihood_block_length,
+                                   allow_extrapolation=cfg.allow_extrapolation)
         stats["nfe"] += math.ceil(len(pairs) * cfg.mc_samples / (cfg.batch_size * 8))
     stats["seconds"] += time.perf_counter() - t0
     stats["tokens"] += sum(len(a) for _, a in pairs)
@@ -118,6 +126,7 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
     cfg.validate(None if h.causal else h.sampler)
     if not h.causal and h.mask_token_id is None:
         raise EvalError("a diffusion model needs mask_token_id")
+    check_lengths(task, examples, cfg, h.max_seq_len)
     stats = {"seconds": 0.0, "tokens": 0, "nfe": 0}
     records: list[dict] = []
     bar = tqdm(total=len(examples), desc=f"{task} [{h.name}]", unit="ex", disable=not progress, position=position,
@@ -158,12 +167,14 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
                     calls = [(group, generate_blocks_batch(
                         h.model, [e["context"] for e in group], mask_token_id=h.mask_token_id, gen_length=t,
                         block_length=cfg.block_length, steps_per_block=cfg.block_length, temperature=0.0,
-                        batch_size=cfg.batch_size, suppress_token_ids=h.suppress_token_ids, progress=bar.update))]
+                        batch_size=cfg.batch_size, suppress_token_ids=h.suppress_token_ids, progress=bar.update,
+                        allow_extrapolation=cfg.allow_extrapolation))]
                 else:
                     calls = ((batch, diffusion_generate(h.model, [e["context"] for e in batch],
                                                         mask_token_id=h.mask_token_id, gen_length=t, block_length=t,
                                                         steps=t, temperature=0.0,
-                                                        suppress_token_ids=h.suppress_token_ids))
+                                                        suppress_token_ids=h.suppress_token_ids,
+                                                        allow_extrapolation=cfg.allow_extrapolation))
                              for batch in _batches(group, cfg.batch_size))
                 for batch, res in calls:
                     stats["seconds"] += res.seconds

@@ -46,12 +46,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llada_scale.api import default_sampler, trained_block_length
 
-__all__ = ["TASKS", "SAMPLERS", "EvalConfig", "EvalError", "load_examples", "aggregate",
-           "extract_gsm8k_answer", "normalize_number", "ModelHandle", "default_sampler", "trained_block_length"]
+
+__all__ = ["TASKS", "SAMPLERS", "LIKELIHOODS", "EvalConfig", "EvalError", "load_examples", "aggregate",
+           "extract_gsm8k_answer", "normalize_number", "ModelHandle", "default_sampler", "trained_block_length",
+           "required_length", "check_lengths"]
 
 TASKS = ("wikitext2", "lambada", "piqa", "gsm8k", "poem")
 SAMPLERS = ("llada", "block")
+LIKELIHOODS = ("auto", "full", "block")
 
 POEM_FORWARD = "{line}的下一句是什么？直接输出句子即可。"
 POEM_REVERSAL = "{line}的上一句是什么？直接输出句子即可。"
@@ -71,7 +75,11 @@ class EvalConfig:
     ``temperature`` and :meth:`steps_per_block` (the same tokens per step as ``steps`` for ``gen_length``).
     AR models decode up to ``gen_length`` tokens greedily (``temperature`` > 0 samples). poem_gen_length:
     tokens generated per poem line. chunk_len: WikiText-2 chunk length in tokens. seed: base seed of all
-    randomness (per-example seeds derive from it, so results do not depend on sharding).
+    randomness (per-example seeds derive from it, so results do not depend on sharding). cache: Fast-dLLM's
+    approximate ``"prefix"``/``"dual"`` KV cache of the llada sampler (None = exact). repetition_penalty:
+    HF-style penalty in every sampler (1 = off). allow_extrapolation: run sequences longer than the model's
+    ``max_seq_len`` (refused otherwise). likelihood: the diffusion likelihood estimator, ``"auto"`` (the block
+    NELBO for block-diffusion checkpoints, else LLaDA's full-attention ELBO), ``"full"`` or ``"block"``.
     """
 
     batch_size: int = 16
@@ -86,6 +94,10 @@ class EvalConfig:
     poem_gen_length: int = 32
     chunk_len: int = 128
     seed: int = 0
+    cache: str | None = None
+    repetition_penalty: float = 1.0
+    allow_extrapolation: bool = False
+    likelihood: str = "auto"
 
     def validate(self, sampler: str | None = "llada") -> None:
         """Raise :class:`EvalError` naming the first bad knob.
@@ -103,13 +115,20 @@ class EvalConfig:
             raise EvalError(f"remasking must be low_confidence or random, not {self.remasking!r}")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise EvalError("temperature and cfg_scale must be >= 0")
+        if not self.repetition_penalty > 0:
+            raise EvalError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.cache not in (None, "prefix", "dual"):
+            raise EvalError(f"cache must be prefix or dual (or unset), not {self.cache!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise EvalError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}")
         if sampler is None:
             return
         if sampler not in SAMPLERS:
             raise EvalError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
         if sampler == "block":
             bad = [f for f, on in (("--threshold", self.threshold is not None), ("--cfg_scale", self.cfg_scale > 0),
-                                   ("--remasking random", self.remasking != "low_confidence")) if on]
+                                   ("--remasking random", self.remasking != "low_confidence"),
+                                   ("--cache", self.cache is not None)) if on]
             if bad:
                 raise EvalError(f"the block sampler does not support {', '.join(bad)} (low-confidence remasking "
                                 "with fixed steps only); use --sampler llada")
@@ -137,7 +156,9 @@ class ModelHandle:
     never generated (vocab padding rows; the mask token for AR). stop_ids: generation is cut at the first of
     these (eos, pad). sampler: diffusion generation with ``"llada"`` (:func:`diffusion_generate`) or
     ``"block"`` (:func:`llada_scale.sampling.block.generate_blocks_batch`, for block-diffusion models);
-    ignored for AR models.
+    ignored for AR models. likelihood_block_length: None = LLaDA's full-attention ELBO, else the block NELBO
+    with that block length (:func:`llada_scale.sampling.likelihood.log_likelihood_batch`). max_seq_len: the
+    model's context (sequences beyond it are refused unless ``EvalConfig.allow_extrapolation``).
     """
 
     model: Any
@@ -148,51 +169,16 @@ class ModelHandle:
     stop_ids: list[int] = field(default_factory=list)
     name: str = "model"
     sampler: str = "llada"
-
-
-def _objective(meta: dict | None) -> dict:
-    cfg = (meta or {}).get("config")
-    obj = cfg.get("objective") if isinstance(cfg, dict) else None
-    return obj if isinstance(obj, dict) else {}
-
-
-def default_sampler(meta: dict | None) -> str:
-    """``"block"`` when the checkpoint's stored run config has block diffusion on
-    (``config.objective.block_length > 0`` or a non-empty ``block_schedule``), else ``"llada"`` (also when the
-    checkpoint stores no run config, e.g. HF exports)."""
-    obj = _objective(meta)
-    bl = obj.get("block_length") or 0
-    return "block" if (isinstance(bl, int) and bl > 0) or obj.get("block_schedule") else "llada"
-
-
-def trained_block_length(meta: dict | None) -> int | None:
-    """The block length the checkpoint was last trained with: ``objective.block_length``, or the
-    ``block_schedule`` value at the checkpoint's last step (its last phase when the step is unknown). None when
-    block diffusion is off, the value is ``"full"`` or the schedule is unreadable."""
-    from llada_scale.objectives import block_diffusion as bd
-
-    obj = _objective(meta)
-    bl = obj.get("block_length") or 0
-    if isinstance(bl, int) and bl > 0:
-        return bl
-    sched = obj.get("block_schedule")
-    if not sched:
-        return None
-    step = (meta or {}).get("step")
-    try:
-        if not isinstance(step, int) or step < 1:
-            step = sum(int(s) for _, s in sched)  # past the end: the last phase
-        out = bd.block_length_at(sched, step - 1)
-    except (ValueError, TypeError):
-        return None
-    return None if out >= bd.FULL_LENGTH else out
+    likelihood_block_length: int | None = None
+    max_seq_len: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ data
 def _path(data_dir: str, name: str) -> str:
     p = os.path.join(data_dir, "eval", name)
     if not os.path.isfile(p):
-        raise EvalError(f"eval file {p} not found (set --data or LLADA_DATA to the shared data directory)")
+        raise EvalError(f"eval file {p} not found (point --data, the harness model_arg data=, or LLADA_DATA at the "
+                        "shared data directory)")
     return p
 
 
@@ -275,6 +261,34 @@ def load_examples(task: str, data_dir: str, tokenizer, cfg: EvalConfig, limit: i
     if not out:
         raise EvalError(f"task {task}: no examples read")
     return out
+
+
+def required_length(task: str, examples: list[dict], cfg: EvalConfig) -> int:
+    """The longest sequence (prompt + answer/generation, in tokens) that ``task`` runs on ``examples``."""
+    if task == "wikitext2":
+        return 1 + max(len(e["answer"]) for e in examples)
+    if task == "lambada":
+        return max(len(e["context"]) + len(e["target"]) for e in examples)
+    if task == "piqa":
+        return max(len(e["prompt"]) + len(c) for e in examples for c in e["choices"])
+    if task == "gsm8k":
+        return max(len(e["prompt"]) for e in examples) + cfg.gen_length
+    if task == "poem":
+        return max(max(len(e["forward_prompt"]), len(e["reversal_prompt"])) for e in examples) + cfg.poem_gen_length
+    raise EvalError(f"unknown task {task!r}")
+
+
+def check_lengths(task: str, examples: list[dict], cfg: EvalConfig, max_seq_len: int | None) -> None:
+    """Refuse a task whose sequences exceed ``max_seq_len`` unless ``cfg.allow_extrapolation`` (one line).
+
+    Raises:
+        EvalError: naming the task, the length, the limit and the flag.
+    """
+    need = required_length(task, examples, cfg) if examples else 0
+    if max_seq_len is not None and need > max_seq_len and not cfg.allow_extrapolation:
+        raise EvalError(f"{task}: sequences of up to {need} tokens (prompt + answer/generation) exceed the model's "
+                        f"max_seq_len {max_seq_len}; lower --gen_length/--chunk_len/--limit or pass "
+                        "--allow_extrapolation")
 
 
 # ------------------------------------------------------------------------------------------------ scoring

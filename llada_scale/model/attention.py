@@ -1,7 +1,8 @@
 """Attention masks and the attention call, on two backends.
 
 A mask is written once as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` and realised either as
-a FlexAttention ``BlockMask`` (CUDA: sparse, skips fully-masked tiles) or as a dense boolean tensor
+a FlexAttention ``BlockMask`` (CUDA: sparse, skips fully-masked tiles; built by a compiled
+``create_block_mask``) or as a dense boolean tensor
 [B, 1, Lq, Lk] for ``scaled_dot_product_attention`` (CPU: FlexAttention has no CPU backward in torch 2.13).
 The dense path evaluates the same ``mask_mod`` on broadcast index tensors, so both backends share one
 definition of every mask (document, causal, block diffusion).
@@ -40,6 +41,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+def compile_mask(device) -> bool:
+    """Whether ``create_block_mask`` runs compiled: on CUDA (eager it materialises the [B, Lq, Lk] boolean
+    mask, 0.5 GB per row at L = 16k, and is slow; compiled it works tile by tile). Shapes are static in training,
+    so it compiles once per (batch, length)."""
+    return torch.device(device).type == "cuda"
+
+
 def document_mask_mod(document_ids: torch.Tensor, causal: bool) -> MaskMod:
     """Mask: attend only within the same document id, and only to earlier positions when ``causal``.
 
@@ -62,7 +70,8 @@ def mask_from_mod(mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, d
     """
     backend = resolve_backend(backend, device)
     if backend == "flex":
-        return create_block_mask(mask_mod, batch_size, None, q_len, kv_len, device=device)
+        return create_block_mask(mask_mod, batch_size, None, q_len, kv_len, device=device,
+                                 _compile=compile_mask(device))
     b = torch.arange(batch_size, device=device)[:, None, None, None]
     h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
     q = torch.arange(q_len, device=device)[None, None, :, None]

@@ -21,9 +21,7 @@ from __future__ import annotations
 import torch
 
 from llada_scale.model import attention
-
-FLEX_BLOCK_SIZE = 128  # FlexAttention tile (create_block_mask BLOCK_SIZE), passed explicitly
-
+from llada_scale.model.head import IGNORE_INDEX
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention tile (create_block_mask BLOCK_SIZE), passed explicitly
 
@@ -127,7 +125,7 @@ def flex_block_mask(segments: torch.Tensor, document_ids: torch.Tensor | None,
     b, length = segments.shape
     mod = block_diffusion_mask_mod(segments, document_ids)
     return attention.create_block_mask(mod, b, None, 2 * length, 2 * length, device=segments.device,
-                                       BLOCK_SIZE=block_size)
+                                       BLOCK_SIZE=block_size, _compile=attention.compile_mask(segments.device))
 
 
 def _model_backend(model) -> str:
@@ -139,8 +137,10 @@ def _model_backend(model) -> str:
 
 
 def block_diffusion_logits(model, noisy_ids: torch.Tensor, clean_ids: torch.Tensor, position_ids: torch.Tensor,
-                           document_ids: torch.Tensor | None, block_length: int, backend: str | None = None):
-    """Run ``model`` on ``[x_t ; x_0]`` with the block-diffusion mask and return the noisy half's logits.
+                           document_ids: torch.Tensor | None, block_length: int, backend: str | None = None,
+                           labels: torch.Tensor | None = None):
+    """Run ``model`` on ``[x_t ; x_0]`` with the block-diffusion mask and return the noisy half's logits
+    (or, with ``labels``, its per-token cross-entropy).
 
     Args:
         model: callable ``model(input_ids, position_ids=..., attention_mask=...) -> logits`` (a
@@ -150,8 +150,11 @@ def block_diffusion_logits(model, noisy_ids: torch.Tensor, clean_ids: torch.Tens
         position_ids: int64 [B, L] (used for both halves); document_ids: int [B, L] or None.
         block_length: tokens per block (>= 1).
         backend: mask backend; default the model config's ``attention_backend``.
+        labels: optional int64 [B, L] targets of the noisy positions (-100 = no loss); the model is then called
+            with ``labels`` (-100 on the whole clean half, so the head never runs there).
     Returns:
-        logits [B, L, V] at the noisy positions, in the model's dtype.
+        logits [B, L, V] at the noisy positions, in the model's dtype; with ``labels`` float32 [B, L]
+        cross-entropy (0 where the label is -100).
     Raises:
         ValueError: ``block_length < 1`` or a bad backend.
     """
@@ -160,7 +163,10 @@ def block_diffusion_logits(model, noisy_ids: torch.Tensor, clean_ids: torch.Tens
     mask = block_diffusion_mask(segments, document_ids, backend or _model_backend(model))
     ids = torch.cat([noisy_ids, clean_ids], 1)
     pos = torch.cat([position_ids, position_ids], 1)
-    return model(ids, position_ids=pos, attention_mask=mask)[:, :length]
+    if labels is None:
+        return model(ids, position_ids=pos, attention_mask=mask)[:, :length]
+    return model(ids, position_ids=pos, attention_mask=mask,
+                 labels=torch.cat([labels, torch.full_like(labels, IGNORE_INDEX)], 1))[:, :length]
 
 
 __all__ = ["FLEX_BLOCK_SIZE", "block_ids", "block_diffusion_mask_mod", "block_diffusion_mask", "flex_block_mask",

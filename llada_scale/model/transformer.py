@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llada_scale.model import attention
+from llada_scale.model.head import IGNORE_INDEX, linear_cross_entropy
 from llada_scale.model.rope import apply_rotary, normalize_rope_scaling, rotary_cos_sin
 
 
@@ -153,7 +154,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
             self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_weight)
 
-    def forward(self, x, cos, sin, mask):
+    def qkv(self, x, cos, sin):
+        """Queries [B, num_heads, L, head_dim] and keys, values [B, num_kv_heads, L, head_dim] of ``x``
+        [B, L, hidden_size], RoPE applied to q and k (the one code path of :meth:`forward` and of KV caches)."""
         b, l, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -161,9 +164,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask):
+        q, k, v = self.qkv(x, cos, sin)
         out = attention.attend(q, k, v, mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -207,7 +213,7 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     """Llama-style language model; ``cfg.causal`` picks AR (True) or LLaDA mask predictor (False).
 
-    ``forward(input_ids, position_ids=None, document_ids=None, attention_mask=None) -> logits``
+    ``forward(input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None)``
 
     Args:
         input_ids: int64 [B, L].
@@ -216,8 +222,14 @@ class Transformer(nn.Module):
             document (and causally when ``cfg.causal``). Ignored when ``attention_mask`` is given.
         attention_mask: a prebuilt mask from :mod:`llada_scale.model.attention` (dense bool [B, 1, Lq, Lk],
             True = attend, or a FlexAttention ``BlockMask``) for custom patterns such as block diffusion.
+        labels: optional int64 [B, L] target of every position, ``IGNORE_INDEX`` (-100) where there is no loss.
     Returns:
-        logits: [B, L, vocab_size] in the dtype of the weights.
+        without ``labels``: logits [B, L, vocab_size] in the dtype of the weights. With ``labels``: float32
+        [B, L] per-position cross-entropy, 0 where the label is ``IGNORE_INDEX`` (what
+        ``F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")`` returns), computed by
+        running the head only on the labelled positions, in chunks (:func:`llada_scale.model.head.linear_cross_entropy`):
+        the [B, L, vocab_size] logits never exist. The head weight is read only inside this forward, which
+        is where DeepSpeed ZeRO-3 gathers it.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -257,9 +269,17 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask)
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
+        if labels is None:
+            h = self.hidden_states(input_ids, position_ids, document_ids, attention_mask)
+            return F.linear(h, self.output_weight())
+        # Select the labelled positions before the layers run: the host waits here (nonzero) only for the
+        # few small ops that made the labels, not for the forward.
+        keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
         h = self.hidden_states(input_ids, position_ids, document_ids, attention_mask)
-        return F.linear(h, self.output_weight())
+        ce = linear_cross_entropy(h.reshape(-1, h.shape[-1]).index_select(0, keep), self.output_weight(),
+                                  labels.reshape(-1).index_select(0, keep))
+        return ce.new_zeros(labels.numel()).index_copy(0, keep, ce).view(labels.shape)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``exclude_embeddings`` drops the input embedding (kept if tied to the head)."""

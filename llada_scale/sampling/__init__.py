@@ -1,12 +1,15 @@
 """Sampling from trained models and scoring them, one file per method:
 
-* :mod:`~llada_scale.sampling.diffusion`: LLaDA low-confidence / random remasking and Fast-dLLM threshold
-  decoding (:func:`diffusion_generate`);
+* :mod:`~llada_scale.sampling.diffusion`: LLaDA low-confidence / random remasking, Fast-dLLM threshold
+  decoding and its approximate prefix / dual KV caches (:func:`diffusion_generate`);
 * :mod:`~llada_scale.sampling.block`: block-by-block decoding of block-diffusion models with an exact KV cache
   (:func:`generate_blocks_batch`);
-* :mod:`~llada_scale.sampling.ar`: autoregressive decoding (:func:`ar_generate`);
-* :mod:`~llada_scale.sampling.likelihood`: exact AR and Monte Carlo diffusion log-likelihoods;
-* :mod:`~llada_scale.sampling.common`: left padding, model calls, rank lockstep, Gumbel noise.
+* :mod:`~llada_scale.sampling.ar`: autoregressive decoding with an exact KV cache (:func:`ar_generate`);
+* :mod:`~llada_scale.sampling.kv_cache`: the per-layer cache and the one cached forward all of them share;
+* :mod:`~llada_scale.sampling.likelihood`: exact AR, Monte Carlo diffusion (optionally CFG) and block-NELBO
+  log-likelihoods;
+* :mod:`~llada_scale.sampling.common`: left padding, model calls, rank lockstep, Gumbel noise, the repetition
+  penalty and the context-length check.
 """
 
 from llada_scale.sampling.ar import ar_generate

@@ -19,8 +19,8 @@ Prompts of different lengths: :func:`generate_blocks_batch` groups them by lengt
 decoded exactly as if alone) and returns a :class:`llada_scale.sampling.common.GenerationResult` with an honest
 forward count; this is what ``tools/eval_diffusion.py --sampler block`` uses.
 
-The model has no cache API; the cached forward walks its submodules (HF Llama names, see
-:mod:`llada_scale.model.transformer`) and reuses ``rotary_cos_sin`` / ``apply_rotary``.
+The model has no cache API; the cached forward is :func:`llada_scale.sampling.kv_cache.cached_hidden` (shared
+with the prefix/dual caches of the LLaDA sampler and with AR decoding).
 """
 
 from __future__ import annotations
@@ -29,35 +29,11 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from llada_scale.model import block_attention as ba
-from llada_scale.model.rope import apply_rotary, rotary_cos_sin
-from llada_scale.sampling.common import GenerationResult, model_device
-
-
-def _core(model):
-    """The :class:`llada_scale.model.transformer.Transformer` inside ``model`` (itself, or a wrapper's ``.module``)."""
-    if hasattr(model, "model") and hasattr(model, "output_weight"):
-        return model
-    inner = getattr(model, "module", None)
-    if inner is not None and hasattr(inner, "output_weight"):
-        return inner
-    raise TypeError(f"{type(model).__name__} is not a llada_scale Transformer (needs .model and .output_weight())")
-
-
-class KVCache:
-    """Per-layer keys/values of finished (clean) blocks, preallocated to ``max_len`` positions.
-
-    ``k[i]``, ``v[i]``: [B, num_kv_heads, max_len, head_dim] (RoPE already applied to keys); ``length``: the
-    number of filled positions (always a multiple of the block length except possibly at the very end).
-    """
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0
+from llada_scale.sampling.common import (GenerationResult, apply_repetition_penalty, check_length, check_prompts,
+                                         model_device)
+from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of, lm_head
 
 
 @torch.no_grad()
@@ -72,37 +48,16 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
         append: store this block's keys/values in ``cache`` (call once the block is fully decoded, with its
             clean tokens).
     Returns:
-        logits [B, l, V] in the model's dtype.
+        float32 logits [B, l, V].
     Raises:
         TypeError: ``model`` is not a llada_scale Transformer (or a wrapper of one).
     """
-    core = _core(model)
-    cfg = core.config
-    b, l = block_ids.shape
-    start, end = cache.length, cache.length + l
-    x = core.model.embed_tokens(block_ids)
-    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
-    gqa = cfg.num_heads != cfg.num_kv_heads
-    for i, layer in enumerate(core.model.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, l, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, l, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys = torch.cat([cache.k[i][:, :, :start], k], 2)
-        values = torch.cat([cache.v[i][:, :, :start], v], 2)
-        if append:
-            cache.k[i][:, :, start:end] = k
-            cache.v[i][:, :, start:end] = v
-        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, l, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    core = core_of(model)
+    end = cache.length + block_ids.shape[1]
+    x = cached_hidden(core, block_ids, position_ids, cache, cache.length, store=append, kv_len=end)
     if append:
         cache.length = end
-    return F.linear(core.model.norm(x), core.output_weight())
+    return lm_head(core, x)  # a module call (ZeRO-3 gathers the head)
 
 
 def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
@@ -115,16 +70,18 @@ def num_transfer_tokens(num_masked: int, steps: int) -> list[int]:
 
 
 def _commit(x: torch.Tensor, logits: torch.Tensor, start: int, n: int, mask_token_id: int, banned: torch.Tensor,
-            temperature: float, generator) -> torch.Tensor:
+            temperature: float, generator, repetition_penalty: float = 1.0) -> torch.Tensor:
     """Commit the ``n`` most confident predictions among the masked positions of ``x[:, start:]`` in place.
 
     Confidence is the softmax probability of the chosen token (low-confidence remasking, LLaDA). With
     ``temperature > 0`` the choice is argmax of Gumbel-perturbed logits (LLaDA ``add_gumbel_noise``, float64),
     the uniform draws taken from ``generator`` (one generator for the batch, or a sequence of one generator per
     row: row i then draws only from its own generator). The ids in ``banned`` (the mask token, plus any
-    suppressed ids) are never predicted. Returns bool [B, l]: the positions committed now.
+    suppressed ids) are never predicted; ``repetition_penalty`` (:func:`~llada_scale.sampling.common.
+    apply_repetition_penalty`) counts every token of ``x`` that is not the mask token. Returns bool [B, l]: the
+    positions committed now.
     """
-    logits = logits.double()
+    logits = apply_repetition_penalty(logits.double(), x, repetition_penalty, x != mask_token_id)
     logits[..., banned] = -torch.inf
     if temperature > 0:
         if isinstance(generator, (list, tuple)):
@@ -148,7 +105,8 @@ def _commit(x: torch.Tensor, logits: torch.Tensor, start: int, n: int, mask_toke
 
 def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps_per_block: int,
             mask_token_id: int, temperature: float, use_cache: bool, generator, suppress_token_ids: Sequence[int],
-            callback) -> tuple[torch.Tensor, dict]:
+            callback, repetition_penalty: float = 1.0, allow_extrapolation: bool = False
+            ) -> tuple[torch.Tensor, dict]:
     """The body of :func:`generate_blocks`; also returns the forward-pass counts ``{"prefill", "denoise",
     "append"}`` (each one model forward over the whole batch)."""
     if gen_length < 1 or block_length < 1 or steps_per_block < 1:
@@ -161,6 +119,7 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
     if isinstance(generator, (list, tuple)) and len(generator) != b:
         raise ValueError(f"{len(generator)} generators for {b} rows")
     total = p + gen_length
+    check_length(model, total, allow_extrapolation, f"prompt ({p} tokens) + gen_length {gen_length}")
     device = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((b, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
     positions = torch.arange(total, device=device).expand(b, total)
@@ -170,10 +129,7 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
     num_blocks = -(-total // block_length)
     cache = None
     if use_cache:
-        core = _core(model)
-        cfg = core.config
-        w = core.output_weight()
-        cache = KVCache(cfg.num_layers, b, cfg.num_kv_heads, total, cfg.head_dim, w.dtype, device)
+        cache = KVCache.for_model(model, b, total)
         for k in range(first):  # prefill: the prompt's complete blocks, one block at a time
             s, e = k * block_length, (k + 1) * block_length
             cached_block_logits(model, x[:, s:e], positions[:, s:e], cache, append=True)
@@ -186,7 +142,7 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
                 logits = cached_block_logits(model, x[:, s:e], positions[:, s:e], cache)
             else:
                 logits = ba.block_diffusion_logits(model, x, x, positions, None, block_length)[:, s:e]
-            committed = _commit(x, logits, s, n, mask_token_id, banned, temperature, generator)
+            committed = _commit(x, logits, s, n, mask_token_id, banned, temperature, generator, repetition_penalty)
             if callback is not None:
                 full = torch.zeros_like(x, dtype=torch.bool)
                 full[:, s:e] = committed
@@ -203,7 +159,8 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
                     mask_token_id: int, temperature: float = 0.0, use_cache: bool = True,
                     generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
                     suppress_token_ids: Sequence[int] = (),
-                    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                    repetition_penalty: float = 1.0, allow_extrapolation: bool = False) -> torch.Tensor:
     """Block-by-block (semi-autoregressive) masked-diffusion decoding for a block-diffusion model.
 
     Args:
@@ -228,15 +185,18 @@ def generate_blocks(model, prompt_ids: torch.Tensor, gen_length: int, block_leng
             generated part ``[B, gen_length]`` (mask tokens where still masked) and a bool ``[B, gen_length]``
             of the positions committed at this step (the signature of
             :func:`llada_scale.sampling.diffusion.diffusion_generate`'s callback).
+        repetition_penalty: HF-style penalty (> 0; 1 = off, the default) on every token already in the row
+            (prompt and committed tokens), :func:`llada_scale.sampling.common.apply_repetition_penalty`.
+        allow_extrapolation: run even when ``P + gen_length`` exceeds the model's ``max_seq_len``.
     Returns:
         int64 [B, P + gen_length]: the prompt followed by the generated tokens (no mask tokens left).
     Raises:
-        ValueError: bad lengths, negative temperature, wrong number of generators, or the prompt contains
-            the mask token.
+        ValueError: bad lengths, negative temperature, wrong number of generators, the prompt contains
+            the mask token, or ``P + gen_length > max_seq_len`` without ``allow_extrapolation``.
         TypeError: ``use_cache`` with a model that is not a llada_scale Transformer.
     """
     return _decode(model, prompt_ids, gen_length, block_length, steps_per_block, mask_token_id, temperature,
-                   use_cache, generator, suppress_token_ids, callback)[0]
+                   use_cache, generator, suppress_token_ids, callback, repetition_penalty, allow_extrapolation)[0]
 
 
 @torch.no_grad()
@@ -246,7 +206,8 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
                           batch_size: int | None = None, use_cache: bool = True,
                           suppress_token_ids: Sequence[int] = (),
                           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                          progress: Callable[[int], None] | None = None) -> GenerationResult:
+                          progress: Callable[[int], None] | None = None, repetition_penalty: float = 1.0,
+                          allow_extrapolation: bool = False) -> GenerationResult:
     """:func:`generate_blocks` for prompts of different lengths, in batches.
 
     Prompts are grouped by length, and each group (split into chunks of at most ``batch_size`` rows) goes
@@ -259,8 +220,8 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
     Args:
         model: :class:`llada_scale.model.transformer.Transformer` trained with block diffusion.
         prompts: token-id lists (may differ in length; may be empty; no mask tokens).
-        mask_token_id, gen_length, block_length, steps_per_block, temperature, use_cache, suppress_token_ids:
-            as in :func:`generate_blocks`.
+        mask_token_id, gen_length, block_length, steps_per_block, temperature, use_cache, suppress_token_ids,
+            repetition_penalty, allow_extrapolation: as in :func:`generate_blocks`.
         generator: one ``torch.Generator`` (on the model's device) shared by every call, used when ``seeds``
             is None; the draws then depend on the grouping (temperature > 0 only).
         seeds: one seed per prompt: prompt i samples from its own ``torch.Generator`` seeded with ``seeds[i]``
@@ -281,14 +242,7 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
             ``batch_size < 1``, or anything :func:`generate_blocks` rejects.
     """
     t0 = time.perf_counter()
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    rows = []
-    for i, pr in enumerate(prompts):
-        pr = pr.tolist() if torch.is_tensor(pr) else pr
-        if not isinstance(pr, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in pr):
-            raise ValueError(f"prompts[{i}] must be a list of ints")
-        rows.append(list(pr))
+    rows = check_prompts(prompts)
     if seeds is not None and len(seeds) != len(rows):
         raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts")
     if batch_size is not None and batch_size < 1:
@@ -308,7 +262,7 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
             gen = generator if seeds is None else [torch.Generator(device=device).manual_seed(int(seeds[i]))
                                                    for i in chunk]
             x, counts = _decode(model, ids, gen_length, block_length, steps_per_block, mask_token_id, temperature,
-                                use_cache, gen, suppress_token_ids, callback)
+                                use_cache, gen, suppress_token_ids, callback, repetition_penalty, allow_extrapolation)
             for j, i in enumerate(x[:, length:].tolist()):
                 out[chunk[j]] = i
             for k in totals:

@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GenerationResult", "left_pad", "truncate_at", "add_gumbel_noise", "call_model", "selected_logits",
-           "range_logits", "any_global", "max_global", "check_prompts", "model_device", "pad_id_for"]
+__all__ = ["GenerationResult", "left_pad", "truncate_at", "add_gumbel_noise", "apply_repetition_penalty", "call_model",
+           "selected_logits", "range_logits", "any_global", "max_global", "check_prompts", "check_length",
+           "model_device", "pad_id_for"]
 
 
 @dataclass
@@ -214,6 +215,55 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
     return logits.to(torch.float64) / temperature - torch.log(-torch.log(u))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context_ids: torch.Tensor, penalty: float,
+                             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalise every token id that already occurs in a row (the repetition penalty of CTRL, Keskar et al. 2019,
+    arXiv:1909.05858 Sec. 4.1, in the form of transformers' ``RepetitionPenaltyLogitsProcessor``): a positive
+    logit is divided by ``penalty``, a negative one multiplied by it, so ``penalty > 1`` makes repeats less
+    likely whatever the logit's sign. Nano-LLaDA's sampler penalises repeats the same way.
+
+    Args:
+        logits: float [B, V] or [B, n, V] (row b's penalty applies to all its n positions).
+        context_ids: int64 [B, L] tokens of each row so far (prompt and generated).
+        penalty: > 0; 1.0 returns ``logits`` itself (off).
+        valid: bool [B, L], True at the positions to count (e.g. not the mask token, not left padding);
+            None counts all.
+    Returns:
+        a new tensor shaped like ``logits`` (``logits`` itself when ``penalty == 1``).
+    Raises:
+        ValueError: ``penalty <= 0``.
+    """
+    if penalty == 1.0:
+        return logits
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
+    b, v = logits.shape[0], logits.shape[-1]
+    ids = context_ids.clamp(0, v - 1)
+    if valid is not None:
+        ids = torch.where(valid, ids, v)  # column v is a sink for positions that do not count
+    seen = torch.zeros(b, v + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids.to(logits.device), True)
+    seen = seen[:, :v] if logits.dim() == 2 else seen[:, None, :v]
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def check_length(model, length: int, allow_extrapolation: bool, what: str) -> None:
+    """Refuse sequences longer than the model's ``max_seq_len`` (our Transformer; other models unchecked).
+
+    RoPE models run past their trained context but their outputs degrade silently; ``allow_extrapolation``
+    (CLI ``--allow_extrapolation``) says the caller wants that anyway.
+
+    Raises:
+        ValueError: one line naming ``what`` (e.g. ``"prompt (3600 tokens) + gen_length 4096"``), the length
+            and the limit.
+    """
+    cfg = our_config(model)
+    if cfg is None or allow_extrapolation or length <= cfg.max_seq_len:
+        return
+    raise ValueError(f"{what} = {length} positions exceed the model's max_seq_len {cfg.max_seq_len}; shorten them "
+                     "or allow extrapolation beyond the trained context (allow_extrapolation=True, "
+                     "--allow_extrapolation)")
 
 
 def pad_id_for(mask_token_id: int, pad_token_id: int | None) -> int:

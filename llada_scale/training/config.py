@@ -83,7 +83,7 @@ class TrainLoopConfig:
     init_from: str = ""
     wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
     wandb_project: str = "llada_scale"
-    peak_flops: float = 0.0  # per device, FLOP/s; 0 = H100/H200/A100 datasheet, measured matmul on CPU
+    peak_flops: float = 0.0  # per device, FLOP/s, for MFU; 0 = datasheet bf16 peak of known GPUs, none on CPU
     num_samples: int = 2  # generated samples printed at each validation
     sample_tokens: int = 32
     sample_block_length: int = 0  # diffusion samples: semi-autoregressive block length (0 = one block)
@@ -103,6 +103,12 @@ class TrainLoopConfig:
     # validations in a row without an improvement of more than early_stop_min_delta over the best. 0 = off.
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
+    # Memory and speed (llada_scale.training.parallelize): recompute decoder layers in the backward
+    # (none | full | selective = every activation_checkpointing_every-th layer), torch.compile each layer
+    # (auto = on for CUDA | true | false).
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    compile: str | bool = "auto"
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 

@@ -51,8 +51,14 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     ~200x slower than fp32 on CPUs without AVX512-BF16), and ``overlap_comm: auto`` is on for CUDA only
     (on CPU its extra threads halve ZeRO-2 throughput); both measured in docs/LOG.md.
 
+    With bf16, gradients are accumulated over micro batches and reduced across ranks in float32 unless the
+    JSON says otherwise (``data_types.grad_accum_dtype``, ``communication_data_type``; DeepSpeed's default is
+    the model dtype, which rounds small 1/t-weighted micro-batch gradients away: docs/LOG.md 2026-12-03).
+    DeepSpeed cannot accumulate in float32 without ZeRO, so without a JSON a bf16 run uses ZeRO-1 (on one
+    process the same as no ZeRO, plus float32 master weights and gradients).
+
     Raises:
-        TrainError: missing/invalid JSON or a global batch that the world size cannot divide.
+        TrainError: missing/invalid JSON, a global batch that the world size cannot divide, or ZeRO-0 with bf16.
     """
     if path:
         try:
@@ -64,7 +70,7 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
         if not isinstance(ds, dict):
             raise TrainError(f"DeepSpeed config {path} must be a JSON object, not a {type(ds).__name__}")
     else:
-        ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
+        ds = {"zero_optimization": {"stage": 1 if _bf16_auto(device) else 0}, "bf16": {"enabled": "auto"}}
     t = cfg.train
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
@@ -85,7 +91,13 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
         zero["overlap_comm"] = device.type == "cuda"
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16["enabled"] = _bf16_auto(device)
+    if bf16["enabled"]:
+        if zero.get("stage", 0) == 0:
+            raise TrainError(f"{path}: ZeRO stage 0 with bf16 keeps no float32 master weights and accumulates "
+                             "gradients in bf16; use ds_configs/zero1.json (same memory on one process)")
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
         ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                                      "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
@@ -147,6 +159,10 @@ def validate_ds_config(ds: dict, path: str) -> None:
         first = [x for x in str(e).splitlines() if x.strip()]
         raise TrainError(f"{path}: zero_optimization is not valid for DeepSpeed: "
                          f"{' '.join(first[1:3]) if len(first) > 2 else ' '.join(first)}") from None
+
+
+def _bf16_auto(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -122,19 +122,21 @@ class LossGuard:
 
     # -- optimizer steps
     @staticmethod
-    def skip_nonfinite_update(engine, grad_norm: float | None) -> None:
+    def skip_nonfinite_update(engine, grad_norm: float | None) -> bool:
         """ZeRO-0 fp32: when the (all-reduced) gradient norm is NaN/inf, make the coming ``engine.step()`` leave
         the weights and the optimizer state alone, as DeepSpeed's ZeRO 1-3 and bf16 optimizers do on their own
         (without this, clipping turns the inf into NaN weights). The optimizer's ``step`` is replaced for that
-        one call; DeepSpeed still clips, zeroes the gradients and advances its counters and the LR schedule."""
+        one call; DeepSpeed still clips, zeroes the gradients and advances its counters and the LR schedule.
+        Returns True when the step is skipped (for :meth:`step_done`)."""
         if grad_norm is None or math.isfinite(grad_norm) or engine.bfloat16_enabled():
-            return
+            return False
         opt = engine.optimizer
 
         def skipped_step(*args, **kwargs):
             del opt.step  # back to the class's step for the next optimizer step
 
         opt.step = skipped_step
+        return True
 
     def step_done(self, step: int, skipped: bool) -> None:
         """Account for the optimizer step that just ended (call at every gradient-accumulation boundary).

@@ -39,7 +39,12 @@ class LoRAConfig:
                              f"alpha={self.alpha}, dropout={self.dropout})")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+        known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        if "lm_head" in self.target_modules:  # the head runs from its weight in chunks (model/head.py), which
+            # would bypass an adapter silently
+            raise ValueError("train.lora.target_modules cannot include lm_head: the output head is computed from "
+                             "its weight matrix (chunked loss), so an adapter there would never be used; adapt "
+                             f"the projections {sorted(known)}")
         bad = sorted(set(self.target_modules) - known)
         if bad or not self.target_modules:
             raise ValueError(f"train.lora.target_modules {bad or '[]'} are not projections of the model; choose "

@@ -1,6 +1,7 @@
 """Throughput, model-FLOPs utilisation (MFU) and the run logger (console, metrics.jsonl, wandb).
 
-MFU = model FLOPs per token x tokens/s / peak FLOP/s of the devices (PaLM, Chowdhery et al. 2022, App. B).
+MFU = model FLOPs per second per device / the device's peak FLOP/s (PaLM, Chowdhery et al. 2022, App. B), with
+the FLOPs counted from the positions each micro batch actually processed (:class:`FlopCounter`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -18,8 +18,14 @@ from llada_scale.training.config import ConfigError, RunConfig
 
 log = logging.getLogger("llada_scale")
 
-# Dense bf16 tensor-core peaks per device, FLOP/s (vendor datasheets, SXM parts).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense (no sparsity) bf16 tensor-core peak of one GPU, FLOP/s, from the vendors' datasheets (which quote the
+# sparse figure, twice these): NVIDIA H100 Tensor Core GPU datasheet (SXM 989.4 TFLOP/s, NVL 835.5, PCIe 756),
+# H800 (as H100: SXM 989.4, PCIe 756), H200 datasheet (989.4, the H100 SXM compute), A100 datasheet (312, SXM
+# and PCIe), HGX B200 (2.25 PFLOP/s per GPU), L40S datasheet (362.05). The first key that the device name
+# contains wins, so the PCIe/NVL variants come before the SXM names.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H800 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
+    ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12), ("L40S", 362e12))
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
@@ -31,64 +37,69 @@ def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len:
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
 
 
-def device_peak_flops(override: float = 0.0, device: torch.device | str = "cpu") -> float | None:
-    """Peak FLOP/s of one device.
+class FlopCounter:
+    """Model FLOPs of one micro batch from the positions it actually processed (PaLM App. B accounting).
 
-    ``override`` if > 0; on CUDA the datasheet bf16 peak of a known GPU (H100/H200/A100), else None (MFU not
-    reported); on CPU the measured fp32 matmul rate of this process's threads (:func:`measure_cpu_flops`), so
-    CPU MFU means "share of what a plain matmul reaches here".
-    """
-    if override > 0:
-        return override
-    if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return measure_cpu_flops()
-
-
-def measure_cpu_flops(n: int = 512, repeats: int = 8) -> float:
-    """fp32 FLOP/s of an [n, n] x [n, n] matmul on the current torch CPU threads (best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-class SpeedMonitor:
-    """Tokens/s, tokens/s per device and MFU over the steps since the last :meth:`report`.
+    flops = model_tokens x (6 N_body + 12 n_layer d seq_len) + head_tokens x 6 N_head, where model_tokens are
+    the positions the decoder ran on (B x L, or B x 2L for the block-diffusion ``[x_t ; x_0]`` layout, whose
+    attention spans 2L: ``seq_len`` is the model's input length) and head_tokens the positions the output head
+    ran on (the loss positions only: the head never runs on the clean half or on unmasked tokens). A
+    random-length cut keeps the full row (static shapes), so it costs and counts the same as any other batch.
 
     Args:
-        flops_per_token: from :func:`flops_per_token`.
-        world_size: number of devices.
-        peak_flops: per device FLOP/s, or None to report MFU as unknown.
+        num_params: all parameters; embedding_params: the input embedding; head_params: the output head (equal
+            to the embedding when tied: the head is then counted, the embedding lookup is not).
+        hidden_size: the attention width, num_heads x head_dim (PaLM's H Q; d_model unless head_dim is set apart).
     """
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float | None):
-        self.flops_per_token = flops_per_token
-        self.world_size = world_size
-        self.peak_flops = peak_flops
-        self.reset()
+    def __init__(self, num_params: int, embedding_params: int, head_params: int, num_layers: int, hidden_size: int,
+                 tied: bool = False):
+        self.body_params = num_params - embedding_params - (0 if tied else head_params)
+        self.head_params = head_params
+        self.num_layers, self.hidden_size = num_layers, hidden_size
 
-    def reset(self):
-        self.tokens = 0
-        self.start = time.perf_counter()
+    def per_token(self, seq_len: int) -> float:
+        """FLOPs of one position that runs through the decoder and the head (for the start-up log line)."""
+        return flops_per_token(self.body_params + self.head_params, self.num_layers, self.hidden_size, seq_len)
 
-    def update(self, global_tokens: int):
-        """Count ``global_tokens`` tokens processed by all devices together."""
-        self.tokens += global_tokens
+    def __call__(self, model_tokens, seq_len: int, head_tokens):
+        """FLOPs of a micro batch; ``model_tokens`` / ``head_tokens`` may be floats or device tensors."""
+        body = 6.0 * self.body_params + 12.0 * self.num_layers * self.hidden_size * seq_len
+        return model_tokens * body + head_tokens * (6.0 * self.head_params)
 
-    def report(self) -> dict:
-        """Return ``{"tokens_per_s", "tokens_per_s_per_device", "mfu"}`` (mfu None if peak unknown) and reset."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        tps = self.tokens / elapsed
-        per_dev = tps / self.world_size
-        mfu = per_dev * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        self.reset()
-        return {"tokens_per_s": tps, "tokens_per_s_per_device": per_dev, "mfu": mfu}
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Datasheet dense bf16 peak (:data:`PEAK_FLOPS`) of a GPU named ``device_name``, or None if unknown."""
+    return next((v for k, v in PEAK_FLOPS if k in device_name), None)
+
+
+def device_peak_flops(override: float = 0.0, device: torch.device | str = "cpu") -> tuple[float | None, str]:
+    """Peak FLOP/s of one device and where it comes from: ``(peak or None, explanation)``.
+
+    ``override`` (``train.peak_flops``) if > 0; on CUDA the datasheet peak of a known GPU; otherwise None with
+    the reason, and the trainer logs tokens/s without MFU. CPUs have no such figure: a matmul measured at
+    start-up depends on what else the machine runs (it gave MFU above 100% on a busy machine), so CPU MFU is
+    reported only against an explicit ``train.peak_flops``.
+    """
+    if override > 0:
+        return override, f"train.peak_flops = {override / 1e12:g} TFLOP/s"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = peak_flops_for(name)
+        if peak is None:
+            return None, f"no datasheet bf16 peak for {name!r}; set train.peak_flops (FLOP/s) to log MFU"
+        return peak, f"{name}: {peak / 1e12:g} TFLOP/s dense bf16 (datasheet)"
+    return None, "CPU: no fixed peak; set train.peak_flops (FLOP/s) to log MFU"
+
+
+def throughput(tokens: float, flops: float, seconds: float, world_size: int, peak_flops: float | None) -> dict:
+    """``{"tokens_per_s", "tokens_per_s_per_device", "mfu"}`` of ``tokens`` data tokens and ``flops`` model
+    FLOPs processed by all devices together in ``seconds``; mfu is None when the peak is unknown."""
+    seconds = max(seconds, 1e-9)
+    per_dev = tokens / seconds / world_size
+    mfu = flops / seconds / world_size / peak_flops if peak_flops else None
+    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": per_dev, "mfu": mfu}
+
 
 class Logger:
     """Console lines on rank 0 and, when enabled, wandb (offline without an API key)."""

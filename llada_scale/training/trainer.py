@@ -9,7 +9,6 @@ logging, checkpoints). It knows the model only through ``Transformer(cfg)`` and 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -21,14 +20,15 @@ import torch.distributed as dist
 from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
-from llada_scale.objectives.losses import compute_loss
+from llada_scale.objectives.losses import compute_loss, model_input_length
 from llada_scale.training import preflight, resume, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
 from llada_scale.training.lora import apply_lora
 from llada_scale.training.guards import DivergedError, LossGuard
-from llada_scale.training.metrics import Logger, SpeedMonitor, device_peak_flops, flops_per_token
+from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, throughput
+from llada_scale.training.parallelize import parallelize
 from llada_scale.training.samples import generate_samples
 from llada_scale.training.schedule import lr_multiplier
 
@@ -75,12 +75,16 @@ class Trainer:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
         if lora:
             model = apply_lora(model, cfg.train.lora)
-        n_flop_params = model.num_params(exclude_embeddings=True)
         self.num_params = model.num_params()
+        m = cfg.model
+        self.flops = FlopCounter(self.num_params, model.model.embed_tokens.weight.numel(),
+                                 model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
+                                 m.tie_embeddings)
 
         ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        self.parallelized = parallelize(model, cfg.train, self.device, self.zero_stage)
         # world size changed: a universal checkpoint to load instead
         universal_dir = resume.prepare_world_size_change(resume_dir, ds_cfg, self.rank, self.world_size)
         o = cfg.optim
@@ -109,9 +113,7 @@ class Trainer:
                                     strict=not lora)
             self.step = client["step"]
             self.guard.load_state_dict(client)
-        self.speed = SpeedMonitor(flops_per_token(n_flop_params, cfg.model.num_layers, cfg.model.hidden_size,
-                                                  cfg.data.seq_len),
-                                  self.world_size, device_peak_flops(cfg.train.peak_flops, self.device))
+        self.peak_flops, self.peak_source = device_peak_flops(cfg.train.peak_flops, self.device)
         self.logger = Logger(cfg, self.rank)
         self.guard.logger = self.logger
 
@@ -174,39 +176,50 @@ class Trainer:
 
     # -- loop
     def train_step(self, it) -> dict:
-        """One optimizer step over ``grad_accum`` micro batches; returns local stats (summed tensors)."""
+        """One optimizer step over ``grad_accum`` micro batches; returns local stats (summed device tensors).
+
+        Host synchronisation: one per micro batch, reading the flags all-reduce below (every rank must agree
+        on skipping *before* the backward: ZeRO reduces gradients inside each backward, so a micro batch
+        cannot be taken back afterwards), plus the model's selection of the loss positions, plus at ZeRO-0 the
+        gradient norm at the accumulation boundary (a non-finite update is skipped on the host's decision, as
+        DeepSpeed's ZeRO optimizers skip theirs); the stats stay on the device until :meth:`_log_step`.
+        """
         self.engine.train()
         totals: dict[str, torch.Tensor] = {}
         micro = 0
+        seq_len = model_input_length(self.cfg.objective, self.cfg.model.causal, self.cfg.data.seq_len, self.step)
         while micro < self.grad_accum:
             batch = self._next_batch(it)
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
                                        self.cfg.model.mask_token_id, self.generator, step=self.step)
-            finite = bool(torch.isfinite(loss))
-            # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss]
-            flags = torch.tensor([0.0 if finite else 1.0, float(max(self._signal_received, signals.signal_seen)),
-                                  float(loss.detach()) if finite else 0.0], device=self.device, dtype=torch.float64)
+            # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss], built on
+            # the device and read back once
+            finite = torch.isfinite(loss.detach())
+            signal_seen = float(max(self._signal_received, signals.signal_seen))
+            flags = torch.stack([(~finite).double(), torch.full((), signal_seen, device=self.device,
+                                 dtype=torch.float64), torch.where(finite, loss.detach().double(), 0.0)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags = flags.tolist()
-            if flags[1] > 0:
-                self._stop_signal = int(flags[1])
-            if self.guard.skip(self.step, nonfinite=flags[0] > 0, loss=flags[2]):
+            nonfinite, stop_signal, max_loss = flags.tolist()
+            if stop_signal > 0:
+                self._stop_signal = int(stop_signal)
+            if self.guard.skip(self.step, nonfinite=nonfinite > 0, loss=max_loss):
                 continue  # non-finite on some rank, or a spike: every rank drops this micro batch
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
+            skip_update = False
             if self.zero_stage == 0 and boundary:
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                self._grad_norm = float(torch.nn.utils.get_total_norm(grads))
-                self.guard.skip_nonfinite_update(self.engine, self._grad_norm)
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)
+                skip_update = self.guard.skip_nonfinite_update(self.engine, float(self._grad_norm))  # ZeRO-0: 1 read
             skipped_steps = self.engine.skipped_steps
             self.engine.step()
             if boundary:  # DeepSpeed's ZeRO/bf16 optimizers skip non-finite gradients and count them
-                self.guard.step_done(self.step, self.engine.skipped_steps > skipped_steps or
-                                     (self.zero_stage == 0 and not math.isfinite(self._grad_norm)))
+                self.guard.step_done(self.step, skip_update or self.engine.skipped_steps > skipped_steps)
             micro += 1
+            stats["flops"] = self.flops(stats["model_tokens"], seq_len, stats["head_tokens"])
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0) + v.detach().float().to(self.device)
+                totals[k] = totals.get(k, 0) + v.detach().float()
             # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
         self.step += 1
@@ -230,18 +243,22 @@ class Trainer:
         dist.all_reduce(total)
         return {"val/loss": (total[0] / total[1]).item()}
 
-    def _log_step(self, window: dict, step_time: float):
+    def _log_step(self, window: dict, seconds: float, step_time: float):
+        """Log the summed stats of the steps since the last log (one all-reduce, one host read).
+
+        ``seconds``: time spent in those steps' :meth:`train_step` (validation, samples and checkpoints excluded).
+        """
         t = self.cfg.train
         keys = sorted(window)
         flat = torch.cat([window[k].reshape(-1).float() for k in keys])
         dist.all_reduce(flat)
-        sums, off = {}, 0
+        flat, sums, off = flat.tolist(), {}, 0
         for k in keys:
             n = window[k].numel()
-            sums[k] = flat[off:off + n]
+            sums[k] = flat[off:off + n] if n > 1 else flat[off]
             off += n
-        loss = (sums["loss_sum"] / sums["loss_count"]).item()
-        speed = self.speed.report()
+        loss = sums["loss_sum"] / sums["loss_count"]
+        speed = throughput(sums["tokens"], sums["flops"], seconds, self.world_size, self.peak_flops)
         lr = self.lr_scheduler.get_last_lr()[0]
         gnorm = self.engine.get_global_grad_norm() if self.zero_stage > 0 else self._grad_norm
         gnorm = float(gnorm) if gnorm is not None else float("nan")
@@ -249,24 +266,19 @@ class Trainer:
                    "perf/tokens_per_s": speed["tokens_per_s"], "perf/tokens_per_s_per_device":
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
                    "train/skipped_batches": self.guard.skipped, "train/skipped_steps": self.guard.skipped_steps,
-                   "data/checksum": sums["data_checksum"].item()}
-        if "block_length" in sums and speed["mfu"] is not None \
-                and (sums["block_length"] / sums["loss_count"]).item() < self.cfg.data.seq_len:
-            speed["mfu"] *= 2  # block diffusion runs [x_t ; x_0]: two positions per data token
-            metrics["perf/mfu"] = speed["mfu"]
+                   "data/checksum": sums["data_checksum"]}
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
         if "t_bucket_ce_sum" in sums:  # a bucket no row fell into is missing, not 0
-            ce = [v if n else None for v, n in zip((sums["t_bucket_ce_sum"] / sums["t_bucket_count"].clamp(min=1))
-                                                   .tolist(), sums["t_bucket_count"].tolist())]
+            ce = [s / c if c else None for s, c in zip(sums["t_bucket_ce_sum"], sums["t_bucket_count"])]
             for i, v in enumerate(ce):
                 lo, hi = i / NUM_T_BUCKETS, (i + 1) / NUM_T_BUCKETS
                 if v is not None:
                     metrics[f"train/ce_t{lo:.1f}-{hi:.1f}"] = v
             line += " | ce by t " + "/".join("-" if v is None else f"{v:.2f}" for v in ce)
         if "block_length" in sums:
-            metrics["train/block_length"] = (sums["block_length"] / sums["loss_count"]).item()
+            metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"
         self.logger.log(self.step, metrics, line)
 
@@ -278,42 +290,44 @@ class Trainer:
                      f"micro {t.micro_batch_size} x accum {self.grad_accum} x world = global {t.global_batch_size} "
                      f"seqs of {self.cfg.data.seq_len} | bf16 {self.engine.bfloat16_enabled()} | "
                      f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'}) | "
-                     f"{self.speed.flops_per_token / 1e6:.1f} MFLOP/token, peak "
-                     f"{'unknown' if not self.speed.peak_flops else f'{self.speed.peak_flops / 1e9:.0f} GFLOP/s'} per device")
+                     f"{self.flops.per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOP/token | "
+                     f"activation checkpointing {self.cfg.train.activation_checkpointing} "
+                     f"({len(self.parallelized['activation_checkpointing'])} layers) | "
+                     f"compile {self.parallelized['compile']}")
+            log.info(f"MFU peak: {self.peak_source}")
         it = iter(self.loader)
         window: dict = {}
+        window_time = 0.0
         last = {}
-        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
-        self.speed.reset()
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             try:
                 stats = self.train_step(it)
             except DivergedError as e:  # every rank raises it at the same micro step
                 if window:
-                    self._log_step(window, time.perf_counter() - t0)
+                    self._log_step(window, window_time, time.perf_counter() - t0)
                 path = self.save()
                 raise DivergedError(f"{e}. Saved the last good state (the skipped steps did not change the "
                                     f"weights) as {path}") from None
             for k, v in stats.items():
                 window[k] = window.get(k, 0) + v
-            self.speed.update(tokens_per_step)
             step_time = time.perf_counter() - t0
+            window_time += step_time
             validating = bool(t.val_every) and (self.step % t.val_every == 0 or self.step == t.max_steps)
             # a step the run may stop at: log the steps since the last line (log_every would hide them)
             stopping = bool(self._stop_signal) or self.step == t.stop_at_step or \
                 (validating and t.early_stop_patience > 0)
             if self.step % t.log_every == 0 or self.step == t.max_steps or stopping:
-                self._log_step(window, step_time)
-                window = {}
+                self._log_step(window, window_time, step_time)
+                window, window_time = {}, 0.0
             early_stop = None
             if validating:
                 last = self.validate()
-                samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
+                with torch.compiler.set_stance("force_eager"):  # generation changes lengths: no recompiles
+                    samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
                 self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
                 for s in samples:
                     self.logger.log(self.step, {}, f"  sample: {s}")
-                self.speed.reset()
                 early_stop = self.guard.validated(self.step, last["val/loss"])
             if early_stop:
                 self.logger.log(self.step, {"train/early_stopped": self.step}, early_stop)
@@ -328,7 +342,6 @@ class Trainer:
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps \
                     or self.step == t.stop_at_step:
                 self.save()
-                self.speed.reset()
             if self.step == t.stop_at_step:
                 return {**last, "stopped_at": self.step}
         return last

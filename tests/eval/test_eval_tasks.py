@@ -94,6 +94,27 @@ def test_bad_arguments(models, capsys):
     assert "AR model" in capsys.readouterr().err
 
 
+def test_limit_lengths_and_new_knobs(models, tmp_path, capsys):
+    """--limit -3 is refused (it used to mean 'all'); sequences beyond max_seq_len (512 here) are refused before
+    any work unless --allow_extrapolation; --cache and --repetition_penalty reach the sampler and the JSON."""
+    assert evaluate("--checkpoint", models["dm"], "--tasks", "piqa", "--limit", "-3") == 2
+    assert "--limit must be >= 0" in capsys.readouterr().err
+    long = ["--tasks", "gsm8k", "--limit", "1", "--gen_length", "512", "--block_length", "512", "--steps", "8",
+            "--no_progress"]
+    assert evaluate("--checkpoint", models["dm"], *long) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gsm8k: sequences of up to") and "max_seq_len 512" in err and "--allow_extrapolation" in err
+    assert len(err.strip().splitlines()) == 1
+    assert evaluate("--checkpoint", models["ar"], *long[:-3], "--gen_length", "8", "--steps", "8", "--block_length",
+                    "8", "--no_progress") == 0  # fits
+    out = tmp_path / "x.json"
+    assert evaluate("--checkpoint", models["dm"], "--tasks", "gsm8k,piqa", "--cache", "dual", "--threshold", "0.5",
+                    "--repetition_penalty", "1.3", "--output", out, *SMALL) == 0
+    s = json.loads(out.read_text())["settings"]
+    assert s["eval_config"]["cache"] == "dual" and s["eval_config"]["repetition_penalty"] == 1.3
+    assert (s["likelihood"], s["likelihood_source"]) == ("full", "checkpoint")
+
+
 def test_gsm8k_answer_extraction():
     assert extract_gsm8k_answer("so 3 + 4 = 7\n#### 7") == "7"
     assert extract_gsm8k_answer("The answer is $1,234.00.") == "1234"

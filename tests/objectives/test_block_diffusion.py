@@ -227,9 +227,9 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.inputs = []
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
         self.inputs.append(input_ids.clone())
-        return torch.zeros(*input_ids.shape, VOCAB)
+        return torch.zeros(*input_ids.shape, *(() if labels is not None else (VOCAB,)))
 
 
 @pytest.mark.parametrize("block", [0, 4])
@@ -257,7 +257,11 @@ def test_cfg_prompt_carries_no_loss():
     cfg = ObjectiveConfig(name="sft", cfg_prob=0.5, block_length=4)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     base, _ = compute_loss(model, batch, cfg, causal=False, mask_token_id=MASK, generator=gen())
-    wrapped = lambda *a, **k: _bump_prompt(model(*a, **k), 5, 12)  # noqa: E731
+
+    def wrapped(*a, labels, **k):  # logits bumped at the prompt positions, then the per-token CE
+        logits = _bump_prompt(model(*a, **k), 5, 12)
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")
+
     other, _ = compute_loss(wrapped, batch, cfg, causal=False, mask_token_id=MASK, generator=gen())
     assert base.item() == pytest.approx(other.item(), rel=1e-6)
 
@@ -325,3 +329,42 @@ def test_llada2_recipes_load():
     for cfg in (ar, wsd, sft):
         assert cfg.model_preset == "tiny" and cfg.data.seq_len == (160 if cfg is sft else 256)
         assert config_from_dict(cfg.to_dict()).objective == cfg.objective
+
+
+@pytest.mark.parametrize("block_length", [None, 4])
+def test_random_length_cut_equals_sliced_batch(block_length):
+    """A cut batch keeps its shape [B, L] (tail = its own document, no noise, no loss) and its loss equals the
+    loss of the batch sliced to l' as GUIDELINES.md computes it: sum of CE/t over masked tokens / (B x l')."""
+    b, l, eps = 2, 24, 1e-3
+    doc = torch.tensor([[0] * 9 + [1] * 15, [3] * 24])
+    batch = _batch(b, l, seed=3)
+    batch["document_ids"], batch["position_ids"] = doc, positions_from_docs(doc)
+    model = tiny_model(seed=4)
+    seen = []
+    record = lambda *a, **k: (seen.append(a[0].shape), model(*a, **k))[1]  # noqa: E731
+    cfg = ObjectiveConfig(random_length_prob=1.0, block_length=block_length or 0)
+    loss, stats = compute_loss(record, batch, cfg, causal=False, mask_token_id=MASK,
+                               generator=torch.Generator().manual_seed(11))
+    assert seen == [(b, l if block_length is None else 2 * l)]  # static shape
+    # replay the documented draws: rand(1) and randint for the cut, then the times, then rand(B, L) for masks
+    g = torch.Generator().manual_seed(11)
+    torch.rand(1, generator=g)
+    cut = int(torch.randint(1, l + 1, (1,), generator=g))
+    assert 9 < cut < l  # the seed cuts inside the second document of row 0
+    if block_length is None:
+        t = ((1 - eps) * torch.rand(b, generator=g) + eps)[:, None].expand(b, l)
+    else:  # one t per block of the *uncut* layout (the tail's blocks draw too, then go unused)
+        tail_doc = torch.where(torch.arange(l) < cut, doc, -1)
+        t = bd.sample_block_times(ba.block_ids(batch["position_ids"], tail_doc, block_length), eps, g)
+    masked = torch.rand(b, l, generator=g)[:, :cut] < t[:, :cut]
+    ids, pos, d = (batch[k][:, :cut] for k in ("input_ids", "position_ids", "document_ids"))
+    noisy = torch.where(masked, MASK, ids)
+    if block_length is None:
+        logits = model(noisy, position_ids=pos, document_ids=d)
+    else:
+        logits = ba.block_diffusion_logits(model, noisy, ids, pos, d, block_length)
+    ce = torch.nn.functional.cross_entropy(logits[masked], ids[masked], reduction="none")
+    expected = (ce / t[:, :cut][masked]).sum() / (b * cut)
+    assert masked.any()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert float(stats["t_bucket_count"].sum()) == int(masked.sum())

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llada_scale.objectives.config import NUM_T_BUCKETS, ObjectiveConfig
 from llada_scale.objectives.losses import compute_loss, diffusion_loss
@@ -22,13 +23,18 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = logits
         self.inputs = []
+        self.documents = []
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
         self.inputs.append(input_ids.clone())
+        self.documents.append(None if document_ids is None else document_ids.clone())
         lg = self.logits
         while lg.shape[1] < input_ids.shape[1]:
             lg = torch.cat([lg, self.logits], 1)
-        return lg[: input_ids.shape[0], : input_ids.shape[1]]
+        lg = lg[: input_ids.shape[0], : input_ids.shape[1]]
+        if labels is None:
+            return lg
+        return F.cross_entropy(lg.transpose(1, 2).float(), labels, reduction="none")  # the Transformer contract
 
 
 def make_batch(b, l, prompt_len=0, seed=0, docs=None):
@@ -177,9 +183,10 @@ def test_random_length_cut_probability():
     g = torch.Generator().manual_seed(0)
     for _ in range(n):
         compute_loss(model, batch, cfg, causal=False, mask_token_id=MASK, generator=g)
-    cut = sum(x.shape[1] < l for x in model.inputs) / n
+    cut = sum(bool((d == -1).any()) for d in model.documents) / n  # the cut-off tail is document -1
     assert cut == pytest.approx(prob * (l - 1) / l, abs=0.05)  # U{1..L} keeps L w.p. 1/L; MC std 0.016
-    assert all(1 <= x.shape[1] <= l for x in model.inputs)
+    assert all(x.shape == (1, l) for x in model.inputs)  # static shapes: the row keeps its length
+    assert all(not bool((d[:, 0] == -1).any()) for d in model.documents)  # l' >= 1
 
 
 def test_forward_process_schedules():
@@ -205,11 +212,11 @@ def test_diffusion_loss_per_token_times():
     ids = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(1))
     masked = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
     t = torch.tensor([[0.2, 0.2, 0.5, 0.5, 0.5], [0.9, 0.9, 0.3, 0.3, 0.3]])
-    loss, ce = diffusion_loss(logits, ids, masked, t, torch.tensor([5, 5]))
+    token_ce = F.cross_entropy(logits.transpose(1, 2), torch.where(masked, ids, -100), reduction="none")
+    loss = diffusion_loss(token_ce, masked, t, torch.tensor([5, 5]))
     exp = sum(ce_loop(logits[b, i], int(ids[b, i])) / float(t[b, i]) / 5
               for b in range(2) for i in range(5) if masked[b, i]) / 2
     assert float(loss) == pytest.approx(exp, rel=1e-5)
-    assert ce.shape == (int(masked.sum()),)
 
 
 def test_config_validation():

@@ -170,7 +170,8 @@ def evaluate(*argv) -> int:
 @need_data
 def test_eval_block_sampler_default_from_checkpoint(checkpoints, tmp_path, capsys):
     out = tmp_path / "bd.json"
-    assert evaluate("--checkpoint", checkpoints["bd"], "--tasks", "gsm8k,lambada,poem", "--output", out, *SMALL) == 0
+    assert evaluate("--checkpoint", checkpoints["bd"], "--tasks", "gsm8k,lambada,poem,piqa", "--mc_samples", "4",
+                    "--output", out, *SMALL) == 0
     assert "sampler block (checkpoint), block_length 4 (checkpoint (diffusion)), 4 steps per block" \
         in capsys.readouterr().out
     res = json.loads(out.read_text())
@@ -178,7 +179,8 @@ def test_eval_block_sampler_default_from_checkpoint(checkpoints, tmp_path, capsy
     assert s["sampler"] == "block" and s["sampler_source"] == "checkpoint" and s["samplers"] == {"diffusion": "block"}
     assert s["block_length"] == 4 == s["eval_config"]["block_length"] and s["steps_per_block"] == 4
     assert res["models"]["diffusion"]["sampler"] == "block"
-    for task in ("gsm8k", "lambada", "poem"):
+    assert (s["likelihood"], s["likelihood_source"]) == ("block", "checkpoint")  # the block NELBO by default
+    for task in ("gsm8k", "lambada", "poem", "piqa"):
         m = res["results"][task]["diffusion"]
         assert m["n"] == 2 and m["nfe"] > 0 and len(res["records"][task]["diffusion"]) == 2
     # the block sampler seeds every prompt: another batch size gives the same outputs, also when sampling

@@ -112,3 +112,73 @@ def test_likelihood_errors():
         log_likelihood(model, [1], [], causal=True)
     with pytest.raises(ValueError, match="mc_samples"):
         log_likelihood(model, [1], [2], causal=False, mask_token_id=MASK, mc_samples=0)
+
+
+def _chaotic(causal=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                      max_seq_len=64, causal=causal, mask_token_id=None if causal else MASK, init_std=0.4,
+                      attention_backend="sdpa")
+    return Transformer(cfg).to(torch.float64).eval()
+
+
+def test_block_nelbo_matches_exact_enumeration_through_the_kv_cache():
+    """Prompt 3 tokens, answer 5, blocks of 4 from position 0: block 0 holds 1 answer token, block 1 four. The
+    exact block NELBO enumerates every mask count and subset per block, each block scored with the KV cache of
+    the clean earlier blocks (another code path than the [x_t ; x_0] mask); the MC estimate must converge to
+    it, and LLaDA's full-attention estimate must not."""
+    from itertools import combinations
+
+    from llada_scale.sampling.block import KVCache, cached_block_logits
+
+    model = _chaotic()
+    prompt, answer, bl = [1, 2, 3], [4, 5, 6, 7, 8], 4
+    x = torch.tensor([prompt + answer])
+    pos = torch.arange(8)[None]
+    exact = 0.0
+    for b, answer_pos in ((0, [3]), (1, [4, 5, 6, 7])):
+        n = len(answer_pos)
+        for k in range(1, n + 1):
+            subsets = list(combinations(answer_pos, k))
+            for sub in subsets:
+                cache = KVCache(2, 1, 2, 8, 8, torch.float64, "cpu")
+                for c in range(b):
+                    cached_block_logits(model, x[:, 4 * c:4 * c + 4], pos[:, 4 * c:4 * c + 4], cache, append=True)
+                noisy = x[:, 4 * b:4 * b + 4].clone()
+                noisy[0, [i - 4 * b for i in sub]] = MASK
+                lp = torch.log_softmax(cached_block_logits(model, noisy, pos[:, 4 * b:4 * b + 4], cache)[0], -1)
+                exact += (1 / n) * (n / k) / len(subsets) * sum(float(lp[i - 4 * b, x[0, i]]) for i in sub)
+    est = log_likelihood(model, prompt, answer, causal=False, mask_token_id=MASK, mc_samples=2048, batch_size=512,
+                         generator=torch.Generator().manual_seed(0), block_length=bl)
+    full = log_likelihood(model, prompt, answer, causal=False, mask_token_id=MASK, mc_samples=2048, batch_size=512,
+                          generator=torch.Generator().manual_seed(0))
+    assert abs(est - exact) < 0.01 * abs(exact), (est, exact)
+    assert abs(full - exact) > 0.05 * abs(exact), (full, exact)
+
+
+def test_likelihood_cfg_formula():
+    """One answer token and one MC sample: the only noise masks it, so the estimate is the guided log-prob."""
+    model = _chaotic()
+    prompt, answer, w = [1, 2, 3], [7], 1.5
+    with torch.no_grad():
+        cond = model(torch.tensor([prompt + [MASK]]))[0, -1]
+        uncond = model(torch.tensor([[MASK] * 4]))[0, -1]
+    expected = float(torch.log_softmax(uncond + (w + 1) * (cond - uncond), -1)[7])
+    got = log_likelihood(model, prompt, answer, causal=False, mask_token_id=MASK, mc_samples=1, cfg_scale=w)
+    assert got == pytest.approx(expected, abs=1e-5)  # logits pass through float32
+    with pytest.raises(ValueError, match="cfg_scale"):
+        log_likelihood(_chaotic(causal=True), prompt, answer, causal=True, cfg_scale=1.0)
+
+
+def test_ar_greedy_flags():
+    model = _chaotic(causal=True)
+    prompt = [1, 2, 3]
+    ids = list(prompt)
+    for _ in range(4):  # the greedy continuation
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    greedy_answer = ids[3:]
+    other = [(t + 1) % (V - 1) for t in greedy_answer]
+    out = log_likelihood_batch(model, [(prompt, greedy_answer), (prompt, other)], causal=True, return_greedy=True)
+    assert [g for _, g in out] == [True, False]
+    assert out[0][0] == pytest.approx(log_likelihood(model, prompt, greedy_answer, causal=True))

@@ -51,11 +51,11 @@ def test_zero0_nonfinite_update_leaves_weights_and_adam_state():
     opt = torch.optim.AdamW([w], lr=0.1)
     engine = SimpleNamespace(optimizer=opt, bfloat16_enabled=lambda: False)
     w.grad = torch.full((4,), float("nan"))
-    LossGuard.skip_nonfinite_update(engine, float("nan"))
+    assert LossGuard.skip_nonfinite_update(engine, float("nan"))
     opt.step()
     assert torch.equal(w.detach(), torch.ones(4)) and not opt.state
     w.grad = torch.ones(4)
-    LossGuard.skip_nonfinite_update(engine, 2.0)  # finite: nothing changes
+    assert not LossGuard.skip_nonfinite_update(engine, 2.0)  # finite: nothing changes
     opt.step()
     assert not torch.equal(w.detach(), torch.ones(4)) and opt.state[w]["step"] == 1
 

@@ -198,3 +198,12 @@ def test_llada_lora_sft_recipe_end_to_end(tmp_path):
     x = torch.randint(0, 106, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, merged(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_adapter_is_refused():
+    """The head is applied from its weight matrix (chunked loss, samplers), so a LoRA adapter on lm_head would
+    be bypassed silently: refuse it."""
+    from llada_scale.training.lora import LoRAConfig
+
+    with pytest.raises(ValueError, match="cannot include lm_head"):
+        LoRAConfig(rank=4, target_modules=["q_proj", "lm_head"])
