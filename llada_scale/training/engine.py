@@ -90,9 +90,11 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if zero.get("overlap_comm") == "auto":  # on CPU the overlap threads halve throughput (docs/LOG.md)
         zero["overlap_comm"] = device.type == "cuda"
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
+    if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         bf16["enabled"] = _bf16_auto(device)
-    if bf16["enabled"]:
+    if not isinstance(bf16, dict) or not isinstance(bf16.get("enabled", False), bool):
+        raise TrainError(f"{path}: bf16 must be {{\"enabled\": true|false|\"auto\"}}, not {bf16!r}")
+    if bf16.get("enabled"):
         if zero.get("stage", 0) == 0:
             raise TrainError(f"{path}: ZeRO stage 0 with bf16 keeps no float32 master weights and accumulates "
                              "gradients in bf16; use ds_configs/zero1.json (same memory on one process)")

@@ -101,6 +101,19 @@ def throughput(tokens: float, flops: float, seconds: float, world_size: int, pea
     return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": per_dev, "mfu": mfu}
 
 
+def t_bucket_metrics(ce_sum: list[float], count: list[float]) -> tuple[dict, str]:
+    """Mean masked-token cross-entropy per noise-level bucket t in [i/n, (i+1)/n), n = len(count).
+
+    ``ce_sum``/``count`` are the window's all-reduced per-bucket sums (nats, token counts). A bucket no row fell
+    into is missing from the metrics and shown as ``-`` on the console: a 0.00 would read as a perfect fit.
+    Returns ({"train/ce_t0.0-0.2": nats, ...}, "2.31/-/...").
+    """
+    n = len(count)
+    ce = [s / c if c else None for s, c in zip(ce_sum, count)]
+    metrics = {f"train/ce_t{i / n:.1f}-{(i + 1) / n:.1f}": v for i, v in enumerate(ce) if v is not None}
+    return metrics, "/".join("-" if v is None else f"{v:.2f}" for v in ce)
+
+
 class Logger:
     """Console lines on rank 0 and, when enabled, wandb (offline without an API key)."""
 

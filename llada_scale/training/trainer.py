@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
-from llada_scale.objectives.config import NUM_T_BUCKETS, is_diffusion
+from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
 from llada_scale.training import preflight, resume, signals
 from llada_scale.training.config import RunConfig
@@ -27,7 +27,7 @@ from llada_scale.training.engine import (TrainError, build_ds_config, check_init
                                          fit_init_source, load_init_weights, param_groups)
 from llada_scale.training.lora import apply_lora
 from llada_scale.training.guards import DivergedError, LossGuard
-from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, throughput
+from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, t_bucket_metrics, throughput
 from llada_scale.training.parallelize import parallelize
 from llada_scale.training.samples import generate_samples
 from llada_scale.training.schedule import lr_multiplier
@@ -270,13 +270,10 @@ class Trainer:
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
-        if "t_bucket_ce_sum" in sums:  # a bucket no row fell into is missing, not 0
-            ce = [s / c if c else None for s, c in zip(sums["t_bucket_ce_sum"], sums["t_bucket_count"])]
-            for i, v in enumerate(ce):
-                lo, hi = i / NUM_T_BUCKETS, (i + 1) / NUM_T_BUCKETS
-                if v is not None:
-                    metrics[f"train/ce_t{lo:.1f}-{hi:.1f}"] = v
-            line += " | ce by t " + "/".join("-" if v is None else f"{v:.2f}" for v in ce)
+        if "t_bucket_ce_sum" in sums:
+            bucket_metrics, bucket_line = t_bucket_metrics(sums["t_bucket_ce_sum"], sums["t_bucket_count"])
+            metrics.update(bucket_metrics)
+            line += " | ce by t " + bucket_line
         if "block_length" in sums:
             metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"

@@ -7,7 +7,8 @@ import torch
 from llada_scale.model.transformer import ModelConfig, Transformer
 from llada_scale.objectives.config import ObjectiveConfig
 from llada_scale.objectives.losses import compute_loss, model_input_length
-from llada_scale.training.metrics import FlopCounter, device_peak_flops, flops_per_token, peak_flops_for, throughput
+from llada_scale.training.metrics import (FlopCounter, device_peak_flops, flops_per_token, peak_flops_for,
+                                          t_bucket_metrics, throughput)
 
 
 @pytest.mark.parametrize("name,peak", [
@@ -57,3 +58,9 @@ def test_block_diffusion_counts_the_positions_it_ran(phase_step, model_len):
     assert seen == [model_len] == [model_input_length(cfg, False, 32, phase_step)]
     assert float(stats["model_tokens"]) == b * model_len
     assert float(stats["block_length"]) == (8 if phase_step == 0 else 32)  # the full row, cut or not
+
+
+def test_empty_t_buckets_are_missing_not_zero():
+    metrics, line = t_bucket_metrics([4.0, 0.0, 3.0, 0.0, 1.0], [2, 0, 3, 0, 4])
+    assert metrics == {"train/ce_t0.0-0.2": 2.0, "train/ce_t0.4-0.6": 1.0, "train/ce_t0.8-1.0": 0.25}
+    assert line == "2.00/-/1.00/-/0.25"

@@ -117,7 +117,7 @@ def test_early_stopping_zero3_with_workers(tmp_path, pretrain_shards):
 @pytest.mark.distributed
 def test_ctrl_c_then_resume_past_a_damaged_checkpoint(tmp_path, pretrain_shards):
     """ZeRO-1, workers: Ctrl-C checkpoints at the next step, logs that step (log_every=5 would hide it) and exits
-    130; the t-buckets no row fell into are missing, not 0. Then the newest checkpoint's optimizer shard is
+    130; every logged t-bucket has a real value. Then the newest checkpoint's optimizer shard is
     truncated: the resume says so and continues from the previous complete checkpoint."""
     run = tmp_path / "run"
     ds = "ds_configs/zero1.json"
@@ -132,10 +132,9 @@ def test_ctrl_c_then_resume_past_a_damaged_checkpoint(tmp_path, pretrain_shards)
     assert 5 <= k < 400 and k in train_metrics(run) and checkpointer.find_latest(run / "checkpoints").name == \
         f"step{k:08d}"
     assert exit_s < EXIT_S, exit_s
-    for row in train_metrics(run).values():
+    for row in train_metrics(run).values():  # empty buckets: tests/training/test_metrics.py
         ce = [v for key, v in row.items() if key.startswith("train/ce_t")]
         assert ce and 0.0 not in ce
-    assert any(len([key for key in row if key.startswith("train/ce_t")]) < 5 for row in train_metrics(run).values())
 
     shard = run / "checkpoints" / f"step{k:08d}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
