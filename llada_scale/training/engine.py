@@ -48,8 +48,9 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
 
     Batch sizes: train_batch_size = global_batch_size = micro_batch_size x gradient_accumulation_steps x
     world_size. bf16 ``auto`` means on for CUDA devices with bf16 support, off on CPU (bf16 matmuls run
-    ~200x slower than fp32 on CPUs without AVX512-BF16), and ``overlap_comm: auto`` is on for CUDA only
-    (on CPU its extra threads halve ZeRO-2 throughput); both measured in docs/LOG.md.
+    ~200x slower than fp32 on CPUs without AVX512-BF16); ``overlap_comm: auto`` is on for CUDA only (on CPU its
+    extra threads halve ZeRO-2 throughput), and so is ``contiguous_gradients: auto`` (it saves the GPU allocator
+    from fragmenting; on CPU its bucket copies cost ZeRO-2 ~4% of a tiny model's step); measured in docs/LOG.md.
 
     With bf16, gradients are accumulated over micro batches and reduced across ranks in float32 unless the
     JSON says otherwise (``data_types.grad_accum_dtype``, ``communication_data_type``; DeepSpeed's default is
@@ -87,8 +88,9 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.optim.grad_clip
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if zero.get("overlap_comm") == "auto":  # on CPU the overlap threads halve throughput (docs/LOG.md)
-        zero["overlap_comm"] = device.type == "cuda"
+    for key in ("overlap_comm", "contiguous_gradients"):  # on CPU both cost throughput (docs/LOG.md)
+        if zero.get(key) == "auto":
+            zero[key] = device.type == "cuda"
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         bf16["enabled"] = _bf16_auto(device)

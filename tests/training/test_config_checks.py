@@ -82,6 +82,18 @@ def test_shipped_deepspeed_configs_pass():
         build_ds_config(str(f), cfg, 1, torch.device("cpu"))
 
 
+def test_auto_zero_flags_resolve_by_device():
+    """overlap_comm / contiguous_gradients "auto": off on CPU (both measured slower there), on for CUDA."""
+    import unittest.mock as mock
+
+    cfg = load_config(RECIPE, ["train.global_batch_size=8", "train.micro_batch_size=4"])
+    path = str(REPO / "ds_configs" / "zero2.json")
+    for device, expected in (("cpu", False), ("cuda", True)):
+        with mock.patch("llada_scale.training.engine._bf16_auto", return_value=expected):  # no CUDA runtime here
+            z = build_ds_config(path, cfg, 1, torch.device(device))["zero_optimization"]
+        assert z["overlap_comm"] is expected and z["contiguous_gradients"] is expected
+
+
 def test_user_error_one_line():
     """What train.py prints as one line (exit 2) and what keeps its traceback; a loader worker's error (re-raised
     by torch with the worker's traceback in its message) is reduced to its own message."""
