@@ -89,14 +89,13 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
         ds["gradient_clipping"] = cfg.optim.grad_clip
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     for key in ("overlap_comm", "contiguous_gradients"):  # on CPU both cost throughput (docs/LOG.md)
-        if zero.get(key) == "auto":
+        if isinstance(zero, dict) and zero.get(key) == "auto":
             zero[key] = device.type == "cuda"
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         bf16["enabled"] = _bf16_auto(device)
-    if not isinstance(bf16, dict) or not isinstance(bf16.get("enabled", False), bool):
-        raise TrainError(f"{path}: bf16 must be {{\"enabled\": true|false|\"auto\"}}, not {bf16!r}")
-    if bf16.get("enabled"):
+    validate_ds_config(ds, path or "the default DeepSpeed config")  # before the checks below read the values
+    if bf16["enabled"]:
         if zero.get("stage", 0) == 0:
             raise TrainError(f"{path}: ZeRO stage 0 with bf16 keeps no float32 master weights and accumulates "
                              "gradients in bf16; use ds_configs/zero1.json (same memory on one process)")
@@ -105,7 +104,6 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
         ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                                      "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
-    validate_ds_config(ds, path or "the default DeepSpeed config")
     return ds
 
 
