@@ -83,8 +83,8 @@ def damage(tag_dir: str | Path) -> str | None:
             f = tag_dir / rel
             if not f.is_file():
                 return f"{f} is missing"
-            if f.stat().st_size != size:
-                return f"{f} has {f.stat().st_size} bytes, {size} were written (truncated or replaced)"
+            if (actual := f.stat().st_size) != size:
+                return f"{f} has {actual} bytes, {size} were written (truncated or replaced)"
     elif not any(tag_dir.rglob("*model_states.pt")):
         return f"{tag_dir} holds no *model_states.pt file"
     for f in sorted(tag_dir.rglob("*.pt")):
@@ -188,7 +188,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
         except OSError as e:
             error = _save_error(e, tmp, ckpt_dir)
         if error is None and keep_last > 0:
-            done = [p for p in list_complete(ckpt_dir) if p != final and int(_TAG.match(p.name).group(1)) < step]
+            done = [p for p in list_complete(ckpt_dir) if int(_TAG.match(p.name).group(1)) < step]  # never `final`
             for old in done[:max(0, len(done) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     _raise_if_any(error, tmp, rank)

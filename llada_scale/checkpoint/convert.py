@@ -33,10 +33,10 @@ import torch
 from llada_scale.checkpoint.files import (FORMAT, CheckpointError, atomic_write_text, copy_tokenizer_files,
                                           parse_dtype, read_json, save_safetensors)
 from llada_scale.checkpoint.streaming import check_output_dir, scan_weights, staged_output, stream_convert
-from llada_scale.checkpoint.hf import hf_config_from_model_config
-from llada_scale.checkpoint.weights import (check_state_dict, load_model_state, model_config_from_meta,
-                                            resolve_checkpoint, tokenizer_path_from_meta)
-from llada_scale.model.transformer import resize_vocab
+from llada_scale.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
+from llada_scale.checkpoint.weights import (check_state_dict, expected_shapes, load_model_state,
+                                            model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
+from llada_scale.model.transformer import ModelConfig, resize_vocab
 
 __all__ = ["FORMAT_VERSION", "consolidated_config", "write_consolidated", "consolidate", "export_hf", "import_hf",
            "check_tokenizer_vocab", "ar_to_diffusion", "ar_to_diffusion_state"]
@@ -172,24 +172,29 @@ def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
     _log(f"wrote HF {hf['architectures'][0]} {kind} to {out_dir}: {len(files)} weight file(s)")
 
 
-def check_tokenizer_vocab(tok_src: str, rows: int, source: str) -> None:
+def check_tokenizer_vocab(tok_src: str, rows: int, source: str):
     """Refuse a tokenizer with more tokens (added tokens included) than the model has embedding rows.
 
+    Returns the loaded ``tokenizers.Tokenizer``, or None for a SentencePiece model (its size is checked when
+    training starts).
+
     Raises:
-        CheckpointError: naming both sizes.
+        CheckpointError: an unreadable ``tokenizer.json``, or naming both sizes.
     """
     from tokenizers import Tokenizer as HFTokenizer
 
     path = os.path.join(tok_src, "tokenizer.json") if os.path.isdir(tok_src) else tok_src
     if not path.endswith(".json"):
-        return  # SentencePiece: its size is checked when training starts
+        return None
     try:
-        n = HFTokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+        hf = HFTokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
         raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
+    n = hf.get_vocab_size(with_added_tokens=True)
     if n > rows:
         raise CheckpointError(f"{path} has {n} tokens but {source} has {rows} embedding rows; the tokenizer is not "
                               "this model's (pass --tokenizer with the right one)")
+    return hf
 
 
 def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
@@ -207,9 +212,6 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
             :func:`llada_scale.checkpoint.hf.model_config_from_hf`; the message lists what is supported), a
             missing shard, a tensor of the wrong shape, a tokenizer larger than the embedding.
     """
-    from llada_scale.checkpoint.hf import model_config_from_hf
-    from llada_scale.model.transformer import ModelConfig
-
     kind, resolved = resolve_checkpoint(hf_dir)
     if kind != "hf":
         raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory (config.json with model_type)")
@@ -238,11 +240,7 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
             if tok:
                 tok["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(tok["path"]))
         config = consolidated_config(cfg, dtype, tok, source={"path": resolved, "kind": "hf"})
-        with torch.device("meta"):
-            from llada_scale.model.transformer import Transformer
-
-            expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-        files = stream_convert(tensors, rename, expected, tmp, dtype=dtype, max_shard_size=max_shard_size,
+        files = stream_convert(tensors, rename, expected_shapes(cfg), tmp, dtype=dtype, max_shard_size=max_shard_size,
                                metadata={FORMAT: json.dumps(config)}, progress=not quiet, source=resolved)
         atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2, sort_keys=True))
     n = sum(math.prod(t.shape) for k, t in tensors.items() if rename(k) is not None)

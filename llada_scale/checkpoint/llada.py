@@ -32,19 +32,18 @@ trust_remote_code=True)`` loads the model offline. ``import_llada(export_llada(x
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import sys
 
-import torch
-
-from llada_scale.checkpoint.convert import consolidated_config
+from llada_scale.checkpoint.convert import check_tokenizer_vocab, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
                                           copy_tokenizer_files, parse_dtype, read_json, save_safetensors)
 from llada_scale.checkpoint.streaming import scan_weights, staged_output, stream_convert
-from llada_scale.checkpoint.weights import (check_state_dict, load_model_state, model_config_from_meta,
-                                            resolve_checkpoint, tokenizer_path_from_meta)
+from llada_scale.checkpoint.weights import (check_state_dict, expected_shapes, load_model_state,
+                                            model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
 
 __all__ = ["model_config_from_llada", "llada_config_from_model_config", "llada_to_ours", "ours_to_llada",
            "import_llada", "export_llada"]
@@ -187,13 +186,6 @@ def llada_config_from_model_config(mc, tokenizer: dict | None = None, torch_dtyp
     }
 
 
-def _expected_shapes(mc) -> dict[str, tuple]:
-    from llada_scale.model.transformer import Transformer
-
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Transformer(mc).state_dict().items()}
-
-
 def _check_tokenizer(tok_dir: str, mc, source: str) -> str:
     """Check the tokenizer in ``tok_dir`` against the model config; return the mask token's string.
 
@@ -201,18 +193,8 @@ def _check_tokenizer(tok_dir: str, mc, source: str) -> str:
         CheckpointError: more tokens than embedding rows, no token with id ``mask_token_id``, or a
             ``tokenizer_config.json`` naming another mask token.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = os.path.join(tok_dir, "tokenizer.json")
-    try:
-        hf = HFTokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
-        raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from None
-    n = hf.get_vocab_size(with_added_tokens=True)
-    if n > mc.vocab_size:
-        raise CheckpointError(f"{path} has {n} tokens but {source} has {mc.vocab_size} embedding rows; the "
-                              "tokenizer is not this model's")
-    token = hf.id_to_token(mc.mask_token_id)
+    token = check_tokenizer_vocab(path, mc.vocab_size, source).id_to_token(mc.mask_token_id)
     tc_path = os.path.join(tok_dir, "tokenizer_config.json")
     named = read_json(tc_path).get("mask_token") if os.path.isfile(tc_path) else None
     named = named.get("content") if isinstance(named, dict) else named
@@ -278,25 +260,19 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
             print("warning: no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one",
                   file=sys.stderr)
         config = consolidated_config(mc, dtype, ident, source={"path": hf_dir, "kind": "llada"})
-        files = stream_convert(tensors, llada_to_ours, _expected_shapes(mc), tmp, dtype=parse_dtype(dtype),
+        files = stream_convert(tensors, llada_to_ours, expected_shapes(mc), tmp, dtype=parse_dtype(dtype),
                                max_shard_size=max_shard_size, metadata={FORMAT: json.dumps(config)},
                                progress=not quiet, source=hf_dir)
         atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
-    _log(f"wrote {out_dir}: {len(files)} weight file(s), {sum(_numel(t.shape) for t in tensors.values()) / 1e6:.2f}M "
-         f"parameters, dtype {config['dtype']}, mask_token_id {mc.mask_token_id}, vocab {mc.vocab_size}")
+    n = sum(math.prod(t.shape) for t in tensors.values())
+    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}, "
+         f"mask_token_id {mc.mask_token_id}, vocab {mc.vocab_size}")
 
 
 def _has_token(path: str, token: str) -> bool:
     from tokenizers import Tokenizer as HFTokenizer
 
     return HFTokenizer.from_file(path).token_to_id(token) is not None
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
@@ -338,7 +314,7 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
             print("warning: no tokenizer recorded; pass --tokenizer PATH to include one", file=sys.stderr)
         if sd is None:
             files = stream_convert(scan_weights(resolved), ours_to_llada,
-                                   {ours_to_llada(k): v for k, v in _expected_shapes(mc).items()}, tmp, dtype=dt,
+                                   {ours_to_llada(k): v for k, v in expected_shapes(mc).items()}, tmp, dtype=dt,
                                    max_shard_size=max_shard_size, progress=not quiet, source=resolved)
         else:
             check_state_dict(sd, mc, resolved)

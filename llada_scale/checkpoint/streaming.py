@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -159,21 +160,19 @@ def stream_convert(tensors: dict[str, TensorInfo], rename: Callable[[str], str |
     def nbytes(k):
         info = tensors[k]
         out_dtype = dt if dt is not None and info.dtype.is_floating_point else info.dtype
-        n = 1
-        for s in info.shape:
-            n *= s
-        return n * torch.empty((), dtype=out_dtype).element_size()
+        return math.prod(info.shape) * torch.empty((), dtype=out_dtype).element_size()
 
     limit = parse_size(max_shard_size)
     plan: list[list[str]] = [[]]
     size = total = 0
     for k in order:
-        if plan[-1] and size + nbytes(k) > limit:
+        b = nbytes(k)
+        if plan[-1] and size + b > limit:
             plan.append([])
             size = 0
         plan[-1].append(k)
-        size += nbytes(k)
-        total += nbytes(k)
+        size += b
+        total += b
     n = len(plan)
     files = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     shard_of = {k: i for i, keys in enumerate(plan) for k in keys}

@@ -39,7 +39,7 @@ from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, META_FILE, SAFE_I
 from llada_scale.checkpoint.hf import load_pytorch_bin, model_config_from_hf
 
 __all__ = ["resolve_checkpoint", "load_model_state", "build_model_from_checkpoint", "model_config_from_meta",
-           "tokenizer_path_from_meta", "check_state_dict"]
+           "tokenizer_path_from_meta", "check_state_dict", "expected_shapes"]
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
@@ -325,20 +325,26 @@ def build_model_from_checkpoint(path: str, *, dtype: str | torch.dtype | None = 
     return model.to(device).eval()
 
 
-def check_state_dict(state_dict: dict, model_config, source: str = "checkpoint") -> None:
-    """Check that ``state_dict`` has exactly the keys and shapes of ``Transformer(model_config)``.
+def expected_shapes(model_config) -> dict[str, tuple]:
+    """Parameter name -> shape of ``Transformer(model_config)``, built on the ``meta`` device (no memory, even for
+    large configs)."""
+    from llada_scale.model.transformer import Transformer
 
-    The model is built on the ``meta`` device, so this costs no memory even for large configs.
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+
+
+def check_state_dict(state_dict: dict, model_config, source: str = "checkpoint") -> None:
+    """Check that ``state_dict`` has exactly the keys and shapes of ``Transformer(model_config)``
+    (:func:`expected_shapes`).
 
     Raises:
         CheckpointError: one line naming missing / unexpected keys and shape mismatches (first 4 of each),
             e.g. ``... model.layers.0.mlp.up_proj.weight: checkpoint [704, 256] vs config [384, 128]``.
     """
-    from llada_scale.model.transformer import Transformer, state_dict_mismatch
+    from llada_scale.model.transformer import state_dict_mismatch
 
-    with torch.device("meta"):
-        own = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
-    problems = state_dict_mismatch(own, state_dict, source, target="config")
+    problems = state_dict_mismatch(expected_shapes(model_config), state_dict, source, target="config")
     if problems:
         raise CheckpointError(f"{source} does not fit its model config ({problems})")
 

@@ -20,6 +20,7 @@ from torch import nn
 __all__ = ["LoRAConfig", "apply_lora", "is_lora_key", "merge_lora", "merge_lora_checkpoint"]
 
 _ADAPTER = "default"  # peft's adapter name
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our HF-Llama names
 
 
 @dataclass
@@ -30,8 +31,7 @@ class LoRAConfig:
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"])
+    target_modules: list = field(default_factory=lambda: list(PROJECTIONS))
 
     def __post_init__(self):
         if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -39,7 +39,7 @@ class LoRAConfig:
                              f"alpha={self.alpha}, dropout={self.dropout})")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        known = set(PROJECTIONS)
         if "lm_head" in self.target_modules:  # the head runs from its weight in chunks (model/head.py), which
             # would bypass an adapter silently
             raise ValueError("train.lora.target_modules cannot include lm_head: the output head is computed from "
