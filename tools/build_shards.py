@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first malformed row instead of reporting and skipping it")
     p.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
-    p.add_argument("--mask_token", default="<|mask|>", help="mask token string added to the vocabulary")
+    p.add_argument("--mask_token", default=None,
+                   help="mask token string (default: tokenizer_config.json's mask_token, else <|mask|>, added after "
+                        "the vocabulary when missing); the trainer's tokenizer resolves it the same way")
     return p.parse_args(argv)
 
 

@@ -103,7 +103,7 @@ def _parse_row(raw: bytes, kind: str) -> tuple[Any, str | None]:
 _WORKER_TOK = None
 
 
-def _worker_init(tokenizer_path: str, mask_token: str) -> None:
+def _worker_init(tokenizer_path: str, mask_token: str | None) -> None:
     global _WORKER_TOK
     from llada_scale.data.tokenizer import Tokenizer
 
@@ -156,7 +156,7 @@ def _tokenize(payload: Any) -> tuple[np.ndarray | None, np.ndarray | None, str |
 def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, *, val_fraction: float = 0.01,
                  val_docs: int | None = None, shard_tokens: int = 1_000_000, max_docs: int | None = None,
                  max_tokens: int | None = None, num_workers: int = 1, seed: int = 0, overwrite: bool = False,
-                 strict: bool = False, progress: bool = True, mask_token: str = "<|mask|>",
+                 strict: bool = False, progress: bool = True, mask_token: str | None = None,
                  log: Callable[[str], None] | None = None) -> dict:
     """Tokenize jsonl / jsonl.gz inputs and write a shard directory (the engine of tools/build_shards.py).
 
@@ -168,7 +168,8 @@ def build_shards(inputs: Sequence[str], tokenizer: str, output: str, kind: str, 
     tokens are reached), tokenize in a ``num_workers`` process pool (order preserving), shuffle documents
     with ``numpy.random.default_rng(seed)``, put the first ``val_docs`` (or ``round(val_fraction * n)``,
     at least 1 when the fraction is > 0) in ``val`` and the rest in ``train``, and write shards of about
-    ``shard_tokens`` tokens.
+    ``shard_tokens`` tokens. ``mask_token`` None = the tokenizer's own (:meth:`Tokenizer.load`: its
+    ``tokenizer_config.json``'s ``mask_token``, else ``<|mask|>``), the one the trainer will use.
 
     Returns:
         Summary dict: ``documents``, ``tokens``, ``bad_rows``, ``seconds``, ``tokens_per_s``,

@@ -104,3 +104,28 @@ def test_loader_names_the_shard_holding_an_id_beyond_the_vocabulary(pretrain_sha
     with pytest.raises(ShardError, match=r"train-\d{6}\.tar: token id \d+ is outside the model's vocabulary \(1000"):
         next(iter(ds))
     assert next(iter(PackedDataset(str(pretrain_shards), "train", 64, 2, vocab_size=6464)))["input_ids"].max() < 6464
+
+
+def test_mask_token_is_the_one_the_trainer_uses(tmp_path):
+    """A tokenizer whose tokenizer_config.json names its mask token (what import-llada writes): the shards record
+    that token's id, as Tokenizer.load (the trainer) resolves it, not an added <|mask|>, and a document holding
+    its text keeps no mask id."""
+    import sys
+    from pathlib import Path
+
+    from llada_scale.data.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "checkpoint"))
+    from tiny_models import make_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    specials = make_tokenizer(tok_dir, template="")
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "mask_token": "<|mdm_mask|>"}))
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"the w{i} w{i + 1} <|mdm_mask|> w3"}) for i in range(8)) + "\n")
+    s, _ = _build(tok_dir, [src], tmp_path / "out", val_docs=1)
+    recorded = load_index(str(tmp_path / "out"))["tokenizer"]
+    assert recorded["mask_token"] == "<|mdm_mask|>" == Tokenizer.load(str(tok_dir)).mask_token
+    assert recorded["mask_token_id"] == specials["<|mdm_mask|>"]
+    assert s["mask_literal_documents"] == 8 and all(specials["<|mdm_mask|>"] not in d for d in _ids(tmp_path / "out"))
