@@ -2,7 +2,7 @@
 
     import llada_scale
     model = llada_scale.load("runs/sft/checkpoints")            # DeepSpeed tag/run dir, consolidated or HF dir
-    print(model.generate("What is the capital of France?", chat=True, gen_length=64))
+    print(model.generate("What is the capital of France?", chat=True, gen_length=64)[0])
     print(model.chat([{"role": "user", "content": "Write a haiku about rain."}]))
     print(model.log_likelihood("The capital of France is", " Paris"))
 

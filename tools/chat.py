@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llada_scale  # noqa: E402
 from llada_scale.api import SAMPLERS, render_partial  # noqa: E402
+from llada_scale.sampling.diffusion import CACHES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="low_confidence / random remasking, threshold (Fast-dLLM parallel decoding) or block "
                          "(block-diffusion models); default from the checkpoint. AR models decode left to right")
     ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of --sampler threshold")
-    ap.add_argument("--cache", default=None, choices=["prefix", "dual"],
+    ap.add_argument("--cache", default=None, choices=[c for c in CACHES if c],
                     help="Fast-dLLM's approximate KV cache (default off = exact); see docs/EVAL.md")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     ap.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance (default 0 = off)")

@@ -29,16 +29,11 @@ import torch
 import llada_scale.checkpoint as cio
 from llada_scale.api import render_partial, special_ids
 from llada_scale.sampling.block import generate_blocks_batch
-from llada_scale.data import DEFAULT_DATA
+from llada_scale.data import default_data
 from llada_scale.eval.runner import run_task
 from llada_scale.eval.tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate, check_lengths,
                                     default_sampler, load_examples, trained_block_length)
 from llada_scale.sampling import diffusion_generate, truncate_at
-
-
-def default_data() -> str:
-    """``$LLADA_DATA`` or ``../shared/data`` next to the repository (llada_scale.data.DEFAULT_DATA)."""
-    return os.environ.get("LLADA_DATA") or DEFAULT_DATA
 
 
 # ------------------------------------------------------------------------------------------------ setup

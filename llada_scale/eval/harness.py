@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from llada_scale import api
+from llada_scale.eval.tasks import LIKELIHOODS
 from llada_scale.sampling import truncate_at
+from llada_scale.sampling.diffusion import CACHES
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -70,7 +72,7 @@ MODEL_ARGS: dict[str, tuple[type, object, str]] = {
     "allow_extrapolation": (bool, False, "allow sequences longer than the model's max_seq_len"),
     "data": (str, None, "shared data directory for the llada_* tasks (default $LLADA_DATA or ../shared/data)"),
 }
-CHOICES = {"likelihood": ("auto", "full", "block"), "sampler": api.SAMPLERS, "cache": ("prefix", "dual"),
+CHOICES = {"likelihood": LIKELIHOODS, "sampler": api.SAMPLERS, "cache": tuple(c for c in CACHES if c),
            "dtype": ("fp32", "bf16", "float32", "bfloat16")}
 
 
@@ -218,7 +220,7 @@ class LladaScaleLM(TemplateLM):
         lls = self.m.log_likelihood_ids(pairs, progress=not disable_tqdm, **self._likelihood_kwargs())
         totals = [0.0] * len(requests)
         for j, ll in zip(owner, lls):
-            totals[j] += float(ll[0] if isinstance(ll, tuple) else ll)
+            totals[j] += float(ll)
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return totals

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import torch
 
-from llada_scale.eval.tasks import (_PUNCT, TASKS, EvalConfig, EvalError, ModelHandle, _first_line, check_lengths,
-                                    extract_gsm8k_answer)
+from llada_scale.eval.tasks import (TASKS, EvalConfig, EvalError, ModelHandle, _first_line, check_lengths,
+                                    extract_gsm8k_answer, poem_match)
 from llada_scale.sampling import ar_generate, diffusion_generate, generate_blocks_batch, left_pad, truncate_at
 from llada_scale.sampling.common import call_model, model_device
 from llada_scale.sampling.likelihood import log_likelihood_batch
@@ -214,8 +214,8 @@ def run_task(task: str, h: ModelHandle, examples: list[dict], cfg: EvalConfig, *
             for e, f, r in zip(batch, fw, rv):
                 ft, rt = _first_line(tok.decode(f)), _first_line(tok.decode(r))
                 records.append({"index": e["index"], "forward_output": ft, "reversal_output": rt,
-                                "forward_correct": _PUNCT.sub("", ft) == _PUNCT.sub("", e["second"]),
-                                "reversal_correct": _PUNCT.sub("", rt) == _PUNCT.sub("", e["first"])})
+                                "forward_correct": poem_match(ft, e["second"]),
+                                "reversal_correct": poem_match(rt, e["first"])})
     else:
         raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     bar.close()

@@ -51,7 +51,7 @@ from llada_scale.api import default_sampler, trained_block_length
 
 __all__ = ["TASKS", "SAMPLERS", "LIKELIHOODS", "EvalConfig", "EvalError", "load_examples", "aggregate",
            "extract_gsm8k_answer", "normalize_number", "ModelHandle", "default_sampler", "trained_block_length",
-           "required_length", "check_lengths"]
+           "required_length", "check_lengths", "poem_match"]
 
 TASKS = ("wikitext2", "lambada", "piqa", "gsm8k", "poem")
 SAMPLERS = ("llada", "block")
@@ -326,6 +326,12 @@ def _first_line(text: str) -> str:
         if part.strip():
             return part.strip()
     return ""
+
+
+def poem_match(line: str, reference: str) -> bool:
+    """The poem tasks' exact match: ``line`` (already cut to its first line) equals ``reference`` with
+    punctuation and whitespace ignored."""
+    return _PUNCT.sub("", line) == _PUNCT.sub("", reference)
 
 
 def aggregate(task: str, records: list[dict], causal: bool) -> dict:

@@ -78,6 +78,8 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
     if kv is not None:  # RoPE tables of every position this call can reach, computed once
         future = pos[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)
         cos, sin = rope_tables(model, torch.cat([pos, future], 1))
+        # keys a new token may attend to: padding never changes and generated positions are document 1
+        keys_ok = key_mask(torch.cat([doc, torch.ones_like(future, dtype=doc.dtype)], 1))
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(b)]
     banned = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=device)
@@ -93,7 +95,8 @@ def ar_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_tok
                               rope=(cos[:, :, :p], sin[:, :, :p]))
             logits = lm_head(model, h[:, -1])
         else:  # the newest token against the cache
-            h = cached_hidden(model, x[:, cur:], pos[:, cur:], kv, cur, mask=key_mask(doc), store=True, kv_len=cur + 1,
+            h = cached_hidden(model, x[:, cur:], pos[:, cur:], kv, cur, store=True, kv_len=cur + 1,
+                              mask=None if keys_ok is None else keys_ok[..., :cur + 1],
                               rope=(cos[:, :, cur:cur + 1], sin[:, :, cur:cur + 1]))
             logits = lm_head(model, h[:, 0])
         nfe += 1

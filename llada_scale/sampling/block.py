@@ -38,7 +38,7 @@ from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of, lm_he
 
 @torch.no_grad()
 def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                        append: bool = False) -> torch.Tensor:
+                        append: bool = False) -> torch.Tensor | None:
     """Logits of one block attending to the cached finished blocks and to the whole block (no mask).
 
     Args:
@@ -46,9 +46,9 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
         block_ids: int64 [B, l] tokens of the block (may contain mask tokens); position_ids: int64 [B, l].
         cache: finished blocks so far.
         append: store this block's keys/values in ``cache`` (call once the block is fully decoded, with its
-            clean tokens).
+            clean tokens); the head is then skipped.
     Returns:
-        float32 logits [B, l, V].
+        float32 logits [B, l, V]; None with ``append``.
     Raises:
         TypeError: ``model`` is not a llada_scale Transformer (or a wrapper of one).
     """
@@ -57,6 +57,7 @@ def cached_block_logits(model, block_ids: torch.Tensor, position_ids: torch.Tens
     x = cached_hidden(core, block_ids, position_ids, cache, cache.length, store=append, kv_len=end)
     if append:
         cache.length = end
+        return None
     return lm_head(core, x)  # a module call (ZeRO-3 gathers the head)
 
 

@@ -71,13 +71,14 @@ def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Ten
     return None if bool(ok.all()) else ok[:, None, None, :]
 
 
-def rope_tables(model, position_ids: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] of ``position_ids`` for ``model``, to compute once per generation
-    and pass (sliced along dim 2) to :func:`cached_hidden` instead of recomputing them every forward."""
+def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] of ``position_ids`` for ``model`` in the model's dtype (that of its
+    embedding), to compute once per generation and pass (sliced along dim 2) to :func:`cached_hidden` instead of
+    recomputing them every forward."""
     core = core_of(model)
     cfg = core.config
-    dtype = dtype or core.model.embed_tokens.weight.dtype
-    return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
+    return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, core.model.embed_tokens.weight.dtype,
+                          cfg.rope_scaling)
 
 
 def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, start: int, *,
@@ -104,15 +105,13 @@ def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, ca
         TypeError: ``model`` is not our Transformer; ValueError: positions outside the cache.
     """
     core = core_of(model)
-    cfg = core.config
     b, n = input_ids.shape
     end = start + n
     kv_len = cache.max_len if kv_len is None else kv_len
     if start < 0 or end > kv_len or kv_len > cache.max_len:
         raise ValueError(f"positions {start}..{end - 1} / kv_len {kv_len} outside the cache ({cache.max_len})")
     x = core.model.embed_tokens(input_ids)
-    cos, sin = rope if rope is not None else rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype,
-                                                            cfg.rope_scaling)
+    cos, sin = rope if rope is not None else rope_tables(core, position_ids)
     for i, layer in enumerate(core.model.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)

@@ -9,15 +9,14 @@ The data directory is, in order: the ``data`` model argument / ``--metadata data
 from __future__ import annotations
 
 import json
-import os
 import re
 
-from llada_scale.data import DEFAULT_DATA
-from llada_scale.eval.tasks import _PUNCT, _first_line, _open, _path
+from llada_scale.data import default_data
+from llada_scale.eval.tasks import _first_line, _open, _path, poem_match
 
 
 def _dir(data: str | None) -> str:
-    return data or os.environ.get("LLADA_DATA") or DEFAULT_DATA
+    return data or default_data()
 
 
 def _test_split(rows: list[dict]):
@@ -89,8 +88,7 @@ def poem(data: str | None = None, **_):
 def poem_results(doc: dict, results, target_key: str):
     """exact_match: the first line of the generation equals the reference line, punctuation and spaces ignored
     (as ``tools/eval_diffusion.py``'s poem task)."""
-    got = _PUNCT.sub("", _first_line(results[0]))
-    return {"exact_match": float(got == _PUNCT.sub("", doc[target_key]))}
+    return {"exact_match": float(poem_match(_first_line(results[0]), doc[target_key]))}
 
 
 def poem_forward_results(doc: dict, results):
