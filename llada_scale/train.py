@@ -105,9 +105,10 @@ def main(argv=None) -> int:
 
         resume.check_init_from(cfg, cli_init_from=args.cli_init_from, cli_resume=args.cli_resume)
     except (ConfigError, RuntimeError) as e:
-        if user_error(e) is None:
+        msg = user_error(e)
+        if msg is None:
             raise
-        print(f"error: {user_error(e)}", file=sys.stderr)
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     rank, _, _ = init_distributed()
     if rank != 0:

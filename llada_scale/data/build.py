@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from llada_scale.data.shards import _SHARD_RE, SPLITS, BuildError, Document, write_shard_dir
+from llada_scale.data.shards import SPLITS, BuildError, Document, _prepare_output_dir, write_shard_dir
 
 __all__ = ["build_shards"]
 
@@ -335,14 +335,8 @@ def _swap_in(staging: str, output: str) -> None:
     """Move a complete shard directory ``staging`` into ``output``: the old index first (so a half-swapped
     directory never looks valid), then the old shards go, the new shards move in and the new index last.
     Other files in ``output`` are left alone. Only renames: a second at most, against minutes of building."""
-    os.makedirs(output, exist_ok=True)
-    old_index = os.path.join(output, "index.json")
-    if os.path.exists(old_index):
-        os.remove(old_index)
-    for name in os.listdir(output):
-        if _SHARD_RE.match(name):
-            os.remove(os.path.join(output, name))
+    _prepare_output_dir(output, overwrite=True)
     for name in sorted(os.listdir(staging)):
         if name != "index.json":
             os.replace(os.path.join(staging, name), os.path.join(output, name))
-    os.replace(os.path.join(staging, "index.json"), old_index)
+    os.replace(os.path.join(staging, "index.json"), os.path.join(output, "index.json"))

@@ -122,13 +122,14 @@ class LossGuard:
 
     # -- optimizer steps
     @staticmethod
-    def skip_nonfinite_update(engine, grad_norm: float | None) -> bool:
+    def skip_nonfinite_update(engine, grad_norm: float) -> bool:
         """ZeRO-0 fp32: when the (all-reduced) gradient norm is NaN/inf, make the coming ``engine.step()`` leave
         the weights and the optimizer state alone, as DeepSpeed's ZeRO 1-3 and bf16 optimizers do on their own
         (without this, clipping turns the inf into NaN weights). The optimizer's ``step`` is replaced for that
         one call; DeepSpeed still clips, zeroes the gradients and advances its counters and the LR schedule.
-        Returns True when the step is skipped (for :meth:`step_done`)."""
-        if grad_norm is None or math.isfinite(grad_norm) or engine.bfloat16_enabled():
+        Returns True when the step is skipped (for :meth:`step_done`). (ZeRO-0 never runs in bf16:
+        :func:`llada_scale.training.engine.build_ds_config` refuses it.)"""
+        if math.isfinite(grad_norm):
             return False
         opt = engine.optimizer
 

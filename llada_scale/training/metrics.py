@@ -63,8 +63,9 @@ class FlopCounter:
         return flops_per_token(self.body_params + self.head_params, self.num_layers, self.hidden_size, seq_len)
 
     def __call__(self, model_tokens, seq_len: int, head_tokens):
-        """FLOPs of a micro batch; ``model_tokens`` / ``head_tokens`` may be floats or device tensors."""
-        body = 6.0 * self.body_params + 12.0 * self.num_layers * self.hidden_size * seq_len
+        """FLOPs of micro batches of input length ``seq_len`` (linear in the token counts, so a sum over micro
+        batches may be passed); ``model_tokens`` / ``head_tokens`` may be floats or device tensors."""
+        body = flops_per_token(self.body_params, self.num_layers, self.hidden_size, seq_len)
         return model_tokens * body + head_tokens * (6.0 * self.head_params)
 
 

@@ -11,8 +11,8 @@ from llada_scale.training.engine import TrainError
 def check_data(cfg, tokenizer) -> None:
     """Check the shards of ``cfg.data`` against the recipe (collective-free, reads index files only).
 
-    * every shard directory used (train; val when ``train.val_every`` > 0) was built with the recipe's
-      tokenizer (same ``tokenizer.json`` hash);
+    * ``data.train_shards`` is set, and every shard directory used (train; val when ``train.val_every`` > 0) was
+      built with the recipe's tokenizer (same ``tokenizer.json`` hash);
     * ``objective.name=sft`` trains on ``--kind sft`` shards and ``ar``/``diffusion`` on ``--kind pretrain``;
     * the val split exists and holds at least one validation batch (``PackedDataset`` on one stream).
 
@@ -23,8 +23,10 @@ def check_data(cfg, tokenizer) -> None:
     from llada_scale.data.shards import load_index
 
     d, t = cfg.data, cfg.train
+    if not d.train_shards:
+        raise TrainError("data.train_shards is not set; build shards with tools/build_shards.py first")
     used = [("data.train_shards", d.train_shards)]
-    if t.val_every:
+    if t.val_every and d.val_shards != d.train_shards:  # the default: one directory, one index to check
         used.append(("data.val_shards", d.val_shards))
     want = "sft" if cfg.objective.name == "sft" else "pretrain"
     mine = tokenizer.identity()

@@ -58,6 +58,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer)
+        if loader_factory is None:  # before the weights load: both splits, tokenizer, shard kind (index files only)
+            preflight.check_data(cfg, self.tokenizer)
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
 
         resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
@@ -67,9 +69,8 @@ class Trainer:
         fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg.model)
-        self.init_meta = None
         if cfg.train.init_from and (resume_dir is None or lora):
-            self.init_meta = load_init_weights(model, cfg.train.init_from)
+            load_init_weights(model, cfg.train.init_from)
             check_init_config(cfg.model, source, cfg.train.init_from)
         elif lora:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
@@ -102,8 +103,6 @@ class Trainer:
 
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
-        if loader_factory is None:  # once per run, before step 1: both splits, tokenizer, shard kind
-            preflight.check_data(cfg, self.tokenizer)
         self.step = 0
         self.guard = LossGuard(cfg.train, self.rank)
         self._grad_norm = None
@@ -122,9 +121,7 @@ class Trainer:
         from llada_scale.data.loader import PackedDataset, build_dataloader
 
         d = self.cfg.data
-        shard_dir = d.train_shards if split == "train" else d.val_shards
-        if not shard_dir:
-            raise TrainError("data.train_shards is not set; build shards with tools/build_shards.py first")
+        shard_dir = d.train_shards if split == "train" else d.val_shards  # set: preflight.check_data
         ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
                            rank=self.rank if rank is None else rank,
                            world_size=self.world_size if world_size is None else world_size,
@@ -217,11 +214,11 @@ class Trainer:
             if boundary:  # DeepSpeed's ZeRO/bf16 optimizers skip non-finite gradients and count them
                 self.guard.step_done(self.step, skip_update or self.engine.skipped_steps > skipped_steps)
             micro += 1
-            stats["flops"] = self.flops(stats["model_tokens"], seq_len, stats["head_tokens"])
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
             # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
+        totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
         return totals
 
