@@ -58,7 +58,7 @@ def build(args):
     return m, prompts, [], f"random {args.preset} (head x{args.head_scale})"
 
 
-def run(args) -> list[dict]:
+def run(args) -> tuple[list[dict], str]:
     model, all_prompts, suppress, desc = build(args)
     mask = model.config.mask_token_id
     g, bl, th = args.gen_length, args.block_length, args.threshold

@@ -28,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
-from llada_scale.testing import free_port, launched_rank, pid_running  # noqa: E402  (this checkout's helpers)
+from llada_scale.testing import (free_port, launched_rank, pid_running,  # noqa: E402  (this checkout's helpers)
+                                  train_metrics)
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "data.seq_len=64",
         "train.micro_batch_size=4", "train.global_batch_size=4", "train.log_every=1", "train.init_from=",
         "train.wandb=off", "train.num_samples=0", "train.val_every=0", "data.num_workers=0", "train.keep_last=0",
@@ -288,8 +289,7 @@ def case_early_stop(s: Sweep) -> None:
           f"exit {code}, {s.ckpts(run)}", code == 0 and s.ckpts(run) == ["step00000006"] and "early stopping" in out)
     run = s.work / "stoplog"
     s.train(run, "train.max_steps=20", "train.log_every=5", "train.stop_at_step=7")
-    steps = sorted({json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-                    if "train/loss" in x})
+    steps = sorted(train_metrics(run))
     s.row("stop at step 7 with log_every=5", "step 7 logged", f"logged steps {steps}", steps == [5, 7])
 
 

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
+from tests.checkpoint.test_convert import convert  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,12 +35,6 @@ def hf_config(family: str):
         return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True, rope_parameters={
             "rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6)
     return transformers.Qwen3Config(**COMMON, head_dim=32)  # 4 heads x 32 != hidden 64, like Qwen3-0.6B
-
-
-def convert(*argv) -> int:
-    from convert_checkpoint import main
-
-    return main([str(a) for a in argv])
 
 
 def make_hf(path: Path, family: str, seed: int = 0):

@@ -16,16 +16,11 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llada_scale.checkpoint as cio  # noqa: E402
+from tests.checkpoint.test_convert import convert  # noqa: E402
 from llada_scale.checkpoint.llada import model_config_from_llada  # noqa: E402
 from llada_scale.data.tokenizer import Tokenizer  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, preset  # noqa: E402
 from tiny_models import llada_config, llada_reference, make_llada_dir, make_tokenizer, save_sharded  # noqa: E402
-
-
-def convert(*argv) -> int:
-    from convert_checkpoint import main
-
-    return main([str(a) for a in argv])
 
 
 def _x(n=2, length=12, vocab=100, seed=0):

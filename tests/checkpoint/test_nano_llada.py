@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
+from tests.checkpoint.test_convert import convert  # noqa: E402
 from llada_scale.checkpoint.nano_llada import nano_sft_heads  # noqa: E402
 
 # what a state dict without Nano-LLaDA's args needs besides --num_heads (and --causal for the Nano-LLaDA layout)
@@ -27,12 +28,6 @@ DIFFUSION_ARGS = {"num_attention_heads": 4, "rope_theta": 1e6, "rms_norm_eps": 1
 AR_ARGS = {"num_attention_heads": 4, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu",
            "inference_rope_scaling": False, "max_position_embeddings": 32768, "max_seq_len": 256, "lr": 3e-4,
            "mask_token": "<|mask|>", "target_vocab_size": 6400, "load_from": None}
-
-
-def convert(*argv) -> int:
-    import convert_checkpoint
-
-    return convert_checkpoint.main([str(a) for a in argv])
 
 
 # ---------------------------------------------------------------------------------------------- Nano-LLaDA

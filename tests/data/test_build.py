@@ -110,13 +110,8 @@ def test_mask_token_is_the_one_the_trainer_uses(tmp_path):
     """A tokenizer whose tokenizer_config.json names its mask token (what import-llada writes): the shards record
     that token's id, as Tokenizer.load (the trainer) resolves it, not an added <|mask|>, and a document holding
     its text keeps no mask id."""
-    import sys
-    from pathlib import Path
-
     from llada_scale.data.tokenizer import Tokenizer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "checkpoint"))
-    from tiny_models import make_tokenizer
+    from tests.checkpoint.tiny_models import make_tokenizer
 
     tok_dir = tmp_path / "tok"
     specials = make_tokenizer(tok_dir, template="")

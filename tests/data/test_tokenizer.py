@@ -6,6 +6,7 @@ import os
 import pytest
 
 from llada_scale.data.tokenizer import Tokenizer, TokenizerError
+from tests.checkpoint.tiny_models import LLADA_CHAT_TEMPLATE, make_tokenizer
 
 MINIMIND = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "tokenizer", "minimind")
 if not os.path.isdir(MINIMIND):
@@ -154,11 +155,6 @@ QWEN_STYLE_TEMPLATE = (
 
 
 def _tiny(tmp_path, template, mask="<|mdm_mask|>"):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "checkpoint"))
-    from tiny_models import make_tokenizer
-
     return make_tokenizer(tmp_path, mask_token=mask, template=template)
 
 
@@ -166,11 +162,6 @@ def _tiny(tmp_path, template, mask="<|mdm_mask|>"):
 def test_chat_template_matches_transformers_byte_for_byte(tmp_path, which):
     """SFT prompts use the tokenizer's own template exactly as transformers renders it (string and ids)."""
     transformers = pytest.importorskip("transformers")
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "checkpoint"))
-    from tiny_models import LLADA_CHAT_TEMPLATE
-
     template = LLADA_CHAT_TEMPLATE if which == "llada" else QWEN_STYLE_TEMPLATE
     specials = ["<|im_start|>", "<|im_end|>"] if which == "qwen" else []
     _tiny(tmp_path, template)

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from llada_scale.model.transformer import ModelConfig, Transformer
 from llada_scale.testing import run_ranks, train_metrics as metrics
 from llada_scale.training.lora import LoRAConfig, apply_lora, is_lora_key, merge_lora
+from tests.training.test_train import train
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -92,15 +93,13 @@ def test_lora_config_validation():
 
 
 # ------------------------------------------------------------------------------------------- trainer (DeepSpeed)
-TINY = ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-        "data.seq_len=64", "data.num_workers=0", "train.wandb=off", "train.val_every=0", "train.log_every=1",
-        "train.num_samples=0", "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_every=0",
-        "optim.warmup_steps=0", "optim.lr=1e-2", "train.lora.rank=4", "train.lora.alpha=8",
+LORA = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.save_every=0", "optim.warmup_steps=0",
+        "optim.lr=1e-2", "train.lora.rank=4", "train.lora.alpha=8",
         "train.lora.target_modules=[q_proj,v_proj,gate_proj,down_proj]"]
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer_path):
+def base_model(tmp_path_factory):
     """A tiny diffusion model in the consolidated format (the recipe's tiny shape, minimind's padded vocab)."""
     import llada_scale.checkpoint as cio
 
@@ -114,9 +113,7 @@ def base_model(tmp_path_factory, tokenizer_path):
 
 
 def _run(run_dir, shards, base, ds, *extra):
-    return run_ranks(["-m", "llada_scale.train", "--config", "configs/diffusion_pretrain_tiny.yaml",
-                      "--deepspeed_config", ds, f"run_dir={run_dir}", f"data.train_shards={shards}",
-                      f"train.init_from={base}", *TINY, *extra], 1)
+    return train(run_dir, shards, f"train.init_from={base}", *LORA, *extra, ds=ds)
 
 
 @pytest.mark.distributed
@@ -203,7 +200,5 @@ def test_llada_lora_sft_recipe_end_to_end(tmp_path):
 def test_lm_head_adapter_is_refused():
     """The head is applied from its weight matrix (chunked loss, samplers), so a LoRA adapter on lm_head would
     be bypassed silently: refuse it."""
-    from llada_scale.training.lora import LoRAConfig
-
     with pytest.raises(ValueError, match="cannot include lm_head"):
         LoRAConfig(rank=4, target_modules=["q_proj", "lm_head"])
