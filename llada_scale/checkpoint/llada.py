@@ -42,7 +42,7 @@ from llada_scale.checkpoint.convert import check_tokenizer_vocab, consolidated_c
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
                                           copy_tokenizer_files, parse_dtype, read_json, save_safetensors)
 from llada_scale.checkpoint.streaming import scan_weights, staged_output, stream_convert
-from llada_scale.checkpoint.weights import (check_state_dict, expected_shapes, load_model_state,
+from llada_scale.checkpoint.weights import (check_state_dict, consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
 
 __all__ = ["model_config_from_llada", "llada_config_from_model_config", "llada_to_ours", "ours_to_llada",
@@ -287,12 +287,7 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
     """
     kind, resolved = resolve_checkpoint(source)
     if kind == "safetensors":
-        cfg = read_json(os.path.join(resolved, CONFIG_FILE))
-        meta = {"model": cfg.get("model"), "tokenizer": cfg.get("tokenizer"), "path": resolved,
-                "config": cfg.get("run_config")}
-        if os.path.isfile(os.path.join(resolved, "tokenizer.json")):
-            meta["tokenizer_dir"] = resolved
-        sd = None
+        sd, meta = None, consolidated_meta(resolved)
     else:
         sd, meta = load_model_state(resolved, progress=not quiet)
     mc = model_config_from_meta(meta, resolved)

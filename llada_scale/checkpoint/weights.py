@@ -39,7 +39,7 @@ from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, META_FILE, SAFE_I
 from llada_scale.checkpoint.hf import load_pytorch_bin, model_config_from_hf
 
 __all__ = ["resolve_checkpoint", "load_model_state", "build_model_from_checkpoint", "model_config_from_meta",
-           "tokenizer_path_from_meta", "check_state_dict", "expected_shapes"]
+           "tokenizer_path_from_meta", "check_state_dict", "expected_shapes", "consolidated_meta"]
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
@@ -216,6 +216,15 @@ def _load_safetensors_dir(path: str, kind: str, progress: bool) -> tuple[dict, d
         else:
             raise CheckpointError(f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX}")
     sd = _normalize_keys(sd)
+    meta = _meta_from_config(cfg, path, root, kind)
+    if meta["format"] == "hf" and meta["model"]["tie_embeddings"]:
+        sd.pop("lm_head.weight", None)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return sd, meta
+
+
+def _meta_from_config(cfg: dict, path: str, root: str, kind: str) -> dict:
+    """The metadata dict of :func:`load_model_state` from a consolidated or HF ``config.json`` (``cfg``)."""
     if cfg.get("format") == FORMAT or kind != "hf" and "model" in cfg:
         meta = {"format": "safetensors", "path": path, "has_metadata": "model" in cfg, "step": cfg.get("step"),
                 "config": cfg.get("run_config"), "model": cfg.get("model"), "tokenizer": cfg.get("tokenizer"),
@@ -223,8 +232,6 @@ def _load_safetensors_dir(path: str, kind: str, progress: bool) -> tuple[dict, d
                 "world_size": cfg.get("source", {}).get("world_size")}
     elif "model_type" in cfg or "hidden_size" in cfg:
         model = model_config_from_hf(cfg, os.path.join(root, CONFIG_FILE))
-        if model["tie_embeddings"]:
-            sd.pop("lm_head.weight", None)
         meta = {"format": "hf", "path": path, "has_metadata": True, "step": None, "config": None, "model": model,
                 "tokenizer": None, "zero_stage": None, "world_size": None}
     else:
@@ -234,8 +241,13 @@ def _load_safetensors_dir(path: str, kind: str, progress: bool) -> tuple[dict, d
         if os.path.isfile(os.path.join(root, tok)):
             meta["tokenizer_dir"] = root
             break
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    return sd, meta
+    return meta
+
+
+def consolidated_meta(path: str) -> dict:
+    """The metadata :func:`load_model_state` returns for the consolidated directory ``path`` (resolved), read
+    from its ``config.json`` alone: for callers that stream the weights themselves."""
+    return _meta_from_config(read_json(os.path.join(path, CONFIG_FILE)), path, path, "safetensors")
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -277,9 +277,8 @@ _VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 @torch.no_grad()
 def _stream_init(model: Transformer, resolved: str, path: str) -> dict:
-    from llada_scale.checkpoint import CONFIG_FILE
-    from llada_scale.checkpoint.files import read_json
     from llada_scale.checkpoint.streaming import scan_weights, read_tensors
+    from llada_scale.checkpoint.weights import consolidated_meta
     from llada_scale.model.transformer import state_dict_mismatch
 
     tensors = scan_weights(resolved)
@@ -295,6 +294,4 @@ def _stream_init(model: Transformer, resolved: str, path: str) -> dict:
         if name in _VOCAB_ROWS:
             t = resize_vocab({name: t}, model.config.vocab_size)[name]
         own[name].copy_(t.to(own[name].dtype))
-    cfg = read_json(f"{resolved}/{CONFIG_FILE}")
-    return {"format": "safetensors", "path": resolved, "step": cfg.get("step"), "config": cfg.get("run_config"),
-            "model": cfg.get("model"), "tokenizer": cfg.get("tokenizer")}
+    return consolidated_meta(resolved)
