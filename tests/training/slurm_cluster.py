@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llada_scale.testing import free_port, pid_running
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "munged", "munge"]
 NODES = ("n1", "n2")
@@ -60,26 +62,6 @@ def ensure_packages(packages=PACKAGES, binaries=BINARIES, timeout=900) -> None:
     missing = [b for b in binaries if not shutil.which(b)]
     if missing:
         raise Unavailable(f"installed {packages} but {missing} are still missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _read_pid(path: Path) -> int | None:
@@ -260,7 +242,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 
     @staticmethod
     def _end(pids, timeout):
-        pids = [p for p in pids if p and _pid_alive(p)]
+        pids = [p for p in pids if p and pid_running(p)]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in pids:
                 try:
@@ -268,9 +250,9 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
                 except OSError:
                     pass
             deadline = time.time() + timeout
-            while time.time() < deadline and any(_pid_alive(p) for p in pids):
+            while time.time() < deadline and any(pid_running(p) for p in pids):
                 time.sleep(0.2)
-            pids = [p for p in pids if _pid_alive(p)]
+            pids = [p for p in pids if pid_running(p)]
             if not pids:
                 return
 
