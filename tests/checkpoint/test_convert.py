@@ -118,13 +118,14 @@ def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
     tag = run_workers(tmp_path, stage=3, bf16=False, world=2)
     expected = torch.load(tmp_path / "logits.pt")
     out = tmp_path / "cons"
-    assert convert("consolidate", tag, out, "--dtype", "fp32", "--quiet") == 0
+    assert convert("consolidate", tag, out, "--quiet") == 0  # --dtype auto: the fp32 master weights, bit-exact
     model = cio.build_model_from_checkpoint(out, progress=False)
     with torch.no_grad():
         got = model(fixed_input())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "llada_scale" and cfg["step"] == 2 and cfg["source"]["world_size"] == 2
+    assert cfg["dtype"] == "fp32"
     if TOKENIZER_DIR.is_dir():
         assert (out / "tokenizer.json").is_file()
     # the checkpoints/ directory resolves through 'latest'; sharded output loads the same weights
@@ -137,7 +138,7 @@ def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the trainer's --init_from path: a tag directory directly
     c, meta = cio.load_model_state(tag, progress=False)
-    assert meta["zero_stage"] == 3 and all(torch.equal(a[k], c[k]) for k in a)
+    assert meta["zero_stage"] == 3 and all(torch.equal(a[k], c[k]) for k in a) and meta["dtypes"] == ["fp32"]
 
 
 @pytest.mark.distributed
@@ -146,6 +147,7 @@ def test_stage0_bf16_recovers_fp32_master(tmp_path):
     sd, meta = cio.load_model_state(tag, progress=False)
     w = sd["model.layers.0.mlp.up_proj.weight"]
     assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())  # true fp32 master weights
+    assert meta["dtypes"] == ["fp32"]  # what --dtype auto writes
     assert "lm_head.weight" not in sd
     model = cio.build_model_from_checkpoint(tag, dtype="bf16", progress=False)
     with torch.no_grad():
