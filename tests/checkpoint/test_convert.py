@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
+from llada_scale.testing import assert_close_to_scale  # noqa: E402
 
 
 TOKENIZER_DIR = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data")) / "tokenizer" / "minimind"
@@ -122,7 +123,7 @@ def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
     model = cio.build_model_from_checkpoint(out, progress=False)
     with torch.no_grad():
         got = model(fixed_input())
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(got, expected)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "llada_scale" and cfg["step"] == 2 and cfg["source"]["world_size"] == 2
     assert cfg["dtype"] == "fp32"
@@ -170,7 +171,7 @@ def test_export_hf_matches_transformers(tmp_path, tie):
     assert convert("export-hf", src, tmp_path / "hf", "--dtype", "fp32", "--quiet") == 0
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf(fixed_input()).logits, ours(fixed_input()), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(fixed_input()).logits, ours(fixed_input()))
     # and back: import-hf gives the same weights and config
     assert convert("import-hf", tmp_path / "hf", tmp_path / "back", "--dtype", "fp32", "--quiet") == 0
     back = cio.build_model_from_checkpoint(tmp_path / "back", progress=False)
@@ -253,7 +254,7 @@ def test_export_hf_diffusion_bidirectional(tmp_path):
     x = fixed_input()
     full = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)  # docs/EVAL.md recipe
     with torch.no_grad():
-        torch.testing.assert_close(hf(x, attention_mask=full).logits, ours(x), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(x, attention_mask=full).logits, ours(x))
     assert cio.build_model_from_checkpoint(tmp_path / "hf", progress=False).config.causal is False
 
 
