@@ -18,8 +18,8 @@ import tempfile
 import torch
 
 __all__ = ["CheckpointError", "META_FILE", "CONFIG_FILE", "FORMAT", "SAFE_SINGLE", "SAFE_INDEX", "parse_size",
-           "parse_dtype", "dtype_name", "resolve_dtype", "atomic_write_text", "read_json", "safetensors_files", "read_safetensors", "atomic_save_file",
-           "save_safetensors", "copy_tokenizer_files"]
+           "parse_dtype", "dtype_name", "resolve_dtype", "atomic_write_text", "read_json", "safetensors_files",
+           "read_safetensors", "atomic_save_file", "save_safetensors", "copy_tokenizer_files"]
 
 
 META_FILE = "llada_scale.json"
@@ -111,10 +111,12 @@ def resolve_dtype(requested: str | torch.dtype | None, source_dtypes) -> tuple[t
         return dt, f"{dtype_name(dt)} (--dtype {dtype_name(dt)}; source {seen})"
     if len(found) == 1 and found[0] in ("fp32", "bf16", "fp16"):
         return parse_dtype(found[0]), f"{found[0]} (source dtype; --dtype auto)"
-    why = {0: "no floating tensors in the source", 1: f"source {seen}: rounded to the widest dtype written"}.get(
-        len(found), f"source mixes {seen}: the widest, nothing rounded")
-    if len(found) > 1 and "fp64" in found:
-        why = f"source mixes {seen}: fp64 rounded to the widest dtype written"
+    if not found:
+        why = "no floating tensors in the source"
+    elif "fp64" in found:
+        why = f"source {seen}: fp64 rounded to fp32, the widest dtype written"
+    else:
+        why = f"source mixes {seen}: the widest, nothing rounded"
     return torch.float32, f"fp32 ({why}; --dtype auto)"
 
 

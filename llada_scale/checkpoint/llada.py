@@ -328,5 +328,5 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "auto", max_shard_si
              "pad_token_id": llada_cfg["pad_token_id"]}, indent=2))
         atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(llada_cfg, indent=2, sort_keys=True))
     _log(f"wrote LLaDA-format mask predictor to {out_dir}: {len(files)} weight file(s)"
-         f"{' + ' + SAFE_INDEX if len(files) > 1 else ''}, dtype {origin}; load with transformers.AutoModel.from_pretrained("
-         f"{out_dir!r}, trust_remote_code=True)")
+         f"{' + ' + SAFE_INDEX if len(files) > 1 else ''}, dtype {origin}; load with "
+         f"transformers.AutoModel.from_pretrained({out_dir!r}, trust_remote_code=True)")

@@ -44,8 +44,9 @@ def test_resolve_dtype_rule():
     assert resolve_dtype("auto", ["fp16"]) == (torch.float16, "fp16 (source dtype; --dtype auto)")
     assert resolve_dtype("auto", [BF16, FP32]) == (FP32, "fp32 (source mixes bf16+fp32: the widest, nothing "
                                                          "rounded; --dtype auto)")
-    dt, why = resolve_dtype("auto", [torch.float64])
-    assert dt == FP32 and "fp64: rounded" in why
+    assert resolve_dtype("auto", [torch.float64]) == (FP32, "fp32 (source fp64: fp64 rounded to fp32, the widest "
+                                                            "dtype written; --dtype auto)")
+    assert resolve_dtype("auto", []) == (FP32, "fp32 (no floating tensors in the source; --dtype auto)")
     assert resolve_dtype("bf16", [FP32]) == (BF16, "bf16 (--dtype bf16; source fp32)")
     with pytest.raises(cio.CheckpointError, match="unknown dtype"):
         resolve_dtype("fp8", [FP32])
