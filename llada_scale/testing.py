@@ -113,7 +113,8 @@ def assert_close_to_scale(actual, expected, rtol: float = 1e-5, msg: str | None 
     a fraction of the magnitudes summed into it, not of its own value, so an entry that cancels to near zero may
     carry an absolute error of a few ``eps * max|expected|`` (fp32 eps = 1.2e-7). With ``rtol=1e-5`` the tests'
     comparisons use at most ~10% of the tolerance, with and without vector kernels (docs/LOG.md, issue 16), while
-    any real mistake (a wrong token, mask, factor or eps) is off by far more than 1e-5 of the scale.
+    a real mistake (a wrong token, mask or factor) is off by far more than 1e-5 of the scale; differences below
+    it (e.g. an RMSNorm eps of 1e-5 vs 1e-6 on unit-scale inputs) need a test built to magnify them.
 
     Args:
         actual, expected: float tensors of the same shape and dtype.
