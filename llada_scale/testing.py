@@ -1,4 +1,5 @@
-"""A small harness to run real multi-process jobs in tests (gloo on CPU, one process per rank).
+"""Helpers for the tests: a small harness to run real multi-process jobs (gloo on CPU, one process per rank), the
+trainer's logged metrics, and the float comparison the tests' tolerance rule needs (tests/README.md).
 
 Each rank is a separate ``python`` process with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set,
 as torchrun or the SLURM scripts would set them, so the code under test takes its ordinary launch path.
@@ -101,3 +102,30 @@ def train_metrics(run_dir: str | Path) -> dict[int, dict]:
 def train_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> ``train/loss`` from ``run_dir/metrics.jsonl`` (see :func:`train_metrics`)."""
     return {step: row["train/loss"] for step, row in train_metrics(run_dir).items()}
+
+
+def assert_close_to_scale(actual, expected, rtol: float = 1e-5, msg: str | None = None) -> None:
+    """``torch.testing.assert_close`` with every element's error measured against the tensor's scale:
+    ``|actual - expected| <= rtol * |expected| + rtol * max|expected|``.
+
+    For results of float reductions (matmuls, softmax, gradients summed over tokens) computed along two paths whose
+    summation order differs (chunked vs whole, other SIMD kernels, another CPU): each element's rounding error is
+    a fraction of the magnitudes summed into it, not of its own value, so an entry that cancels to near zero may
+    carry an absolute error of a few ``eps * max|expected|`` (fp32 eps = 1.2e-7). With ``rtol=1e-5`` the tests'
+    comparisons use at most ~10% of the tolerance, with and without vector kernels (docs/LOG.md, issue 16), while
+    a real mistake (a wrong token, mask or factor) is off by far more than 1e-5 of the scale; differences below
+    it (e.g. an RMSNorm eps of 1e-5 vs 1e-6 on unit-scale inputs) need a test built to magnify them.
+
+    Args:
+        actual, expected: float tensors of the same shape and dtype.
+        rtol: relative tolerance, also applied to ``max|expected|`` as the absolute floor.
+        msg: prefix of the failure message (e.g. the parameter name), followed by torch's own details.
+
+    Raises:
+        AssertionError: from ``torch.testing.assert_close``, naming the worst element.
+    """
+    import torch
+
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
+                               msg=None if msg is None else lambda detail: f"{msg}: {detail}")

@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def common(p, dtype_default="bf16"):
-        p.add_argument("--dtype", default=dtype_default, choices=["bf16", "fp32", "fp16"],
-                       help=f"dtype of the written weights (default {dtype_default})")
+    def common(p):
+        p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                       help="dtype of the written weights. auto (default, like transformers' torch_dtype='auto'): "
+                            "the source's stored dtype (DeepSpeed checkpoints: their fp32 master weights; a source "
+                            "mixing dtypes: fp32, nothing rounded). The final line names the dtype and its origin")
         p.add_argument("--max_shard_size", default="5GB",
                        help="largest weight file; above it write HF-style shards + model.safetensors.index.json "
                             "(e.g. 5GB, 500MB, 2GiB; default 5GB)")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of the source's RoPE table; YaRN applies only above original_max_position_embeddings "
                         "(default: from the .pt's args, Nano-LLaDA max(max_position_embeddings, 2*seq_len); "
                         "else 32768)")
-    common(p, dtype_default="fp32")
+    common(p)
     p.set_defaults(func=nano_llada.import_nano_llada)
 
     p = sub.add_parser("ar-to-diffusion", help="AR model -> LLaDA mask predictor",
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_multiple", type=int, default=64, help="round a grown vocabulary up to this (default 64)")
     p.add_argument("--reset_head_row", action="store_true",
                    help="reset the mask token's embedding and head rows to the mean row even if they exist")
-    common(p, dtype_default="fp32")
+    common(p)
     p.set_defaults(func=convert.ar_to_diffusion)
     return ap
 

@@ -31,7 +31,7 @@ import sys
 import torch
 
 from llada_scale.checkpoint.files import (FORMAT, CheckpointError, atomic_write_text, copy_tokenizer_files,
-                                          parse_dtype, read_json, save_safetensors)
+                                          dtype_name, parse_dtype, read_json, resolve_dtype, save_safetensors)
 from llada_scale.checkpoint.streaming import check_output_dir, scan_weights, staged_output, stream_convert
 from llada_scale.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from llada_scale.checkpoint.weights import (check_state_dict, expected_shapes, load_model_state,
@@ -86,43 +86,49 @@ def _copy_tokenizer(meta: dict, out_dir: str, override: str | None) -> dict | No
     return ident
 
 
-def consolidated_config(model_cfg, dtype: str, tokenizer: dict | None, step=None, run_config=None,
+def consolidated_config(model_cfg, dtype: str | torch.dtype, tokenizer: dict | None, step=None, run_config=None,
                         source: dict | None = None) -> dict:
-    """The ``config.json`` dict of our consolidated format (see the module docstring)."""
-    dt = parse_dtype(dtype)
+    """The ``config.json`` dict of our consolidated format (see the module docstring); ``dtype`` is the one
+    written (``"bf16"|"fp32"|"fp16"`` or a torch dtype, not ``"auto"``)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_cfg.to_dict(), "tokenizer": tokenizer,
-        "step": step, "run_config": run_config, "source": source or {},
-        "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt],
+        "step": step, "run_config": run_config, "source": source or {}, "dtype": dtype_name(parse_dtype(dtype)),
     }
 
 
 def write_consolidated(state_dict: dict, model_cfg, out_dir: str, *, dtype: str, max_shard_size: str,
                        tokenizer: dict | None, step=None, run_config=None, source: dict | None = None,
-                       progress: bool = True) -> list[str]:
+                       progress: bool = True, source_dtypes=None) -> list[str]:
     """Check ``state_dict`` against ``model_cfg`` and write our consolidated format into ``out_dir``.
+
+    ``dtype``: ``"auto"`` writes the source's dtype (:func:`llada_scale.checkpoint.files.resolve_dtype`):
+    ``source_dtypes`` when given (the stored dtypes of a source that was upcast on loading, ``meta["dtypes"]``
+    of :func:`load_model_state`), else the dtypes of ``state_dict``. The printed line names the dtype written and
+    where it came from.
 
     Raises:
         CheckpointError: keys/shapes do not fit the config (message names them), bad dtype/size.
     """
     check_state_dict(state_dict, model_cfg, source=(source or {}).get("path", "checkpoint"))
-    dt = parse_dtype(dtype)
-    config = consolidated_config(model_cfg, dtype, tokenizer, step, run_config, source)
+    if source_dtypes is None:
+        source_dtypes = {v.dtype for v in state_dict.values() if torch.is_tensor(v)}
+    dt, origin = resolve_dtype(dtype, source_dtypes)
+    config = consolidated_config(model_cfg, dt, tokenizer, step, run_config, source)
     files = save_safetensors(state_dict, out_dir, config, max_shard_size, dt, progress=progress)
     n = sum(v.numel() for v in state_dict.values())
-    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}")
+    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {origin}")
     return files
 
-
 # ------------------------------------------------------------------------------------------------ commands
-def consolidate(checkpoint: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB",
+def consolidate(checkpoint: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB",
                 force: bool = False, quiet: bool = False, tokenizer: str | None = None,
                 any_source: bool = False) -> None:
     """Merge a DeepSpeed checkpoint (any ZeRO stage, any number of ranks) into the consolidated format.
 
     ``checkpoint``: a tag directory, or a checkpoints/ or run directory resolved through ``latest``.
     ``any_source`` also accepts consolidated / HF sources (re-shard or re-type them). ``tokenizer`` overrides
-    the tokenizer the checkpoint names.
+    the tokenizer the checkpoint names. ``dtype="auto"`` keeps the stored dtype: fp32 for DeepSpeed's master
+    weights (bit-exact), the tensors' dtype for other sources.
 
     Raises:
         CheckpointError: not a DeepSpeed checkpoint (without ``any_source``), a non-empty ``out_dir`` without
@@ -139,14 +145,16 @@ def consolidate(checkpoint: str, out_dir: str, *, dtype: str = "bf16", max_shard
         source = {"path": resolved, "kind": meta["format"], "zero_stage": meta.get("zero_stage"),
                   "world_size": meta.get("world_size")}
         write_consolidated(sd, cfg, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                           step=meta.get("step"), run_config=meta.get("config"), source=source, progress=not quiet)
+                           step=meta.get("step"), run_config=meta.get("config"), source=source, progress=not quiet,
+                           source_dtypes=meta["dtypes"])
 
 
-def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
+def export_hf(source: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB", force: bool = False,
               quiet: bool = False, tokenizer: str | None = None) -> None:
     """Write ``config.json`` (LlamaConfig) + safetensors loadable by ``transformers.LlamaForCausalLM``.
 
     Key names are unchanged. Diffusion models record ``mask_token_id`` and ``llada_scale.causal=false``.
+    ``dtype="auto"`` keeps the source's stored dtype (:func:`llada_scale.checkpoint.files.resolve_dtype`).
 
     Raises:
         CheckpointError: QK-norm / weightless-norm models (HF Llama cannot represent them), a non-empty
@@ -155,7 +163,7 @@ def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
     with staged_output(out_dir, force) as tmp:
         sd, meta = load_model_state(source, progress=not quiet)
         cfg = model_config_from_meta(meta, meta["path"])
-        dt = parse_dtype(dtype)
+        dt, origin = resolve_dtype(dtype, meta["dtypes"])
         hf = hf_config_from_model_config(cfg.to_dict(), torch_dtype=str(dt).replace("torch.", ""))
         check_state_dict(sd, cfg, meta["path"])
         tok = meta.get("tokenizer") or {}
@@ -169,7 +177,7 @@ def export_hf(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
                                               if k in hf}}
         atomic_write_text(os.path.join(tmp, "generation_config.json"), json.dumps(gen, indent=2))
     kind = "diffusion (causal=false, load with the causal mask removed; see docs/EVAL.md)" if not cfg.causal else "AR"
-    _log(f"wrote HF {hf['architectures'][0]} {kind} to {out_dir}: {len(files)} weight file(s)")
+    _log(f"wrote HF {hf['architectures'][0]} {kind} to {out_dir}: {len(files)} weight file(s), dtype {origin}")
 
 
 def check_tokenizer_vocab(tok_src: str, rows: int, source: str):
@@ -197,7 +205,7 @@ def check_tokenizer_vocab(tok_src: str, rows: int, source: str):
     return hf
 
 
-def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
+def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB", force: bool = False,
               quiet: bool = False, tokenizer: str | None = None, max_seq_len: int = 0) -> None:
     """Read a local Hugging Face Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 directory and write our consolidated
     format, one shard at a time (:func:`llada_scale.checkpoint.streaming.stream_convert`).
@@ -205,7 +213,8 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
     ``max_seq_len`` > 0 overrides the recorded ``max_position_embeddings``. ``tokenizer`` defaults to the
     directory's own ``tokenizer.json`` (copied with ``tokenizer_config.json`` / ``chat_template.jinja``, so SFT
     renders prompts with the model's own chat template). Every key, shape and the tokenizer's size are checked
-    before anything is written; the output appears complete or not at all.
+    before anything is written; the output appears complete or not at all. ``dtype="auto"`` keeps the dtype of
+    the stored tensors (:func:`llada_scale.checkpoint.files.resolve_dtype`; a mix of dtypes gives fp32).
 
     Raises:
         CheckpointError: not an HF directory, an unsupported model type or feature (see
@@ -232,6 +241,7 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
             return None
         return name
 
+    dt, origin = resolve_dtype(dtype, (t.dtype for k, t in tensors.items() if rename(k) is not None))
     with staged_output(out_dir, force) as tmp:
         tok = None
         if tok_src:
@@ -239,12 +249,12 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size:
             tok = _tokenizer_identity(tmp)
             if tok:
                 tok["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(tok["path"]))
-        config = consolidated_config(cfg, dtype, tok, source={"path": resolved, "kind": "hf"})
-        files = stream_convert(tensors, rename, expected_shapes(cfg), tmp, dtype=dtype, max_shard_size=max_shard_size,
+        config = consolidated_config(cfg, dt, tok, source={"path": resolved, "kind": "hf"})
+        files = stream_convert(tensors, rename, expected_shapes(cfg), tmp, dtype=dt, max_shard_size=max_shard_size,
                                metadata={FORMAT: json.dumps(config)}, progress=not quiet, source=resolved)
         atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2, sort_keys=True))
     n = sum(math.prod(t.shape) for k, t in tensors.items() if rename(k) is not None)
-    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}")
+    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {origin}")
 
 
 def ar_to_diffusion_state(sd: dict, mc, mask_token_id: int, vocab_multiple: int, reset_head_row: bool):
@@ -279,12 +289,13 @@ def ar_to_diffusion_state(sd: dict, mc, mask_token_id: int, vocab_multiple: int,
     return sd, dataclasses.replace(mc, vocab_size=vocab, causal=False, mask_token_id=mask_token_id)
 
 
-def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "fp32", max_shard_size: str = "5GB",
+def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB",
                     force: bool = False, quiet: bool = False, tokenizer: str | None = None,
                     mask_token_id: int | None = None, vocab_multiple: int = 64, reset_head_row: bool = False) -> None:
     """Turn an AR checkpoint into a LLaDA mask predictor (:func:`ar_to_diffusion_state`) and write it consolidated.
 
-    ``mask_token_id`` defaults to the recorded (or ``tokenizer``'s) mask token id.
+    ``mask_token_id`` defaults to the recorded (or ``tokenizer``'s) mask token id; ``dtype="auto"`` keeps the
+    source's stored dtype.
 
     Raises:
         CheckpointError: no mask token id known, a non-empty ``out_dir`` without ``force``.
@@ -312,5 +323,5 @@ def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "fp32", max_shard
         write_consolidated(sd, mc, tmp, dtype=dtype, max_shard_size=max_shard_size,
                            tokenizer=tok or tok_ident, step=meta.get("step"), run_config=run_cfg,
                            source={"path": meta["path"], "kind": meta["format"], "converted": "ar-to-diffusion"},
-                           progress=not quiet)
+                           progress=not quiet, source_dtypes=meta["dtypes"])
     _log(f"mask_token_id {mask}, vocab {mc.vocab_size}, causal=false")

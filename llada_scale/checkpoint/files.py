@@ -18,8 +18,8 @@ import tempfile
 import torch
 
 __all__ = ["CheckpointError", "META_FILE", "CONFIG_FILE", "FORMAT", "SAFE_SINGLE", "SAFE_INDEX", "parse_size",
-           "parse_dtype", "atomic_write_text", "read_json", "safetensors_files", "read_safetensors", "atomic_save_file",
-           "save_safetensors", "copy_tokenizer_files"]
+           "parse_dtype", "dtype_name", "resolve_dtype", "atomic_write_text", "read_json", "safetensors_files",
+           "read_safetensors", "atomic_save_file", "save_safetensors", "copy_tokenizer_files"]
 
 
 META_FILE = "llada_scale.json"
@@ -77,6 +77,47 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if str(dtype).lower() not in _DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose bf16, fp32 or fp16")
     return _DTYPES[str(dtype).lower()]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> the short name the converters print and record (``fp32``, ``bf16``, ``fp16``, ``fp64``...)."""
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    return short.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def resolve_dtype(requested: str | torch.dtype | None, source_dtypes) -> tuple[torch.dtype, str]:
+    """The dtype a converter writes, and the words saying where it came from.
+
+    Args:
+        requested: ``--dtype``: ``"auto"`` (or None) keeps the source's dtype, as transformers'
+            ``torch_dtype="auto"`` does; ``"bf16"|"fp32"|"fp16"`` (or a torch dtype) casts to it.
+        source_dtypes: the dtypes of the floating tensors as the source stores them (torch dtypes or their
+            :func:`dtype_name`; any iterable).
+
+    Returns:
+        ``(dtype, origin)``, e.g. ``(torch.float32, "fp32 (source dtype; --dtype auto)")``. With ``auto``: the
+        source's one dtype; a source that mixes dtypes (e.g. bf16 weights with fp32 norms) -> fp32, which holds
+        bf16 and fp16 values exactly, so nothing is rounded; an fp64 source -> fp32 (the widest dtype our formats
+        write: rounded, and the origin says so); no floating tensors -> fp32.
+
+    Raises:
+        CheckpointError: an unknown name.
+    """
+    found = sorted({d if isinstance(d, str) else dtype_name(d) for d in source_dtypes
+                    if isinstance(d, str) or d is not None and d.is_floating_point})
+    seen = "+".join(found) or "none"
+    if requested is not None and str(requested).lower() != "auto":
+        dt = parse_dtype(requested)
+        return dt, f"{dtype_name(dt)} (--dtype {dtype_name(dt)}; source {seen})"
+    if len(found) == 1 and found[0] in ("fp32", "bf16", "fp16"):
+        return parse_dtype(found[0]), f"{found[0]} (source dtype; --dtype auto)"
+    if not found:
+        why = "no floating tensors in the source"
+    elif "fp64" in found:
+        why = f"source {seen}: fp64 rounded to fp32, the widest dtype written"
+    else:
+        why = f"source mixes {seen}: the widest, nothing rounded"
+    return torch.float32, f"fp32 ({why}; --dtype auto)"
 
 
 def atomic_write_text(path: str, text: str) -> None:

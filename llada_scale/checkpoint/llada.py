@@ -40,7 +40,7 @@ import sys
 
 from llada_scale.checkpoint.convert import check_tokenizer_vocab, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
-                                          copy_tokenizer_files, parse_dtype, read_json, save_safetensors)
+                                          copy_tokenizer_files, read_json, resolve_dtype, save_safetensors)
 from llada_scale.checkpoint.streaming import scan_weights, staged_output, stream_convert
 from llada_scale.checkpoint.weights import (check_state_dict, consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
@@ -217,7 +217,7 @@ def _write_tokenizer(tok_src: str, out_dir: str, mask_token: str) -> None:
         atomic_write_text(tc_path, json.dumps(tc, indent=2, ensure_ascii=False))
 
 
-def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB",
+def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB",
                  force: bool = False, quiet: bool = False, tokenizer: str | None = None, max_seq_len: int = 0) -> None:
     """Read a LLaDA checkpoint directory and write our consolidated format, one shard at a time.
 
@@ -225,6 +225,8 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
     against the config's vocabulary and mask token, before anything is written; the output appears complete or
     not at all (:func:`llada_scale.checkpoint.streaming.staged_output`). The tokenizer files are copied with
     ``mask_token`` recorded, so training uses LLaDA's mask token (126336) and never adds a second one.
+    ``dtype="auto"`` keeps the stored tensors' dtype (bf16 for the released LLaDA-8B;
+    :func:`llada_scale.checkpoint.files.resolve_dtype`).
 
     Raises:
         CheckpointError: not a LLaDA directory or an unsupported variant, a missing shard, a tensor of the wrong
@@ -245,6 +247,7 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
     if max_seq_len:
         mc.max_seq_len = max_seq_len
     tensors = scan_weights(hf_dir)
+    dt, origin = resolve_dtype(dtype, (t.dtype for t in tensors.values()))
     tok_src = tokenizer or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
     mask_token = _check_tokenizer(tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src), mc, cfg_path) \
         if tok_src else None
@@ -259,13 +262,13 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
         else:
             print("warning: no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one",
                   file=sys.stderr)
-        config = consolidated_config(mc, dtype, ident, source={"path": hf_dir, "kind": "llada"})
-        files = stream_convert(tensors, llada_to_ours, expected_shapes(mc), tmp, dtype=parse_dtype(dtype),
+        config = consolidated_config(mc, dt, ident, source={"path": hf_dir, "kind": "llada"})
+        files = stream_convert(tensors, llada_to_ours, expected_shapes(mc), tmp, dtype=dt,
                                max_shard_size=max_shard_size, metadata={FORMAT: json.dumps(config)},
                                progress=not quiet, source=hf_dir)
         atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
     n = sum(math.prod(t.shape) for t in tensors.values())
-    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {config['dtype']}, "
+    _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M parameters, dtype {origin}, "
          f"mask_token_id {mc.mask_token_id}, vocab {mc.vocab_size}")
 
 
@@ -275,11 +278,12 @@ def _has_token(path: str, token: str) -> bool:
     return HFTokenizer.from_file(path).token_to_id(token) is not None
 
 
-def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_size: str = "5GB", force: bool = False,
+def export_llada(source: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB", force: bool = False,
                  quiet: bool = False, tokenizer: str | None = None) -> None:
     """Write a diffusion model in LLaDA's format: ``config.json`` (LLaDA keys + ``auto_map``), safetensors in
     LLaDA's names, the tokenizer (``mask_token`` recorded) and our ``configuration_llada.py`` /
     ``modeling_llada.py``. A consolidated source is streamed shard by shard; other sources are loaded whole.
+    ``dtype="auto"`` keeps the source's stored dtype (fp32 for a DeepSpeed checkpoint's master weights).
 
     Raises:
         CheckpointError: a model LLaDA's format cannot hold (see :func:`llada_config_from_model_config`), weights
@@ -287,11 +291,13 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
     """
     kind, resolved = resolve_checkpoint(source)
     if kind == "safetensors":
-        sd, meta = None, consolidated_meta(resolved)
+        sd, meta, tensors = None, consolidated_meta(resolved), scan_weights(resolved)
+        stored = (t.dtype for t in tensors.values())
     else:
         sd, meta = load_model_state(resolved, progress=not quiet)
+        stored = meta["dtypes"]
     mc = model_config_from_meta(meta, resolved)
-    dt = parse_dtype(dtype)
+    dt, origin = resolve_dtype(dtype, stored)
     llada_cfg = llada_config_from_model_config(mc, meta.get("tokenizer"), str(dt).replace("torch.", ""))
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
     with staged_output(out_dir, force) as tmp:
@@ -308,7 +314,7 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
         else:
             print("warning: no tokenizer recorded; pass --tokenizer PATH to include one", file=sys.stderr)
         if sd is None:
-            files = stream_convert(scan_weights(resolved), ours_to_llada,
+            files = stream_convert(tensors, ours_to_llada,
                                    {ours_to_llada(k): v for k, v in expected_shapes(mc).items()}, tmp, dtype=dt,
                                    max_shard_size=max_shard_size, progress=not quiet, source=resolved)
         else:
@@ -322,5 +328,5 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "bf16", max_shard_si
              "pad_token_id": llada_cfg["pad_token_id"]}, indent=2))
         atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(llada_cfg, indent=2, sort_keys=True))
     _log(f"wrote LLaDA-format mask predictor to {out_dir}: {len(files)} weight file(s)"
-         f"{' + ' + SAFE_INDEX if len(files) > 1 else ''}; load with transformers.AutoModel.from_pretrained("
-         f"{out_dir!r}, trust_remote_code=True)")
+         f"{' + ' + SAFE_INDEX if len(files) > 1 else ''}, dtype {origin}; load with "
+         f"transformers.AutoModel.from_pretrained({out_dir!r}, trust_remote_code=True)")

@@ -71,6 +71,11 @@ def detect_arch(sd: dict) -> str:
                           "(model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight, ...)")
 
 
+def _rope_buffer(key: str) -> bool:
+    """A RoPE table some trainers save with the weights (not a weight: dropped on import)."""
+    return key in ("freqs_cos", "freqs_sin", "cos", "sin") or key.endswith(("freqs_cos", "freqs_sin"))
+
+
 def convert_nano_state(sd: dict, arch: str, *, num_heads: int, rope_theta: float, norm_eps: float,
                        max_seq_len: int, mask_token_id: int | None, causal: bool | None,
                        rope_scaling: dict | None = None):
@@ -94,8 +99,7 @@ def convert_nano_state(sd: dict, arch: str, *, num_heads: int, rope_theta: float
         CheckpointError: missing/odd keys (named), head count not dividing the width, bad mask id, invalid
             rope_scaling.
     """
-    sd = {k: v.float() for k, v in sd.items() if k not in ("freqs_cos", "freqs_sin", "cos", "sin")
-          and not k.endswith(("freqs_cos", "freqs_sin"))}
+    sd = {k: v.float() for k, v in sd.items() if not _rope_buffer(k)}
     out: dict[str, torch.Tensor] = {}
     if arch == "nano-llada":
         emb = sd.pop("token_emb.weight")
@@ -280,7 +284,7 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
                       rope_scaling: str = "auto", rope_factor: float = 16.0,
                       original_max_position_embeddings: int = 2048, rope_beta_fast: float = 32.0,
                       rope_beta_slow: float = 1.0, rope_attention_factor: float = 1.0,
-                      source_max_position_embeddings: int | None = None, dtype: str = "fp32",
+                      source_max_position_embeddings: int | None = None, dtype: str = "auto",
                       max_shard_size: str = "5GB", force: bool = False, quiet: bool = False,
                       tokenizer: str | None = None) -> None:
     """Import a Nano-LLaDA diffusion or AR model, or a minimind ``MiniMindForCausalLM`` state dict.
@@ -291,6 +295,8 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
     layout is causal) or from the argument; without either it is refused, and an argument that contradicts the
     record is refused. ``max_seq_len``: argument, else the recorded training length, else 512. The rope options
     are described in :func:`resolve_nano_rope_scaling`, the mapping in :func:`convert_nano_state`.
+    ``dtype="auto"`` writes the dtype of the file's weights (fp32 when they mix dtypes); the one derived tensor,
+    Nano-LLaDA's normalised embedding, is computed in fp64 and rounded once to it.
 
     Raises:
         CheckpointError: missing or unreadable file, unknown layout, a constant neither recorded nor given, a
@@ -304,6 +310,7 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {pt_file} as a weights-only torch file: {e}") from None
     sd = _unwrap_pt(obj, pt_file)
+    stored = {v.dtype for k, v in sd.items() if v.is_floating_point() and not _rope_buffer(k)}
     arch = detect_arch(sd) if arch == "auto" else arch
     args_record = obj.get("args") if isinstance(obj, dict) else None
     emb = sd.get("token_emb.weight", sd.get("model.embed_tokens.weight"))
@@ -347,4 +354,5 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
          f"{mc.rope_theta}, norm_eps {mc.norm_eps}, qk_norm={mc.qk_norm}, norm_weight={mc.norm_weight}, "
          f"causal={mc.causal}, rope_scaling={mc.rope_scaling}")
     write_consolidated(sd, mc, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                       source={"path": os.path.abspath(pt_file), "kind": arch}, progress=not quiet)
+                       source={"path": os.path.abspath(pt_file), "kind": arch}, progress=not quiet,
+                       source_dtypes=stored)

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, META_FILE, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
-                                          parse_dtype, read_json, read_safetensors, safetensors_files)
+                                          dtype_name, parse_dtype, read_json, read_safetensors,
+                                          safetensors_files)
 from llada_scale.checkpoint.hf import load_pytorch_bin, model_config_from_hf
 
 __all__ = ["resolve_checkpoint", "load_model_state", "build_model_from_checkpoint", "model_config_from_meta",
@@ -152,7 +153,9 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
                 sd[name] = sd[seen[id(t)]]
                 continue
             seen[id(t)] = name
-            sd[name] = t.contiguous().float().clone()
+            t = t.contiguous()
+            info.setdefault("dtypes", set()).add(dtype_name(t.dtype))
+            sd[name] = t.float().clone()
         del lazy
         info["zero_stage"] = raw_meta.get("zero_stage")
         info["world_size"] = raw_meta.get("world_size", len(optim_files))
@@ -175,6 +178,7 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
                                                 for i, k in enumerate(params)):
                 for i, k in enumerate(params):
                     sd[k] = flat[i]
+        info["dtypes"] = {dtype_name(v.dtype) for v in sd.values() if torch.is_tensor(v) and v.is_floating_point()}
         sd = {k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in sd.items()}
         info["zero_stage"] = raw_meta.get("zero_stage", 0)
         info["world_size"] = raw_meta.get("world_size", states.get("dp_world_size"))
@@ -184,6 +188,7 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
     meta = {
         "format": "deepspeed", "path": tag_dir, "has_metadata": bool(raw_meta), "step": raw_meta.get("step"),
         "config": config, "model": model, "tokenizer": raw_meta.get("tokenizer"), **info,
+        "dtypes": sorted(info.get("dtypes", ())),
     }
     return sd, meta
 
@@ -219,6 +224,8 @@ def _load_safetensors_dir(path: str, kind: str, progress: bool) -> tuple[dict, d
     meta = _meta_from_config(cfg, path, root, kind)
     if meta["format"] == "hf" and meta["model"]["tie_embeddings"]:
         sd.pop("lm_head.weight", None)
+    meta["dtypes"] = sorted({dtype_name(v.dtype) for k, v in sd.items()
+                             if v.is_floating_point() and not k.endswith("rotary_emb.inv_freq")})  # a buffer
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     return sd, meta
 
@@ -265,8 +272,10 @@ def load_model_state(path: str, *, progress: bool = True) -> tuple[dict[str, tor
         prefixes stripped) to float32 CPU tensors (contiguous, unshared). meta has keys ``format``
         (``"deepspeed"|"safetensors"|"hf"``), ``path`` (resolved), ``has_metadata`` (bool), ``step``
         (int|None), ``config`` (RunConfig dict|None), ``model`` (ModelConfig dict|None), ``tokenizer``
-        (tokenizer identity dict|None), ``zero_stage`` and ``world_size`` (int|None), and ``tokenizer_dir``
-        when the checkpoint directory carries tokenizer files.
+        (tokenizer identity dict|None), ``zero_stage`` and ``world_size`` (int|None), ``dtypes`` (sorted short
+        names of the floating dtypes the checkpoint stores, before the fp32 upcast, e.g. ``["bf16"]``; ZeRO
+        merges give their fp32 master weights: ``["fp32"]``), and ``tokenizer_dir`` when the checkpoint
+        directory carries tokenizer files.
 
     Raises:
         CheckpointError: missing path, unknown layout, incomplete ZeRO shard set, corrupt files.

@@ -97,7 +97,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = None, dtype: str = "bf16",
+def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = None, dtype: str = "auto",
                           max_shard_size: str = "5GB", force: bool = False, quiet: bool = False,
                           tokenizer: str | None = None) -> None:
     """Merge the adapters of a LoRA run's checkpoint into its base model and write a consolidated checkpoint.
@@ -106,6 +106,9 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
         checkpoint: a LoRA run's DeepSpeed tag / run / checkpoints directory (or a consolidated copy of it);
             its metadata gives the model shape, ``train.lora`` and ``train.init_from``.
         base: the base weights (default: the run's ``train.init_from``).
+        dtype: ``"auto"`` (default) keeps the stored dtype of base and adapters together: fp32 when they differ
+            (a bf16 base with the fp32 adapters of a training checkpoint), so the merged update is not rounded
+            away; ``"bf16"|"fp32"|"fp16"`` casts.
 
     Raises:
         CheckpointError: not a LoRA checkpoint, no base known, base or adapter tensors that do not fit.
@@ -146,4 +149,5 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
         write_consolidated(merged, mc, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
                            step=meta.get("step"), run_config=run,
                            source={"path": meta["path"], "kind": meta["format"], "base": base_meta["path"],
-                                   "converted": "merge-lora"}, progress=not quiet)
+                                   "converted": "merge-lora"}, progress=not quiet,
+                           source_dtypes=[*meta["dtypes"], *base_meta["dtypes"]])

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
+from llada_scale.testing import assert_close_to_scale  # noqa: E402
 
 
 TOKENIZER_DIR = Path(os.environ.get("LLADA_DATA", REPO.parent / "shared" / "data")) / "tokenizer" / "minimind"
@@ -118,13 +119,14 @@ def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
     tag = run_workers(tmp_path, stage=3, bf16=False, world=2)
     expected = torch.load(tmp_path / "logits.pt")
     out = tmp_path / "cons"
-    assert convert("consolidate", tag, out, "--dtype", "fp32", "--quiet") == 0
+    assert convert("consolidate", tag, out, "--quiet") == 0  # --dtype auto: the fp32 master weights, bit-exact
     model = cio.build_model_from_checkpoint(out, progress=False)
     with torch.no_grad():
         got = model(fixed_input())
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(got, expected)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "llada_scale" and cfg["step"] == 2 and cfg["source"]["world_size"] == 2
+    assert cfg["dtype"] == "fp32"
     if TOKENIZER_DIR.is_dir():
         assert (out / "tokenizer.json").is_file()
     # the checkpoints/ directory resolves through 'latest'; sharded output loads the same weights
@@ -137,7 +139,7 @@ def test_zero3_two_ranks_consolidate_same_logits(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the trainer's --init_from path: a tag directory directly
     c, meta = cio.load_model_state(tag, progress=False)
-    assert meta["zero_stage"] == 3 and all(torch.equal(a[k], c[k]) for k in a)
+    assert meta["zero_stage"] == 3 and all(torch.equal(a[k], c[k]) for k in a) and meta["dtypes"] == ["fp32"]
 
 
 @pytest.mark.distributed
@@ -146,6 +148,7 @@ def test_stage0_bf16_recovers_fp32_master(tmp_path):
     sd, meta = cio.load_model_state(tag, progress=False)
     w = sd["model.layers.0.mlp.up_proj.weight"]
     assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())  # true fp32 master weights
+    assert meta["dtypes"] == ["fp32"]  # what --dtype auto writes
     assert "lm_head.weight" not in sd
     model = cio.build_model_from_checkpoint(tag, dtype="bf16", progress=False)
     with torch.no_grad():
@@ -168,7 +171,7 @@ def test_export_hf_matches_transformers(tmp_path, tie):
     assert convert("export-hf", src, tmp_path / "hf", "--dtype", "fp32", "--quiet") == 0
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(hf(fixed_input()).logits, ours(fixed_input()), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(fixed_input()).logits, ours(fixed_input()))
     # and back: import-hf gives the same weights and config
     assert convert("import-hf", tmp_path / "hf", tmp_path / "back", "--dtype", "fp32", "--quiet") == 0
     back = cio.build_model_from_checkpoint(tmp_path / "back", progress=False)
@@ -251,7 +254,7 @@ def test_export_hf_diffusion_bidirectional(tmp_path):
     x = fixed_input()
     full = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)  # docs/EVAL.md recipe
     with torch.no_grad():
-        torch.testing.assert_close(hf(x, attention_mask=full).logits, ours(x), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(x, attention_mask=full).logits, ours(x))
     assert cio.build_model_from_checkpoint(tmp_path / "hf", progress=False).config.causal is False
 
 

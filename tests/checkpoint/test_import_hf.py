@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
 from tests.checkpoint.test_convert import convert  # noqa: E402
+from llada_scale.testing import assert_close_to_scale  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +61,7 @@ def test_import_hf_equal_causal_logits_and_back(tmp_path, family):
     x = torch.randint(0, 1000, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(x).logits
-        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(ours(x), expected)
     if family == "llama3":  # the scaling is really applied (positions past 64 x ... differ without it)
         import dataclasses
 
@@ -73,7 +74,7 @@ def test_import_hf_equal_causal_logits_and_back(tmp_path, family):
     assert convert("export-hf", tmp_path / "ours", tmp_path / "back", "--dtype", "fp32", "--quiet") == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, expected, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(back(x).logits, expected)
 
     # AR -> diffusion, then one diffusion training step on the result
     from llada_scale.objectives.config import ObjectiveConfig

@@ -20,6 +20,7 @@ from tests.checkpoint.test_convert import convert  # noqa: E402
 from llada_scale.checkpoint.llada import model_config_from_llada  # noqa: E402
 from llada_scale.data.tokenizer import Tokenizer  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, preset  # noqa: E402
+from llada_scale.testing import assert_close_to_scale  # noqa: E402
 from tiny_models import llada_config, llada_reference, make_llada_dir, make_tokenizer, save_sharded  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def test_import_llada_matches_reference_and_tokenizer(tmp_path, variant):
         (False, cfg["mask_token_id"], 128, cfg["weight_tying"], cfg["n_kv_heads"], cfg["include_qkv_bias"])
     x = _x()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), llada_reference(sd, cfg, x), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(model(x), llada_reference(sd, cfg, x))
     # the tokenizer came along with its own mask token: no second one is added
     tok = Tokenizer.load(tmp_path / "ours")
     assert tok.mask_token == "<|mdm_mask|>" and tok.mask_token_id == cfg["mask_token_id"]
@@ -65,7 +66,7 @@ def test_export_llada_loads_with_transformers_and_round_trips(tmp_path):
     assert type(hf).__name__ == "LLaDAModelLM" and hf.config.mask_token_id == cfg["mask_token_id"]
     x = _x(length=20)
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(x).logits, model(x))
         # bidirectional: changing the last token changes the first position's logits
         y = x.clone()
         y[:, -1] = (y[:, -1] + 1) % 100
@@ -73,7 +74,7 @@ def test_export_llada_loads_with_transformers_and_round_trips(tmp_path):
         # padding: an attention_mask hides padded keys
         pad = torch.ones_like(x)
         pad[:, 15:] = 0
-        torch.testing.assert_close(hf(x, attention_mask=pad).logits[:, :15], model(x[:, :15]), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(hf(x, attention_mask=pad).logits[:, :15], model(x[:, :15]))
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok.mask_token == "<|mdm_mask|>" and tok.convert_tokens_to_ids("<|mdm_mask|>") == cfg["mask_token_id"]
 

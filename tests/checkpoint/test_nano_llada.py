@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import llada_scale.checkpoint as cio  # noqa: E402
 from tests.checkpoint.test_convert import convert  # noqa: E402
 from llada_scale.checkpoint.nano_llada import nano_sft_heads  # noqa: E402
+from llada_scale.testing import assert_close_to_scale  # noqa: E402
 
 # what a state dict without Nano-LLaDA's args needs besides --num_heads (and --causal for the Nano-LLaDA layout)
 BARE_FLAGS = ("--rope_theta", 1e6, "--norm_eps", 1e-5, "--hidden_act", "silu", "--rope_scaling", "none")
@@ -146,7 +147,7 @@ def test_import_nano_llada_matches_reference(tmp_path):
     assert (c.qk_norm, c.norm_weight, c.causal, c.mask_token_id, c.num_kv_heads) == (True, False, False, 6400, 4)
     x = torch.randint(0, vocab, (2, 20), generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), nano_llada_reference(sd, x, n_head), atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(model(x), nano_llada_reference(sd, x, n_head))
 
 
 def test_import_nano_llada_yarn_matches_reference(tmp_path):
@@ -167,7 +168,7 @@ def test_import_nano_llada_yarn_matches_reference(tmp_path):
     ref = nano_llada_reference(sd, x, n_head, theta=100.0, rope_scaling=SOURCE_YARN)
     with torch.no_grad():
         got = model(x)
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert_close_to_scale(got, ref)
     assert not torch.allclose(got, nano_llada_reference(sd, x, n_head, theta=100.0), atol=1e-3)
     # explicit flags give the same; a source table no longer than original_max_position_embeddings = plain RoPE
     torch.save({"model_state_dict": sd}, tmp_path / "bare.pt")
@@ -183,9 +184,8 @@ def test_import_nano_llada_yarn_matches_reference(tmp_path):
     short = cio.build_model_from_checkpoint(tmp_path / "out3", progress=False)
     assert short.config.rope_scaling is None
     with torch.no_grad():
-        torch.testing.assert_close(short(x), nano_llada_reference(sd, x, n_head, theta=100.0,
-                                                                  rope_scaling=SOURCE_YARN, end=1024),
-                                   atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(short(x), nano_llada_reference(sd, x, n_head, theta=100.0, rope_scaling=SOURCE_YARN,
+                                                             end=1024))
 
 
 def test_import_minimind_matches_reference(tmp_path):
@@ -210,7 +210,7 @@ def test_import_minimind_matches_reference(tmp_path):
     assert (c.qk_norm, c.tie_embeddings, c.causal, c.num_heads, c.num_kv_heads) == (True, True, True, 4, 2)
     x = torch.randint(0, vocab, (2, 20), generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), minimind_reference(sd, x, n_head, n_kv), atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(model(x), minimind_reference(sd, x, n_head, n_kv))
     # minimind with inference_rope_scaling (its .pt records no args: explicit flags), attention_factor != 1
     yarn = {**SOURCE_YARN, "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.5}
     assert convert("import-nano-llada", pt, tmp_path / "yarn", "--rope_scaling", "yarn", "--rope_factor", 4,
@@ -221,7 +221,7 @@ def test_import_minimind_matches_reference(tmp_path):
     x = torch.randint(0, vocab, (2, 40), generator=g)
     with torch.no_grad():
         ref = minimind_reference(sd, x, n_head, n_kv, theta=1000.0, rope_scaling=yarn)
-        torch.testing.assert_close(model(x), ref, atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(model(x), ref)
 
 
 def test_import_nano_errors(tmp_path, capsys):
@@ -255,7 +255,7 @@ def test_recorded_args_fix_heads_theta_eps(tmp_path, capsys):
     assert (c.num_heads, c.rope_theta, c.norm_eps, c.causal, c.max_seq_len) == (2, 50.0, 0.5, False, 256)
     with torch.no_grad():
         got = model(x)
-        torch.testing.assert_close(got, nano_llada_reference(sd, x, 2, eps=0.5, theta=50.0), atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(got, nano_llada_reference(sd, x, 2, eps=0.5, theta=50.0))
         assert (got - nano_llada_reference(sd, x, 8)).abs().max() > 0.1  # what the old defaults gave
     capsys.readouterr()
     assert _import(tmp_path, "contra", {"model_state_dict": sd, "args": args}, "--num_heads", 8)[0] == 2
@@ -282,7 +282,7 @@ def test_nano_ar_checkpoint_imports_causal(tmp_path, capsys):
     assert model.config.causal is True and model.config.max_seq_len == 256
     with torch.no_grad():
         got = model(x)
-        torch.testing.assert_close(got, nano_llada_reference(sd, x, 4, causal=True), atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(got, nano_llada_reference(sd, x, 4, causal=True))
         assert (got - nano_llada_reference(sd, x, 4)).abs().max() > 0.1
     capsys.readouterr()
     assert _import(tmp_path, "ar_bare", sd, "--num_heads", 4, *BARE_FLAGS)[0] == 2
@@ -304,4 +304,4 @@ def test_nano_sft_diffusion_head_count(tmp_path):
     assert code == 0 and model.config.num_heads == 2 and model.config.max_seq_len == 512
     x = torch.randint(0, 6401, (2, 16), generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), nano_llada_reference(sd, x, 2), atol=2e-5, rtol=1e-4)
+        assert_close_to_scale(model(x), nano_llada_reference(sd, x, 2))

@@ -1,5 +1,7 @@
 """The memory-lean loss: chunked linear + cross-entropy, and the Transformer's ``labels`` path, against the plain
-full-logits computation (values and gradients, float32)."""
+full-logits computation (values and gradients, float32). The two paths sum in different orders (per chunk vs
+whole), so they agree to float32 rounding relative to each tensor's scale (``assert_close_to_scale``), not
+bit for bit: e.g. the tied embedding's gradient, a sum over tokens of entries ~5, differs by ~1e-6 on some CPUs."""
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 from llada_scale.model.head import linear_cross_entropy
 from llada_scale.model.transformer import ModelConfig, Transformer
+from llada_scale.testing import assert_close_to_scale
 
 
 @pytest.mark.parametrize("chunk", [1, 7, None])
@@ -23,9 +26,9 @@ def test_linear_cross_entropy_equals_plain(chunk):
     ref = F.cross_entropy(F.linear(h, w), y, reduction="none")
     (ref * up).sum().backward()
     assert ce.dtype == torch.float32 and ce.shape == (37,)
-    torch.testing.assert_close(ce, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grads[0], h.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grads[1], w.grad, rtol=1e-6, atol=1e-6)
+    assert_close_to_scale(ce, ref)
+    assert_close_to_scale(grads[0], h.grad)
+    assert_close_to_scale(grads[1], w.grad)
 
 
 def test_no_labelled_position_gives_zero_gradients():
@@ -52,6 +55,6 @@ def test_transformer_labels_equal_full_logits(tie, causal):
     ref = F.cross_entropy(model(ids, document_ids=doc).transpose(1, 2).float(), labels, reduction="none")
     (ref * torch.linspace(0.5, 2, 24)).sum().backward()
     assert ce.shape == (2, 24) and ce.dtype == torch.float32 and not ce[labels == -100].any()
-    torch.testing.assert_close(ce, ref, rtol=0, atol=1e-6)
+    assert_close_to_scale(ce, ref)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(lean[n], p.grad, rtol=0, atol=1e-6, msg=n)
+        assert_close_to_scale(lean[n], p.grad, msg=n)

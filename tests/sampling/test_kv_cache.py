@@ -11,6 +11,7 @@ from llada_scale.sampling import ar_generate, diffusion_generate, generate_block
 from llada_scale.sampling.common import mask_kwargs
 from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head
 from llada_scale.sampling.likelihood import log_likelihood_batch
+from llada_scale.testing import assert_close_to_scale
 
 V, MASK = 64, 63
 
@@ -44,13 +45,13 @@ def test_cached_hidden_equals_forward_and_recomputing_a_slice(causal, extra):
     cache = KVCache.for_model(model, 3, x.shape[1])
     full = lm_head(model, cached_hidden(model, x, pos, cache, 0, mask=mask_kwargs(model, doc)["attention_mask"],
                                         store=True))
-    torch.testing.assert_close(full[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(full[real], ref[real])
     if causal:  # one new position at a time against the cache (AR decoding)
         h = cached_hidden(model, x[:, 14:15], pos[:, 14:15], cache, 14, mask=key_mask(doc, 15), kv_len=15)
     else:  # a middle slice against the cached rest (the dual cache with unchanged tokens)
         h = cached_hidden(model, x[:, 12:15], pos[:, 12:15], cache, 12, mask=key_mask(doc))
     part = lm_head(model, h)
-    torch.testing.assert_close(part, ref[:, 12:15] if not causal else ref[:, 14:15], atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(part, ref[:, 12:15] if not causal else ref[:, 14:15])
 
 
 def test_ar_kv_cache_equals_recompute():

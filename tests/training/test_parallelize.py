@@ -12,6 +12,7 @@ from llada_scale.objectives.config import ObjectiveConfig
 from llada_scale.objectives.losses import compute_loss
 from llada_scale.training import parallelize as par
 from llada_scale.training.config import ConfigError
+from llada_scale.testing import assert_close_to_scale
 
 MASK = 63
 
@@ -58,7 +59,7 @@ def test_activation_checkpointing_gradients_equal_plain(mode, block_length):
                                generator=torch.Generator().manual_seed(2))
         loss.backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+        assert_close_to_scale(q.grad, p.grad, msg=name)
 
 
 def _train(model, steps=20, val_every=5):
