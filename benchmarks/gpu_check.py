@@ -128,16 +128,18 @@ def markdown(result: dict) -> str:
     speed = [r for key in ("speed", "trainer") for r in result.get(key, [])]
     if speed:
         out += ["| model | params (M) | objective | act. ckpt | micro x seq | step (s) | tokens/s/GPU | MFU | "
-                "peak mem (GB) | warm-up (s) | graphs / breaks / recompiles |",
-                "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
+                "MFU executed | attn. tiles | peak mem (GB) | warm-up (s) | graphs / breaks / recompiles |",
+                "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in speed:
             if r["error"]:
                 out.append(f"| {r['label']} | FAILED: {r['error']} |")
                 continue
             out.append(f"| {r['model']} | {r['params_M']} | {r['objective']} | {r['activation_checkpointing']} | "
                        f"{r['micro_batch']} x {r['seq']} | {fmt(r['step_s'])} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                       f"{pct(r['mfu'])} | {fmt(r['peak_memory_gb'])} | {fmt(r['warmup_s'])} | {dyn(r)} |")
-        out.append("")
+                       f"{pct(r['mfu'])} | {pct(r.get('mfu_executed'))} | {pct(r.get('attention_tile_density'))} | "
+                       f"{fmt(r['peak_memory_gb'])} | {fmt(r['warmup_s'])} | {dyn(r)} |")
+        out += ["", "MFU counts attention dense (12 n_layer d s per position, s = 2L for block diffusion); MFU executed "
+                "scales that term by the share of 128-tiles the mask leaves (attn. tiles).", ""]
     if result.get("skipped"):
         out += [f"skipped: {', '.join(result['skipped'])}", ""]
     if result.get("loss_memory"):

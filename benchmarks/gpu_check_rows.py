@@ -218,9 +218,31 @@ def train_speed(name, cfg: ModelConfig, objective: str, ac: str, micro: int, seq
         total_flops += flops(stats["model_tokens"], model_len, stats["head_tokens"])
     sync(device)
     seconds = time.perf_counter() - t0
-    return _speed_row(name, model.num_params(), objective, f"{ac} ({len(layers)}/{cfg.num_layers})", micro, seq,
-                      seconds, steps, float(total_flops), device, compile_s, float(loss),
-                      recompiles_after_warmup=_frames() - frames)
+    # executed FLOPs: the dense attention term (12 n_layer d s per position) scaled by the tiles flex computes
+    density = sum(attention_density(b, objective) for b in batches) / len(batches)
+    dense_attention = steps * micro * model_len * 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * model_len
+    row = _speed_row(name, model.num_params(), objective, f"{ac} ({len(layers)}/{cfg.num_layers})", micro, seq,
+                     seconds, steps, float(total_flops), device, compile_s, float(loss),
+                     recompiles_after_warmup=_frames() - frames, attention_tile_density=density)
+    if row["mfu"] is not None:
+        row["mfu_executed"] = row["mfu"] * (1 - dense_attention * (1 - density) / float(total_flops))
+    return row
+
+
+def attention_density(batch: dict, objective: str) -> float:
+    """Fraction of the 128 x 128 tiles of the batch's attention mask that FlexAttention computes (full or partial):
+    the executed share of the dense attention FLOPs the MFU counts. Built with the eager ``create_block_mask``
+    (a dense [B, n, n] bool on the way: 64 MB at 2L = 4096, B = 4)."""
+    pos, doc = batch["position_ids"], batch["document_ids"]
+    b, length = pos.shape
+    if objective == "block":
+        mod, n = ba.block_diffusion_mask_mod(ba.block_ids(pos, doc, 32), doc), 2 * length
+    else:
+        mod, n = attention.document_mask_mod(doc, causal=objective == "ar"), length
+    mask = attention.create_block_mask(mod, b, None, n, n, device=pos.device, BLOCK_SIZE=ba.FLEX_BLOCK_SIZE)
+    computed = mask.kv_num_blocks.sum() + (0 if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks.sum())
+    tiles = (n + ba.FLEX_BLOCK_SIZE - 1) // ba.FLEX_BLOCK_SIZE
+    return float(computed) / (b * tiles * tiles)
 
 
 def _speed_row(name, params, objective, ac, micro, seq, seconds, steps, total_flops, device, warmup_s, loss, **kw):

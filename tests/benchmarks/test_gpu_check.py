@@ -28,6 +28,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         {(o, a) for o in ("ar", "diffusion", "block") for a in ("none", "full")}
     assert all(row["tokens_per_s"] > 0 and row["mfu"] is None for row in speed)  # no datasheet peak for a CPU
     assert all(row["recompiles_after_warmup"] == 0 and row["graph_breaks"] == 0 for row in speed)
+    assert all(0 < row["attention_tile_density"] <= 1 for row in speed)
     assert speed[0]["model"] == "1b" and speed[2]["model"].startswith("llada-8b shape")  # ordered by value
     assert result["trainer"][0]["model"].startswith("Trainer (zero1.json)") and result["trainer"][0]["step_s"] > 0
     assert [row["label"].split(":")[0] for row in result["loss_memory"]] == ["full logits + cross_entropy", "lean"]
