@@ -15,9 +15,8 @@ no FlexAttention backward on CPU).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
