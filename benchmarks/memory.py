@@ -105,18 +105,33 @@ def estimate(nodes: int = 2, gpus_per_node: int = 8, seq: int = 4096, micro: int
     head = masked * d * bf16 * 2 + 3 * chunk * v * 4  # selected hidden states + grad, ~3 float32 logits chunks
     plain_head = tokens * v * (bf16 + 4 + 4)  # bf16 logits, float32 copy, float32 softmax gradient
     gathered = 2 * layer * bf16 + largest * bf16  # ZeRO-3: prefetch of the next layer + the gathered head
-    states = largest * 4 + 18 * total / (nodes * gpus_per_node)  # DeepSpeed's formula (stage3.py), offload none:
-    # 18 bytes per parameter = bf16 weight 2 + fp32 gradient 4 + fp32 master, Adam m, v 12; + 4 B x largest layer
-    rows = [("model states (DeepSpeed estimator, offload none, zero_init=1)", states),
+    # DeepSpeed's formula (stage3.py), offload none: 18 bytes per parameter = bf16 weight 2 + fp32 gradient 4 +
+    # fp32 master, Adam m, v 12; its extra 4 B x largest layer is the gathered head, counted in `gathered` above
+    # (issue 21: it was counted twice)
+    states = 18 * total / (nodes * gpus_per_node)
+    # issue 21: what the estimate missed. The head's weight gradient is full size before ZeRO-3 reduce-scatters
+    # it: the float32 sum over loss chunks (model/head.py) + one bf16 chunk product, then the bf16 gradient + its
+    # float32 communication copy (communication_data_type fp32): ~3 x 2 bytes x V d at the peak (the embedding's
+    # gradient, later in the backward, peaks the same, not at the same time)
+    head_grad = 3 * bf16 * largest
+    # eager float32 tensors of the recomputed layer (compile is off under ZeRO-3): RMSNorm's x.float() and
+    # normalised copy (2 norms x 2) and RoPE's float32 q, k and rotated copies (4), each [tokens, d] float32
+    eager_fp32 = (2 * 2 + 4) * tokens * d * 4
+    context = 1.5 * 2**30  # CUDA context (~0.5 GB) + NCCL buffers for 16 ranks (~1 GB): outside the allocator
+    rows = [("model states (18 B/param / GPUs)", states),
             ("full-checkpoint layer inputs", checkpoints), ("one layer recomputed (activations + grads)", recompute),
             ("output head + loss, memory-lean", head), ("(output head + loss, plain full logits)", plain_head),
-            ("gathered parameters in flight (2 layers + head)", gathered)]
+            ("gathered parameters in flight (2 layers + head)", gathered),
+            ("head weight gradient before reduce-scatter (fp32 sum, bf16, fp32 comm copy)", head_grad),
+            ("eager float32 norm / RoPE tensors of the recomputed layer", eager_fp32),
+            ("CUDA context + NCCL buffers (not in max_memory_allocated)", context)]
     lines = [f"\nllada-8b: {total / 1e9:.2f}B params, largest layer {largest / 1e6:.0f}M, seq {seq}, micro batch "
              f"{micro}, {nodes} x {gpus_per_node} GPUs, ZeRO-3, full activation checkpointing", "",
              "| per GPU | GB |", "|---|---:|"]
     for name, value in rows:
         lines.append(f"| {name} | {value if isinstance(value, str) else f'{value / 2**30:.2f}'} |")
-    lines.append(f"| total, memory-lean loss | {(states + checkpoints + recompute + head + gathered) / 2**30:.2f} |")
+    total_gb = (states + checkpoints + recompute + head + gathered + head_grad + eager_fp32 + context) / 2**30
+    lines.append(f"| total, memory-lean loss | {total_gb:.2f} |")
     return "\n".join(lines)
 
 

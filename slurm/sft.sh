@@ -14,6 +14,6 @@
 #SBATCH --output=logs/%x-%j.out
 
 LLADA_CONFIG=${LLADA_CONFIG:-configs/sft_diffusion_1b.yaml}
-LLADA_DS_CONFIG=${LLADA_DS_CONFIG:-ds_configs/zero2.json}
+LLADA_DS_CONFIG=${LLADA_DS_CONFIG:-ds_configs/zero1.json}  # ZeRO-1: gradients reduced once per step (docs/LOG.md, issue 21)
 # shellcheck source=slurm/launch.sh
 source "${LLADA_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh" "$@"

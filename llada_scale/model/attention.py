@@ -6,10 +6,16 @@ a FlexAttention ``BlockMask`` (CUDA: sparse, skips fully-masked tiles; built by 
 [B, 1, Lq, Lk] for ``scaled_dot_product_attention`` (CPU: FlexAttention has no CPU backward in torch 2.13).
 The dense path evaluates the same ``mask_mod`` on broadcast index tensors, so both backends share one
 definition of every mask (document, causal, block diffusion).
+
+The CUDA code paths (``create_block_mask`` and ``flex_attention`` compiled once here, at import) run on CPU
+inductor too when the environment sets ``LLADA_COMPILE_ON_CPU=1`` (:func:`cuda_paths`): the "CPU twin" that
+lets the CPU tests compile every ``mask_mod`` and the flex forward exactly as a GPU run does (forward only:
+no FlexAttention backward on CPU).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -22,7 +28,27 @@ except ImportError:  # pragma: no cover - old torch
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CAUSAL = "causal"  # sentinel: plain causal attention, no document ids (SDPA is_causal fast path)
-_compiled_flex = None
+CPU_TWIN_ENV = "LLADA_COMPILE_ON_CPU"  # "1": run the CUDA code paths (compiled mask + flex) on CPU inductor
+
+# Compiled once, here: ``create_block_mask(..., _compile=True)`` is deprecated in torch 2.13, and a compiled
+# function created lazily inside a compiled, checkpointed layer is a side effect dynamo graph-breaks on (the
+# checkpointed layers then run eager for the whole run). torch.compile only wraps here; it compiles at the
+# first call, once per mask_mod / shape.
+if BlockMask is not None:
+    compiled_create_block_mask = torch.compile(create_block_mask)
+    compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+def cuda_paths(device) -> bool:
+    """Whether ``device`` runs the CUDA code paths: compiled ``create_block_mask`` and compiled ``flex_attention``.
+
+    True on CUDA; on CPU only when the environment sets ``LLADA_COMPILE_ON_CPU=1`` (the CPU twin used by the
+    tests and ``benchmarks/gpu_check.py --cpu-dry-run``; inductor compiles for CPU as it does for CUDA, so a
+    mask or kernel that fails to compile fails here too). The variable also turns ``train.compile=auto`` on
+    for CPU (:func:`llada_scale.training.parallelize.resolve_compile`).
+    """
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and os.environ.get(CPU_TWIN_ENV, "") == "1")
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -42,10 +68,18 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 
 def compile_mask(device) -> bool:
-    """Whether ``create_block_mask`` runs compiled: on CUDA (eager it materialises the [B, Lq, Lk] boolean
-    mask, 0.5 GB per row at L = 16k, and is slow; compiled it works tile by tile). Shapes are static in training,
-    so it compiles once per (batch, length)."""
-    return torch.device(device).type == "cuda"
+    """Whether ``create_block_mask`` runs compiled: where :func:`cuda_paths` (eager it materialises the
+    [B, Lq, Lk] boolean mask, 0.5 GB per row at L = 16k, and is slow; compiled it works tile by tile). Shapes are
+    static in training, so it compiles once per (batch, length)."""
+    return cuda_paths(device)
+
+
+def block_mask(mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, device, **kwargs):
+    """``create_block_mask(mask_mod, batch_size, None, q_len, kv_len, device=device, **kwargs)``, through the
+    module's compiled ``create_block_mask`` where :func:`compile_mask` (one head dimension: every mask here is
+    the same for all heads)."""
+    make = compiled_create_block_mask if compile_mask(device) else create_block_mask
+    return make(mask_mod, batch_size, None, q_len, kv_len, device=device, **kwargs)
 
 
 def document_mask_mod(document_ids: torch.Tensor, causal: bool) -> MaskMod:
@@ -70,8 +104,7 @@ def mask_from_mod(mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, d
     """
     backend = resolve_backend(backend, device)
     if backend == "flex":
-        return create_block_mask(mask_mod, batch_size, None, q_len, kv_len, device=device,
-                                 _compile=compile_mask(device))
+        return block_mask(mask_mod, batch_size, q_len, kv_len, device)
     b = torch.arange(batch_size, device=device)[:, None, None, None]
     h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
     q = torch.arange(q_len, device=device)[None, None, :, None]
@@ -106,12 +139,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """
     gqa = q.shape[1] != k.shape[1]
     if BlockMask is not None and isinstance(mask, BlockMask):
-        if q.device.type != "cuda":  # eager reference path (forward only on CPU)
+        if not cuda_paths(q.device):  # eager reference path (forward only on CPU)
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        global _compiled_flex
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if isinstance(mask, str):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -74,7 +74,10 @@ def block_diffusion_mask_mod(segments: torch.Tensor, document_ids: torch.Tensor 
         kv_tok = torch.where(kv_clean, kv_idx - length, kv_idx).clamp(0, length - 1)
         bq, bkv = segments[b, q_tok], segments[b, kv_tok]
         same_doc = doc[b, q_tok] == doc[b, kv_tok]
-        diagonal = (bq == bkv) & (q_clean == kv_clean)  # M_BD (noisy-noisy; clean-clean is inside M_BC)
+        # M_BD, noisy-noisy only (clean-clean of one block is inside M_BC). No ``==`` between the two booleans:
+        # inductor's value-range pass rejects it ("A Boolean argument can only be used in Eq and Ne"), which
+        # killed the compiled create_block_mask of every CUDA block-diffusion step (issue 21).
+        diagonal = ~q_clean & ~kv_clean & (bq == bkv)
         offset_causal = ~q_clean & kv_clean & (bkv < bq)  # M_OBC
         causal = q_clean & kv_clean & (bkv <= bq)  # M_BC
         return same_doc & (diagonal | offset_causal | causal)
@@ -124,8 +127,7 @@ def flex_block_mask(segments: torch.Tensor, document_ids: torch.Tensor | None,
         raise RuntimeError("FlexAttention is not available in this torch; use attention_backend=sdpa")
     b, length = segments.shape
     mod = block_diffusion_mask_mod(segments, document_ids)
-    return attention.create_block_mask(mod, b, None, 2 * length, 2 * length, device=segments.device,
-                                       BLOCK_SIZE=block_size, _compile=attention.compile_mask(segments.device))
+    return attention.block_mask(mod, b, 2 * length, 2 * length, segments.device, BLOCK_SIZE=block_size)
 
 
 def _model_backend(model) -> str:

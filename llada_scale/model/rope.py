@@ -181,6 +181,12 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, L, D] by the tables from :func:`rotary_cos_sin` (rotate-half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate ``x`` [B, H, L, D] by the tables from :func:`rotary_cos_sin` (rotate-half convention).
+
+    Computed in float32 whatever the dtypes (pass float32 tables) and cast back to ``x.dtype``, as LLaDA's
+    modeling code and our exported remote code rotate: in bf16 the product and sum round again, which moved the
+    attention scores of the 8B shape by ~4e-3 relative (issue 21). Returns [B, H, L, D] in ``x.dtype``.
+    """
+    y = x.float()
+    y1, y2 = y.chunk(2, dim=-1)
+    return (y * cos.float() + torch.cat([-y2, y1], dim=-1) * sin.float()).to(x.dtype)

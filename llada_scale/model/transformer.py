@@ -264,7 +264,8 @@ class Transformer(nn.Module):
             mask = attention.build_mask(document_ids, causal=cfg.causal, q_len=l, kv_len=l, batch_size=b,
                                         device=input_ids.device, backend=cfg.attention_backend)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
+        # float32 tables: apply_rotary rotates in float32 and casts back (LLaDA's modeling code does the same)
+        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, torch.float32, cfg.rope_scaling)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
         return self.model.norm(x)

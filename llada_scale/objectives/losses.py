@@ -166,9 +166,21 @@ def model_input_length(cfg: ObjectiveConfig, causal: bool, seq_len: int, step: i
     return seq_len
 
 
+def check_objective_data(cfg: ObjectiveConfig, prompt_mask: torch.Tensor) -> None:
+    """Raise ValueError when a pretraining objective (``ar`` / ``diffusion``) gets SFT rows (prompt tokens).
+    Reads ``prompt_mask`` (bool [B, L]) on the host: call it on the loader's CPU batch, before the copy to the
+    device, where it costs no device synchronisation (:class:`llada_scale.training.trainer.Trainer` does)."""
+    if cfg.name != "sft" and bool(prompt_mask.any()):
+        raise ValueError(f"objective {cfg.name!r} got SFT data (prompt tokens); set objective.name=sft")
+
+
 def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_token_id: int | None,
-                 generator: torch.Generator | None = None, step: int = 0):
+                 generator: torch.Generator | None = None, step: int = 0, check_data: bool = True):
     """Run ``model`` on ``batch`` and return ``(loss, stats)`` for objective ``cfg``.
+
+    Host synchronisations (CUDA): the selection of the loss positions in the model (``nonzero``), and with block
+    diffusion the number of blocks of the batch (``segments.max()``); plus :func:`check_objective_data` unless
+    ``check_data=False`` (the trainer checks the CPU batch instead). Counted in tests/objectives/test_host_syncs.py.
 
     Diffusion objectives go through :func:`diffusion_objective`; with block diffusion on, the block length
     is ``cfg.block_length_at(step)`` (the WSD schedule) and a block length >= the row length runs plain
@@ -176,6 +188,7 @@ def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_to
 
     Args:
         step: optimizer step (0-based), picks the block length from ``cfg.block_schedule``.
+        check_data: run :func:`check_objective_data` on ``batch["prompt_mask"]`` here.
     Returns:
         loss: float32 scalar. stats (float32 tensors, summable across ranks): ``tokens`` (input tokens),
         ``model_tokens`` (positions the model ran on: B x :func:`model_input_length`), ``head_tokens``
@@ -194,8 +207,8 @@ def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_to
     b, length = input_ids.shape
     dev = input_ids.device
     is_sft = cfg.name == "sft"
-    if not is_sft and bool(prompt.any()):
-        raise ValueError(f"objective {cfg.name!r} got SFT data (prompt tokens); set objective.name=sft")
+    if check_data:
+        check_objective_data(cfg, prompt)
     stats = {"tokens": torch.full((), float(input_ids.numel()), device=dev)}
     if not is_diffusion(cfg, causal):
         if cfg.block_diffusion:

@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import torch
 
 from llada_scale.model import block_attention as ba
-from llada_scale.sampling.common import (GenerationResult, apply_repetition_penalty, check_length, check_prompts,
-                                         model_device)
+from llada_scale.sampling.common import (GenerationResult, apply_repetition_penalty, check_generator, check_length,
+                                         check_prompts, model_device)
 from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of, lm_head
 
 
@@ -122,6 +122,7 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
     total = p + gen_length
     check_length(model, total, allow_extrapolation, f"prompt ({p} tokens) + gen_length {gen_length}")
     device = prompt_ids.device
+    check_generator(generator, device)
     x = torch.cat([prompt_ids, torch.full((b, gen_length), mask_token_id, dtype=torch.long, device=device)], 1)
     positions = torch.arange(total, device=device).expand(b, total)
     banned = torch.tensor(sorted({mask_token_id, *suppress_token_ids}), dtype=torch.long, device=device)
@@ -142,7 +143,9 @@ def _decode(model, prompt_ids: torch.Tensor, gen_length: int, block_length: int,
             if use_cache:
                 logits = cached_block_logits(model, x[:, s:e], positions[:, s:e], cache)
             else:
-                logits = ba.block_diffusion_logits(model, x, x, positions, None, block_length)[:, s:e]
+                # dense SDPA mask: a new length per call would recompile flex until dynamo's limit, then run
+                # eager flex, which materialises the [B, H, 2L, 2L] scores (issue 21)
+                logits = ba.block_diffusion_logits(model, x, x, positions, None, block_length, backend="sdpa")[:, s:e]
             committed = _commit(x, logits, s, n, mask_token_id, banned, temperature, generator, repetition_penalty)
             if callback is not None:
                 full = torch.zeros_like(x, dtype=torch.bool)

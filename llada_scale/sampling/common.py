@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 __all__ = ["GenerationResult", "left_pad", "truncate_at", "add_gumbel_noise", "apply_repetition_penalty", "call_model",
            "selected_logits", "range_logits", "any_global", "max_global", "check_prompts", "check_length",
-           "model_device", "pad_id_for"]
+           "check_generator", "model_device", "pad_id_for"]
 
 
 @dataclass
@@ -192,6 +192,17 @@ def truncate_at(tokens: Sequence[int], stop_ids: int | Sequence[int] | None, inc
         if t in stops:
             return list(tokens[: i + 1 if include else i])
     return list(tokens)
+
+
+def check_generator(generator, device) -> None:
+    """Raise ValueError when ``generator`` (a ``torch.Generator``, a sequence of them, or None) is not on
+    ``device``: random draws on a CUDA tensor need a CUDA generator (with temperature > 0 or random remasking a
+    CPU generator fails deep inside ``torch.rand``)."""
+    device = torch.device(device)
+    for g in generator if isinstance(generator, (list, tuple)) else [generator]:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"the sampling generator is on {g.device} but the model is on {device}: create it "
+                             f"with torch.Generator(device=...) on the model's device")
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import torch
 
 from llada_scale.sampling.common import (GenerationResult, add_gumbel_noise, any_global, apply_repetition_penalty,
-                                         check_length, check_prompts, left_pad, model_device, pad_id_for, range_logits)
+                                         check_generator, check_length, check_prompts, left_pad, model_device,
+                                         pad_id_for, range_logits)
 from llada_scale.sampling.kv_cache import KVCache, cached_hidden, key_mask, lm_head, rope_tables
 
 CACHES = (None, "prefix", "dual")
@@ -160,6 +161,7 @@ def diffusion_generate(model, prompts: list[list[int]], *, mask_token_id: int, g
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     t0 = time.perf_counter()
     device = model_device(model)
+    check_generator(generator, device)
     pad = pad_id_for(mask_token_id, pad_token_id)
     x, pos, doc = left_pad(prompts, pad, extra=gen_length, fill_id=mask_token_id, device=device)
     b, total = x.shape

@@ -72,13 +72,12 @@ def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Ten
 
 
 def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] of ``position_ids`` for ``model`` in the model's dtype (that of its
-    embedding), to compute once per generation and pass (sliced along dim 2) to :func:`cached_hidden` instead of
-    recomputing them every forward."""
+    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] float32 of ``position_ids`` for ``model`` (rotation runs in float32
+    whatever the model's dtype, as in training), to compute once per generation and pass (sliced along dim 2) to
+    :func:`cached_hidden` instead of recomputing them every forward."""
     core = core_of(model)
     cfg = core.config
-    return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, core.model.embed_tokens.weight.dtype,
-                          cfg.rope_scaling)
+    return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, torch.float32, cfg.rope_scaling)
 
 
 def cached_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, start: int, *,

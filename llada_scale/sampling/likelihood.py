@@ -218,7 +218,8 @@ def _scored_logits(model, chunk, pad: int, mask_id: int | None, cfg_scale: float
         if cfg_scale > 0:
             clean = clean + [[mask_id] * r[2] + _clean_answer(r) for r in chunk]
         x0 = left_pad(clean, pad, device=device)[0]
-        logits = ba.block_diffusion_logits(model, x, x0, pos, doc, block_length)[rr, cc].float()
+        # dense SDPA mask, as every other inference path: shapes change per call (see sampling/block.py)
+        logits = ba.block_diffusion_logits(model, x, x0, pos, doc, block_length, backend="sdpa")[rr, cc].float()
     if cfg_scale > 0:
         cond, uncond = logits.chunk(2)
         logits = uncond + (cfg_scale + 1.0) * (cond - uncond)

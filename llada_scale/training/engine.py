@@ -37,7 +37,9 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        # modulo: SLURM may give each task only its own GPU (CUDA_VISIBLE_DEVICES of one id, device_count 1)
+        # while LOCAL_RANK counts the node's tasks; with all GPUs visible it is LOCAL_RANK itself
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), local_rank, dist.get_world_size()

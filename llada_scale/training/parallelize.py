@@ -25,6 +25,7 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from llada_scale.model.attention import cuda_paths
 from llada_scale.model.transformer import Transformer
 from llada_scale.training.config import ConfigError
 
@@ -67,13 +68,14 @@ def apply_activation_checkpointing(model: Transformer, mode: str, every: int = 2
 
 
 def resolve_compile(value, device: torch.device, zero_stage: int = 0) -> bool:
-    """``train.compile`` -> bool. ``auto`` is on for CUDA devices at ZeRO stages 0-2 and off elsewhere: on CPU the
+    """``train.compile`` -> bool. ``auto`` is on for CUDA devices at ZeRO stages 0-2 and off elsewhere (on CPU too
+    with ``LLADA_COMPILE_ON_CPU=1``, :func:`llada_scale.model.attention.cuda_paths`): on CPU the
     inductor backend works (the tests use it) but compiles for minutes on small machines, and under ZeRO-3
     DeepSpeed's parameter hooks run inside every layer, so dynamo traces them, recompiles per submodule and
     falls back to eager after ``recompile_limit`` (measured, docs/LOG.md 2026-12-03). ``true`` compiles anyway
     (with a warning under ZeRO-3). Raises ConfigError for other values."""
     if value == "auto":
-        return torch.device(device).type == "cuda" and zero_stage < 3
+        return cuda_paths(device) and zero_stage < 3
     if isinstance(value, str) and value.lower() in ("true", "false", "on", "off"):
         value = value.lower() in ("true", "on")
     if not isinstance(value, bool):

@@ -9,6 +9,7 @@ Client state of a checkpoint (all ranks' states, written by rank 0): ``step``, `
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -22,6 +23,9 @@ import torch.distributed as dist
 
 from llada_scale.checkpoint import checkpointer
 from llada_scale.training.engine import TrainError
+
+# minutes the other ranks wait for rank 0's universal-checkpoint conversion (LLADA_CONVERT_TIMEOUT_MIN)
+CONVERT_TIMEOUT_MIN = float(os.environ.get("LLADA_CONVERT_TIMEOUT_MIN", "240"))
 
 log = logging.getLogger("llada_scale")
 
@@ -145,7 +149,7 @@ def prepare_world_size_change(tag_dir: Path | None, ds_cfg: dict, rank: int, wor
         tmp = uni.with_name(uni.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+        workers = str(conversion_workers())
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
                "--num_merge_workers", workers]
@@ -159,11 +163,21 @@ def prepare_world_size_change(tag_dir: Path | None, ds_cfg: dict, rank: int, wor
             os.replace(tmp, uni)
             log.info(f"universal checkpoint written in {time.perf_counter() - t0:.1f} s")
     box = [error]
-    dist.broadcast_object_list(box, src=0)  # also the barrier: the conversion is finished
+    # also the barrier: the conversion is finished. On a gloo group of its own, with its own timeout: the other
+    # ranks wait here for rank 0's conversion (minutes at 8B), which must not run into the NCCL group's timeout
+    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=CONVERT_TIMEOUT_MIN))
+    dist.broadcast_object_list(box, src=0, group=wait)
+    dist.destroy_process_group(wait)
     if box[0]:
         raise TrainError(box[0])
     ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     return uni
+
+
+def conversion_workers() -> int:
+    """Extract/merge workers of ``ds_to_universal``: half the CPUs this task may run on (its affinity, which SLURM
+    sets per task, not the node's ``os.cpu_count()``), 1 to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def check_same_model(tag_dir: Path, model_cfg) -> None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
-from llada_scale.objectives.losses import compute_loss, model_input_length
+from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
 from llada_scale.training import preflight, resume, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
@@ -131,6 +131,7 @@ class Trainer:
 
     def _next_batch(self, it):
         batch = next(it)
+        check_objective_data(self.cfg.objective, batch["prompt_mask"])  # on the host batch: no device sync
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- checkpoints
@@ -188,7 +189,7 @@ class Trainer:
         while micro < self.grad_accum:
             batch = self._next_batch(it)
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                       self.cfg.model.mask_token_id, self.generator, step=self.step)
+                                       self.cfg.model.mask_token_id, self.generator, step=self.step, check_data=False)
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss], built on
             # the device and read back once
             finite = torch.isfinite(loss.detach())
@@ -235,7 +236,7 @@ class Trainer:
             if i % self.world_size != self.rank:
                 continue
             loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                   self.cfg.model.mask_token_id, gen, step=self.step)
+                                   self.cfg.model.mask_token_id, gen, step=self.step, check_data=False)
             total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
         dist.all_reduce(total)
         return {"val/loss": (total[0] / total[1]).item()}
