@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer", default=None, help="tokenizer dir/file (default: the one each checkpoint names)")
     a("--batch_size", type=int, default=16,
       help="prompts per generation forward, pairs per AR forward; diffusion likelihoods pack 8x as many Monte Carlo "
-           "rows (default 16; results do not depend on it)")
+           "rows (default 16; at temperature 0 in fp32 the results do not depend on it)")
     a("--mc_samples", type=int, default=128,
       help="Monte Carlo samples per diffusion log-likelihood: wikitext2, piqa, lambada perplexity (default 128, "
            "LLaDA's)")

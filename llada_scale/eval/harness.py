@@ -5,7 +5,7 @@
         --tasks llada_piqa,llada_gsm8k --limit 100 --output_path results/
 
 Every flag except ``--model_args`` is lm-eval's (``lm-eval run --help``); ``--model`` is ``llada_scale`` and the
-task directory ``llada_scale/eval/lm_eval_tasks`` (``llada_gsm8k``, ``llada_piqa``, ``llada_lambada``,
+task directory ``llada_scale/eval/lm_eval_tasks`` (``llada_gsm8k``, ``llada_gsm8k_chat``, ``llada_piqa``, ``llada_lambada``,
 ``llada_wikitext2``, ``llada_poem_forward`` / ``llada_poem_reversal``, tag ``llada_poem``) is always included,
 next to lm-eval's built-in tasks and any ``--include_path``. Unknown or ill-typed model arguments are refused in
 one line (exit 2) before any model loads.
