@@ -159,6 +159,18 @@ def test_bad_arguments_fail_in_one_line_before_loading(ckpts, monkeypatch, capsy
 
 
 def test_poem_scoring():
+    """The poem tasks score the first non-empty line: an answer after a leading line break counts (the
+    generation is not cut at the first newline before scoring)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(["llada_poem_forward", "llada_poem_reversal"],
+                          TaskManager(include_path=harness.TASKS_DIR, include_defaults=False))
+    doc = {"first": "床前明月光", "second": "疑是地上霜"}
+    for name, answer in (("llada_poem_forward", "疑是地上霜"), ("llada_poem_reversal", "床前明月光")):
+        task = tasks[name]
+        until = task.config.generation_kwargs["until"]
+        for text, score in ((f"\n{answer}，\n举头望明月", 1.0), (f"{answer}。", 1.0), (f"\n\n{answer}了", 0.0)):
+            assert task.process_results(doc, [harness.cut_at_stops(text, until)]) == {"exact_match": score}, text
     assert first_line("\n 举头望明月，低头思故乡。") == "举头望明月"
     assert first_line("疑是地上霜\n床前") == "疑是地上霜"
     assert poem_match("疑是地上霜", "疑是地上霜。") and poem_match(" 疑是 地上霜", "疑是地上霜")
