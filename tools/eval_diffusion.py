@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate AR and masked-diffusion (LLaDA) checkpoints on WikiText-2, LAMBADA, PIQA, GSM8K and the poem reversal
-set; AR vs diffusion side by side; a live unmasking view. ``--help`` lists every flag; the implementation is
-:mod:`llada_scale.eval.cli` (docs/EVAL.md has recipes).
+"""Evaluate AR and masked-diffusion (LLaDA) checkpoints side by side on WikiText-2, LAMBADA, PIQA, GSM8K and the
+poem reversal set through lm-evaluation-harness (the ``llada_scale`` model and the offline task YAMLs), and watch
+an answer being unmasked. ``--help`` lists every flag; the implementation is :mod:`llada_scale.eval.cli`
+(docs/EVAL.md, section 4).
 
-  python tools/eval_diffusion.py --checkpoint runs/x/checkpoints/step00001000 --tasks piqa,lambada --limit 200
+  python tools/eval_diffusion.py --checkpoint runs/sft_diffusion_tiny runs/ar_pretrain_tiny --limit 40
 """
 
 import sys

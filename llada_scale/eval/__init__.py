@@ -1,4 +1,4 @@
-"""Evaluation: benchmark tasks on the local eval sets (:mod:`.tasks`), running them in batches
-(:mod:`.runner`), the ``tools/eval_diffusion.py`` command line (:mod:`.cli`), and lm-evaluation-harness
-(:mod:`.harness`: the ``llada_scale`` model, ``python -m llada_scale.eval.harness`` and the offline task YAMLs
-in ``lm_eval_tasks/``; importing it requires ``lm-eval``)."""
+"""Evaluation on lm-evaluation-harness: the ``llada_scale`` model and ``python -m llada_scale.eval.harness``
+(:mod:`.harness`), the offline task YAMLs with their dataset readers and scoring functions (``lm_eval_tasks/``),
+and the ``tools/eval_diffusion.py`` front end (:mod:`.cli`: checkpoints side by side, ``--watch``). Importing
+:mod:`.harness` requires ``lm-eval``."""

@@ -1,18 +1,17 @@
-"""Command line of ``tools/eval_diffusion.py``: evaluate AR and masked-diffusion (LLaDA) checkpoints on WikiText-2, LAMBADA, PIQA, GSM8K and the poem
-reversal set (see llada_scale/eval/tasks.py for what each number means, docs/EVAL.md for recipes).
+"""Command line of ``tools/eval_diffusion.py``: AR and masked-diffusion (LLaDA) checkpoints side by side on
+WikiText-2, LAMBADA, PIQA, GSM8K and the poem reversal set, through lm-evaluation-harness, and a live unmasking
+view (``--watch``).
 
-  python tools/eval_diffusion.py --checkpoint runs/x/checkpoints/step00001000 --tasks piqa,lambada --limit 200
-  python tools/eval_diffusion.py --checkpoint DIFF --compare AR --tasks gsm8k --limit 50   # side by side
-  python tools/eval_diffusion.py --checkpoint DIFF --watch --prompt "床前明月光的下一句是什么？"  # live unmasking
-  python tools/eval_diffusion.py --checkpoint BD --sampler block --block_length 32 --tasks gsm8k  # block diffusion
+  python tools/eval_diffusion.py --checkpoint runs/sft_diffusion_tiny runs/ar_pretrain_tiny --limit 40
+  python tools/eval_diffusion.py --checkpoint DIFF --compare AR --tasks gsm8k --limit 50 --output res.json
+  python tools/eval_diffusion.py --checkpoint DIFF --watch --prompt "床前明月光的下一句是什么？"
 
-Diffusion sampler: --sampler llada (llada_scale.sampling.diffusion.diffusion_generate) or block (block-by-block decoding
-with a KV cache, llada_scale.sampling.block.generate_blocks_batch); the default is block when the checkpoint's
-run config trained with block diffusion, else llada.
+Every task is an lm-eval task of ``llada_scale/eval/lm_eval_tasks/`` (the definitions live only there), run with
+the ``llada_scale`` model (:class:`llada_scale.eval.harness.LladaScaleLM`) by ``lm_eval.simple_evaluate``: one
+model load per checkpoint, one ``simple_evaluate`` call per task (each task gets its own generation length and
+``check_greedy``). This module only maps the short task names to those tasks, renames lm-eval's metric keys
+(``acc,none`` -> ``acc``), prints one table with a column per checkpoint and writes ``--output``.
 
-Data parallel: launched by torchrun / deepspeed (WORLD_SIZE > 1) every rank loads the whole model (a ZeRO-3
-checkpoint is merged per rank with zero_to_fp32 - evaluation needs no sharded parameters), takes a contiguous
-slice of the examples, and rank 0 gathers the records, prints the table and writes --output.
 Errors print ``error: ...`` and exit with status 2.
 """
 
@@ -20,98 +19,174 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
 import time
 
-import torch
+from llada_scale import api
 
-import llada_scale.checkpoint as cio
-from llada_scale.api import render_partial, special_ids
-from llada_scale.sampling.block import generate_blocks_batch
-from llada_scale.data import default_data
-from llada_scale.eval.runner import run_task
-from llada_scale.eval.tasks import (SAMPLERS, TASKS, EvalConfig, EvalError, ModelHandle, aggregate, check_lengths,
-                                    default_sampler, load_examples, trained_block_length)
-from llada_scale.sampling import diffusion_generate, truncate_at
-
-
-# ------------------------------------------------------------------------------------------------ setup
-def init_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+# short name -> (lm-eval tasks with --chat, without --chat (--no_chat), {(lm-eval task or "", lm-eval key): our key},
+#                generation task?). "" matches every lm-eval task of the group.
+TASKS: dict[str, tuple[list[str], list[str], dict[tuple[str, str], str], bool]] = {
+    "wikitext2": (["llada_wikitext2"], ["llada_wikitext2"],
+                  {("", "word_perplexity,none"): "word_perplexity", ("", "byte_perplexity,none"): "byte_perplexity",
+                   ("", "bits_per_byte,none"): "bits_per_byte"}, False),
+    "lambada": (["llada_lambada"], ["llada_lambada"],
+                {("", "acc,none"): "acc", ("", "perplexity,none"): "perplexity"}, False),
+    "piqa": (["llada_piqa"], ["llada_piqa"], {("", "acc,none"): "acc", ("", "acc_norm,none"): "acc_norm"}, False),
+    "gsm8k": (["llada_gsm8k_chat"], ["llada_gsm8k"],
+              {("", "exact_match,flexible-extract"): "acc", ("", "exact_match,strict-match"): "acc_strict"}, True),
+    "poem": (["llada_poem_forward", "llada_poem_reversal"], ["llada_poem_forward", "llada_poem_reversal"],
+             {("llada_poem_forward", "exact_match,none"): "forward_acc",
+              ("llada_poem_reversal", "exact_match,none"): "reversal_acc"}, True),
+}
+SAMPLER_CHOICES = (*api.SAMPLERS, "llada")
 
 
-def load_tokenizer(path: str | None, meta: dict, data: str, rank: int):
-    from llada_scale.data.tokenizer import Tokenizer
-
-    src = path or cio.tokenizer_path_from_meta(meta)
-    if not src:
-        src = os.path.join(data, "tokenizer", "minimind")
-        if rank == 0:
-            print(f"warning: the checkpoint names no usable tokenizer; using {src} (pass --tokenizer)", file=sys.stderr)
-    return Tokenizer.load(src)
+class EvalError(ValueError):
+    """Unusable settings (unknown task, bad knob, a flag the model's sampler does not support)."""
 
 
-def make_handle(model, tokenizer, name: str, sampler: str = "llada", likelihood_block_length: int | None = None
-                ) -> ModelHandle:
-    """Wrap a loaded Transformer for the tasks: mask id, ids to suppress and stop ids
-    (:func:`llada_scale.api.special_ids`), the diffusion sampler (``"llada"`` / ``"block"``; AR: ignored) and the
-    likelihood estimator (``likelihood_block_length``: None = LLaDA's full-attention ELBO, else the block NELBO).
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="eval_diffusion.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--checkpoint", nargs="+", required=True, metavar="CKPT",
+      help="one or more checkpoints (DeepSpeed tag/run dir of any ZeRO stage, consolidated dir/.safetensors, exported "
+           "HF or LLaDA dir); AR or diffusion is read from each. Each gets a column: ar, diffusion, then ar_2, ...")
+    a("--compare", nargs="+", default=[], metavar="CKPT",
+      help="more checkpoints for the same table (the same as listing them after --checkpoint)")
+    a("--tasks", default=",".join(TASKS),
+      help=f"comma-separated subset of {','.join(TASKS)} (default all); each is a task of llada_scale/eval/lm_eval_tasks")
+    a("--limit", type=int, default=0,
+      help="first N documents per task (0 = all; wikitext2: N whole articles of the 62; poem: N couplets, each in "
+           "both directions)")
+    a("--data", default=None, help="shared data directory holding eval/ (default $LLADA_DATA or ../shared/data)")
+    a("--tokenizer", default=None, help="tokenizer dir/file (default: the one each checkpoint names)")
+    a("--batch_size", type=int, default=16,
+      help="prompts per generation forward, pairs per AR forward; diffusion likelihoods pack 8x as many Monte Carlo "
+           "rows (default 16; at temperature 0 in fp32 the results do not depend on it)")
+    a("--mc_samples", type=int, default=128,
+      help="Monte Carlo samples per diffusion log-likelihood: wikitext2, piqa, lambada perplexity (default 128, "
+           "LLaDA's)")
+    a("--likelihood", default="auto", choices=["auto", "full", "block"],
+      help="diffusion likelihood estimator: full (LLaDA's Monte Carlo ELBO with full attention) or block (the block "
+           "NELBO a block-diffusion checkpoint was trained with); auto (default) = block for block-diffusion "
+           "checkpoints, else full")
+    a("--gen_length", type=int, default=128,
+      help="tokens generated for gsm8k (default 128; the LLaDA samplers round it up to a multiple of --block_length); "
+           "also --watch's answer length")
+    a("--poem_gen_length", type=int, default=32, help="tokens generated per poem line (default 32)")
+    a("--sampler", default=None, choices=SAMPLER_CHOICES,
+      help="diffusion sampler: low_confidence / random (LLaDA remasking, fixed steps), threshold (Fast-dLLM parallel "
+           "decoding), block (block-diffusion models: blocks from position 0, exact KV cache); llada = "
+           "low_confidence. Default: block for checkpoints trained with block diffusion, else low_confidence "
+           "(threshold when --threshold is given). AR models decode greedily left to right whatever this says")
+    a("--block_length", type=int, default=None,
+      help="diffusion block length (default: the trained one for block-diffusion checkpoints, else 32; a generation "
+           "shorter than a block is one block)")
+    a("--steps", type=int, default=None,
+      help="denoising steps for --gen_length tokens (default --gen_length: one token per step); poem and --watch "
+           "use the same tokens-per-step rate; the block sampler takes round(steps*block_length/gen_length) per block")
+    a("--threshold", type=float, default=None,
+      help="confidence threshold of the threshold sampler (implies --sampler threshold when no sampler is given; "
+           "default 0.9 with --sampler threshold)")
+    a("--cache", default=None, choices=["prefix", "dual"],
+      help="Fast-dLLM's approximate KV cache for the LLaDA samplers (default off: exact); see docs/EVAL.md")
+    a("--cfg_scale", type=float, default=0.0,
+      help="classifier-free guidance of diffusion likelihoods and generation (default 0 = off; not with block)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    a("--repetition_penalty", type=float, default=1.0,
+      help="HF-style repetition penalty in every sampler (default 1 = off; > 1 discourages repeats)")
+    a("--no_chat", action="store_true",
+      help="feed prompts raw instead of through the tokenizer's chat template: gsm8k then runs llada_gsm8k "
+           "('Question: ...\\nAnswer:') instead of llada_gsm8k_chat (the question as the user message), poem its "
+           "questions raw, --watch its --prompt raw. Likelihood tasks never use the template")
+    a("--allow_extrapolation", action="store_true",
+      help="run sequences longer than the model's max_seq_len (refused by default: RoPE models degrade beyond "
+           "their trained context)")
+    a("--seed", type=int, default=0, help="seed of Monte Carlo noise and sampling (default 0)")
+    a("--dtype", default="fp32", choices=["fp32", "bf16"], help="model weights dtype (default fp32)")
+    a("--device", default=None, help="cpu, cuda, cuda:1 (default cuda when available, else cpu)")
+    a("--output", default=None,
+      help="write results, settings, models, the table and lm-eval's per-document records as JSON here")
+    a("--watch", action="store_true",
+      help="live view: show one prompt being unmasked step by step (diffusion only, first checkpoint), then exit")
+    a("--prompt", default=None, help="--watch prompt text (default: a poem question)")
+    a("--mask_symbol", default="░", help="--watch: how a still-masked token is shown (default ░)")
+    a("--watch_delay", type=float, default=0.0, help="--watch: seconds to pause after each step")
+    a("--no_progress", action="store_true",
+      help="no progress bars of the model and no lm-eval log lines below ERROR (lm-eval's own short bars remain)")
+    return ap
 
-    Raises:
-        EvalError: tokenizer larger than the model vocabulary; diffusion model without a usable mask id.
-    """
-    try:
-        mask, suppress, stops = special_ids(model.config, tokenizer)
-    except ValueError as e:
-        raise EvalError(str(e)) from None
-    return ModelHandle(model=model, tokenizer=tokenizer, causal=model.config.causal, mask_token_id=mask,
-                       suppress_token_ids=suppress, stop_ids=stops, name=name, sampler=sampler,
-                       likelihood_block_length=likelihood_block_length, max_seq_len=model.config.max_seq_len)
+
+def check_args(args) -> list[str]:
+    """Validate the flags that need no model; returns the task names. Raises :class:`EvalError`."""
+    if args.limit < 0:
+        raise EvalError(f"--limit must be >= 0 (0 = all documents), got {args.limit}")
+    for name in ("batch_size", "mc_samples", "gen_length", "poem_gen_length"):
+        if getattr(args, name) < 1:
+            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("block_length", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise EvalError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.temperature < 0 or args.cfg_scale < 0 or not args.repetition_penalty > 0:
+        raise EvalError("--temperature and --cfg_scale must be >= 0 and --repetition_penalty > 0")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    return tasks
 
 
-def resolve_likelihood(flag: str, model, sampler: str | None) -> tuple[str | None, str]:
-    """``(estimator, source)``: None for AR models (exact); else ``flag`` when it is ``full``/``block``
-    ("flag"), else ``block`` for checkpoints decoded with the block sampler (trained with block diffusion) and
-    ``full`` otherwise ("checkpoint")."""
-    if model.config.causal:
-        return None, "ar model"
-    if flag != "auto":
-        return flag, "flag"
-    return ("block" if sampler == "block" else "full"), "checkpoint"
+def sampler_for(args, m: api.Model) -> str | None:
+    """The diffusion sampler of ``m`` (None for AR models). Raises :class:`EvalError` for flags it does not take."""
+    if m.causal:
+        return None
+    s = {"llada": "low_confidence"}.get(args.sampler, args.sampler)
+    if s is None:
+        s = "threshold" if args.threshold is not None and m.sampler != "block" else m.sampler
+    if s == "block":
+        bad = [f for f, on in (("--threshold", args.threshold is not None), ("--cfg_scale", args.cfg_scale > 0),
+                               ("--cache", args.cache is not None)) if on]
+        if bad:
+            raise EvalError(f"the block sampler does not support {', '.join(bad)}; use --sampler low_confidence or "
+                            "threshold")
+    return s
 
 
-def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
-    """``(sampler, source)`` for a loaded model: None for AR models; else ``flag`` when given ("flag"), else
-    :func:`default_sampler` of its checkpoint metadata ("checkpoint")."""
-    if model.config.causal:
-        return None, "ar model"
-    if flag:
-        return flag, "flag"
-    return default_sampler(getattr(model, "checkpoint_meta", None)), "checkpoint"
+def gen_settings(args, m: api.Model, sampler: str | None, gen_length: int) -> dict:
+    """``gen_length``/``steps``/``block_length`` model args for a generation of ``gen_length`` tokens: the
+    tokens-per-step rate of ``--steps`` for ``--gen_length``; the LLaDA samplers need whole blocks and a step count
+    divisible by the number of blocks."""
+    block = args.block_length or (m.block_length if sampler == "block" else None) or 32
+    if sampler not in (None, "block"):
+        block = min(block, gen_length)
+        gen_length = -(-gen_length // block) * block
+    steps = gen_length if args.steps is None else max(1, round(gen_length * args.steps / args.gen_length))
+    if sampler not in (None, "block"):
+        nb = gen_length // block
+        steps = -(-steps // nb) * nb
+    return {"gen_length": gen_length, "steps": steps, "block_length": block}
 
 
 # ------------------------------------------------------------------------------------------------ watch
-def watch(h: ModelHandle, args, cfg: EvalConfig) -> dict:
+def watch(m: api.Model, args) -> dict:
     """Generate for one prompt and print the partially unmasked answer after every step."""
-    if h.causal:
+    if m.causal:
         raise EvalError("--watch shows diffusion unmasking; the checkpoint is an AR model")
-    tok = h.tokenizer
     text = args.prompt or "床前明月光的下一句是什么？直接输出句子即可。"
-    prompt = tok.render_prompt([{"role": "user", "content": text}]) if not args.no_chat else tok.encode(text)
+    prompt = m.encode_prompt(text, chat=not args.no_chat)
+    sampler = sampler_for(args, m)
+    g = gen_settings(args, m, sampler, args.gen_length)
     live = sys.stdout.isatty()
     frames = []
 
     def show(step, tokens, committed):
-        s = render_partial(tok, tokens[0].tolist(), h.mask_token_id, args.mask_symbol)
+        s = api.render_partial(m.tokenizer, tokens[0].tolist(), m.mask_token_id, args.mask_symbol)
         frames.append(s)
         header = f"step {step + 1}: +{int(committed[0].sum())} token(s)"
         if live:
@@ -122,24 +197,13 @@ def watch(h: ModelHandle, args, cfg: EvalConfig) -> dict:
         if args.watch_delay > 0:
             time.sleep(args.watch_delay)
 
-    if h.sampler == "block":
-        res = generate_blocks_batch(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
-                                    block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
-                                    temperature=cfg.temperature, seeds=[cfg.seed],
-                                    suppress_token_ids=h.suppress_token_ids, callback=show,
-                                    repetition_penalty=cfg.repetition_penalty,
-                                    allow_extrapolation=cfg.allow_extrapolation)
-    else:
-        res = diffusion_generate(h.model, [prompt], mask_token_id=h.mask_token_id, gen_length=cfg.gen_length,
-                                 block_length=cfg.block_length, steps=cfg.steps, temperature=cfg.temperature,
-                                 remasking=cfg.remasking, threshold=cfg.threshold, cfg_scale=cfg.cfg_scale,
-                                 suppress_token_ids=h.suppress_token_ids, cache=cfg.cache,
-                                 repetition_penalty=cfg.repetition_penalty,
-                                 allow_extrapolation=cfg.allow_extrapolation,
-                                 generator=torch.Generator().manual_seed(cfg.seed), callback=show)
-    final = tok.decode(truncate_at(res.tokens[0], h.stop_ids))
+    res = m.generate_ids([prompt], **g, sampler=sampler, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                         threshold=args.threshold or 0.9, cache=args.cache, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed, allow_extrapolation=args.allow_extrapolation, callback=show)
+    final = m.decode(res.tokens[0])
     print(f"\nfinal ({res.steps} steps, {res.nfe} forwards, {res.seconds:.2f}s): {final}", flush=True)
-    return {"prompt": text, "frames": frames, "final": final, "steps": res.steps, "nfe": res.nfe}
+    return {"prompt": text, "frames": frames, "final": final, "steps": res.steps, "nfe": res.nfe,
+            "sampler": sampler, **g}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -149,227 +213,163 @@ def _fmt(v) -> str:
     return str(v)
 
 
+STATS = ("n", "seconds", "tokens", "nfe", "tokens_per_s")
+
+
 def markdown_table(results: dict, names: list[str]) -> str:
-    """results[task][model] = metrics dict -> one markdown table (a column per model, then tok/s per model)."""
+    """results[task][model] = metrics dict -> one markdown table (a column per model, then tok/s and NFE per
+    model; ``*_stderr`` keys are shown as ``± x`` next to their metric)."""
     head = ["task", "metric"] + names + [f"{n} tok/s" for n in names] + [f"{n} NFE" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, per_model in results.items():
         keys = []
         for n in names:
-            for k in per_model.get(n, {}):
-                if k not in keys and k not in ("tokens_per_s", "seconds", "tokens", "nfe"):
-                    keys.append(k)
+            keys += [k for k in per_model.get(n, {}) if k not in keys and k not in STATS and not k.endswith("_stderr")]
         for i, k in enumerate(keys):
-            row = [task if i == 0 else "", k] + [_fmt(per_model.get(n, {}).get(k, "-")) for n in names]
+            cells = []
+            for n in names:
+                m = per_model.get(n, {})
+                err = m.get(f"{k}_stderr")
+                cells.append(_fmt(m.get(k, "-")) + (f" ± {_fmt(err)}" if isinstance(err, float) else ""))
+            row = [task if i == 0 else "", k] + cells
             row += [_fmt(per_model.get(n, {}).get("tokens_per_s", "-")) if i == 0 else "" for n in names]
             row += [_fmt(per_model.get(n, {}).get("nfe", "-")) if i == 0 else "" for n in names]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="eval_diffusion.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="model to evaluate: DeepSpeed tag dir (any ZeRO stage), consolidated dir/.safetensors or "
-                         "exported HF dir; AR or diffusion is read from its config")
-    ap.add_argument("--compare", metavar="AR_CKPT", default=None,
-                    help="a second (AR) checkpoint run on the same prompts; the table shows both side by side")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default all)")
-    ap.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = all; wikitext2: N chunks; "
-                                                         "negative values are refused)")
-    ap.add_argument("--data", default=None, help="shared data directory holding eval/ (default $LLADA_DATA or "
-                                                 "../shared/data)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: the one the checkpoint names)")
-    ap.add_argument("--batch_size", type=int, default=16, help="prompts / likelihood pairs per forward (default 16; "
-                                                               "diffusion likelihood packs 8x as many MC rows)")
-    ap.add_argument("--mc_samples", type=int, default=128, help="Monte Carlo samples per diffusion likelihood "
-                                                                "(default 128, as LLaDA)")
-    ap.add_argument("--gen_length", type=int, default=128, help="tokens generated for gsm8k (default 128)")
-    ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
-                    help="diffusion sampler: llada (LLaDA semi-AR blocks after the prompt, left-padded batches) or "
-                         "block (block-diffusion models: blocks from position 0, exact KV cache, equal-length "
-                         "batches; no --threshold/--cfg_scale/--remasking random). Default: block when the "
-                         "checkpoint's run config has block diffusion on (objective.block_length > 0 or a "
-                         "block_schedule), else llada")
-    ap.add_argument("--block_length", type=int, default=None,
-                    help="diffusion block length of either sampler (default 32; with the block sampler the block "
-                         "length the checkpoint was last trained with, if its run config records one)")
-    ap.add_argument("--steps", type=int, default=128, help="diffusion steps for gen_length tokens (default 128; "
-                                                           "poem scales it to its length; block sampler: "
-                                                           "round(steps*block_length/gen_length) per block)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
-    ap.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
-                    help="diffusion remasking strategy (default low_confidence)")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="Fast-dLLM confidence threshold for parallel decoding (default off: fixed steps)")
-    ap.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
-    ap.add_argument("--cache", default=None, choices=["prefix", "dual"],
-                    help="Fast-dLLM's approximate KV cache for the llada sampler: prefix (cache the prompt and "
-                         "finished blocks) or dual (also the masked suffix); refreshed at every block's first step. "
-                         "Default off (exact); usually with --threshold. See docs/EVAL.md")
-    ap.add_argument("--repetition_penalty", type=float, default=1.0,
-                    help="HF-style repetition penalty on tokens already in the sequence, every sampler "
-                         "(default 1 = off; > 1 discourages repeats)")
-    ap.add_argument("--likelihood", default="auto", choices=["auto", "full", "block"],
-                    help="diffusion likelihood estimator for wikitext2/piqa: full (LLaDA's Monte Carlo ELBO with "
-                         "full attention) or block (the block NELBO of block diffusion, blocks of --block_length); "
-                         "auto (default) = block for checkpoints trained with block diffusion, else full")
-    ap.add_argument("--allow_extrapolation", action="store_true",
-                    help="run prompts + generations longer than the model's max_seq_len (refused by default: "
-                         "RoPE models degrade silently beyond their trained context)")
-    ap.add_argument("--poem_gen_length", type=int, default=32, help="tokens generated per poem line (default 32)")
-    ap.add_argument("--chunk_len", type=int, default=128, help="WikiText-2 chunk length in tokens (default 128)")
-    ap.add_argument("--seed", type=int, default=0, help="base seed of MC masks and sampling (default 0)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model weights dtype (default fp32)")
-    ap.add_argument("--output", default=None, help="write results + all settings + per-example records as JSON here")
-    ap.add_argument("--watch", action="store_true",
-                    help="live view: show one prompt being unmasked step by step (diffusion only), then exit")
-    ap.add_argument("--prompt", default=None, help="--watch prompt text (default: a poem question)")
-    ap.add_argument("--no_chat", action="store_true", help="--watch: feed --prompt raw instead of via the chat template")
-    ap.add_argument("--mask_symbol", default="░", help="--watch: how a still-masked token is shown (default ░)")
-    ap.add_argument("--watch_delay", type=float, default=0.0, help="--watch: seconds to pause after each step")
-    ap.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return ap
+def _records(samples: list[dict], metrics: set[str]) -> list[dict]:
+    """lm-eval's per-document samples, reduced to what is worth keeping (JSON-serialisable)."""
+    keep = ("doc_id", "target", "filter", "filtered_resps")
+    return [{**{k: s[k] for k in keep if k in s}, **{k: s[k] for k in metrics if k in s}} for s in samples]
+
+
+# ------------------------------------------------------------------------------------------------ run
+def evaluate_task(lm, task: str, args, task_manager) -> tuple[dict, list]:
+    """Run one short task on a loaded :class:`LladaScaleLM`: ``(metrics, records)``."""
+    import lm_eval
+
+    chat_tasks, raw_tasks, keys, generation = TASKS[task]
+    names = raw_tasks if args.no_chat else chat_tasks
+    m = lm.m
+    lm.opts["check_greedy"] = task == "lambada"  # only lambada's acc reads is_greedy
+    if generation:
+        length = args.gen_length if task == "gsm8k" else args.poem_gen_length
+        lm.opts.update(gen_settings(args, m, lm.opts["sampler"] or m.sampler if not m.causal else None, length))
+    lm.stats = {"seconds": 0.0, "tokens": 0, "nfe": 0}
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=args.limit or None, task_manager=task_manager,
+                                  apply_chat_template=generation and not args.no_chat, log_samples=True,
+                                  bootstrap_iters=1000, random_seed=args.seed, numpy_random_seed=args.seed,
+                                  torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    metrics: dict = {"n": max(out["n-samples"][t]["effective"] for t in names)}
+    for (t, key), ours in keys.items():
+        for name in ([t] if t else names):
+            res = out["results"][name]
+            metrics[ours] = res[key]
+            err = res.get(key.replace(",", "_stderr,", 1))
+            if isinstance(err, float):
+                metrics[f"{ours}_stderr"] = err
+    s = lm.stats
+    metrics.update(seconds=s["seconds"], tokens=s["tokens"], nfe=s["nfe"],
+                   tokens_per_s=s["tokens"] / s["seconds"] if s["seconds"] > 0 else 0.0)
+    metric_names = {k.split(",")[0] for (_, k) in keys}
+    records = {n: _records(out["samples"][n], metric_names) for n in names}
+    return metrics, (records[names[0]] if len(names) == 1 else records)
+
+
+def model_args(args, path: str) -> dict:
+    """``LladaScaleLM`` keyword arguments for ``path`` from the flags (see :data:`harness.MODEL_ARGS`)."""
+    sampler = {"llada": "low_confidence"}.get(args.sampler, args.sampler)  # None: per model, by sampler_for
+    return {"pretrained": path, "tokenizer": args.tokenizer, "dtype": args.dtype, "device": args.device,
+            "batch_size": args.batch_size, "mc_samples": args.mc_samples, "cfg_scale": args.cfg_scale,
+            "likelihood": args.likelihood, "sampler": sampler, "threshold": args.threshold or 0.9,
+            "cache": args.cache, "temperature": args.temperature, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed, "allow_extrapolation": args.allow_extrapolation, "data": args.data}
 
 
 def run(args) -> int:
-    cfg = EvalConfig(batch_size=args.batch_size, mc_samples=args.mc_samples, gen_length=args.gen_length,
-                     block_length=args.block_length or 32, steps=args.steps, temperature=args.temperature,
-                     remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
-                     poem_gen_length=args.poem_gen_length, chunk_len=args.chunk_len, seed=args.seed,
-                     cache=args.cache, repetition_penalty=args.repetition_penalty,
-                     allow_extrapolation=args.allow_extrapolation, likelihood=args.likelihood)
-    if args.limit < 0:
-        raise EvalError(f"--limit must be >= 0 (0 = all examples), got {args.limit}")
-    cfg.validate(args.sampler)  # sampler-specific checks again once the models (and default samplers) are known
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise EvalError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
-    data = args.data or default_data()
-    rank, world, device = init_distributed()
-    torch.manual_seed(args.seed)
-    model = cio.build_model_from_checkpoint(args.checkpoint, dtype=args.dtype, device=str(device),
-                                            progress=rank == 0 and not args.no_progress)
-    meta = model.checkpoint_meta
-    tok = load_tokenizer(args.tokenizer, meta, data, rank)
-    main_name = "diffusion" if not model.config.causal else "ar"
-    sampler, sampler_source = resolve_sampler(args.sampler, model)
-    handles = [make_handle(model, tok, main_name, sampler or "llada")]
-    metas = {main_name: meta}
-    samplers, sources = {main_name: sampler}, {main_name: sampler_source}
-    if args.compare:
-        other = cio.build_model_from_checkpoint(args.compare, dtype=args.dtype, device=str(device),
-                                                progress=rank == 0 and not args.no_progress)
-        name = "ar" if other.config.causal else "diffusion"
-        if name == main_name:
-            name = f"{name}_compare"
-        ident_a, ident_b = meta.get("tokenizer") or {}, other.checkpoint_meta.get("tokenizer") or {}
-        if ident_a.get("sha256") and ident_b.get("sha256") and ident_a["sha256"] != ident_b["sha256"]:
-            raise EvalError("--compare model uses a different tokenizer (sha256 differs); prompts would not match")
-        samplers[name], sources[name] = resolve_sampler(args.sampler, other)
-        handles.append(make_handle(other, tok, name, samplers[name] or "llada"))
-        metas[name] = other.checkpoint_meta
-    block_length_source = "flag" if args.block_length else "default"
-    if not args.block_length:
-        for h in handles:
-            trained = trained_block_length(metas[h.name]) if samplers[h.name] == "block" else None
-            if trained:
-                cfg.block_length, block_length_source = trained, f"checkpoint ({h.name})"
-                break
-    likelihoods, likelihood_sources = {}, {}
-    for h in handles:
-        cfg.validate(None if h.causal else h.sampler)
-        likelihoods[h.name], likelihood_sources[h.name] = resolve_likelihood(cfg.likelihood, h.model, samplers[h.name])
-        h.likelihood_block_length = cfg.block_length if likelihoods[h.name] == "block" else None
-    if rank == 0:
-        for h in handles:
-            if not h.causal:
-                extra = f", {cfg.steps_per_block()} steps per block" if h.sampler == "block" else ""
-                est = likelihoods[h.name] + (f" (blocks of {cfg.block_length})" if h.likelihood_block_length else "")
-                print(f"[{h.name}] sampler {h.sampler} ({sources[h.name]}), block_length {cfg.block_length} "
-                      f"({block_length_source}){extra}; likelihood {est} ({likelihood_sources[h.name]})", flush=True)
-    sampler_settings = {"sampler": sampler, "sampler_source": sampler_source, "samplers": samplers,
-                        "block_length": cfg.block_length, "block_length_source": block_length_source,
-                        "steps_per_block": cfg.steps_per_block() if "block" in samplers.values() else None,
-                        "likelihood": likelihoods[main_name], "likelihood_source": likelihood_sources[main_name],
-                        "likelihoods": likelihoods}
+    tasks = check_args(args)
+    paths = list(args.checkpoint) + list(args.compare)
     if args.watch:
-        if rank == 0:
-            out = watch(handles[0], args, cfg)
-            if args.output:
-                settings = {**vars(args), **sampler_settings}
-                cio.atomic_write_text(args.output, json.dumps({"watch": out, "settings": settings}, indent=1,
-                                                              ensure_ascii=False))
-        return 0
-
-    results: dict = {}
-    records: dict = {}
-    t_start = time.time()
-    all_examples = {task: load_examples(task, data, tok, cfg, args.limit or None) for task in tasks}
-    for task in tasks:  # refuse sequences beyond a model's context before any work
-        for h in handles:
-            check_lengths(task, all_examples[task], cfg, h.max_seq_len)
-    for task in tasks:
-        examples = all_examples[task]
-        lo, hi = len(examples) * rank // world, len(examples) * (rank + 1) // world
-        shard = examples[lo:hi]
-        results[task], records[task] = {}, {}
-        for h in handles:
-            recs, stats = run_task(task, h, shard, cfg, progress=rank == 0 and not args.no_progress) if shard \
-                else ([], {"seconds": 0.0, "tokens": 0, "nfe": 0})
-            if world > 1:
-                gathered = [None] * world if rank == 0 else None
-                torch.distributed.gather_object((recs, stats), gathered, dst=0)
-                if rank == 0:
-                    recs = sorted((r for g in gathered for r in g[0]), key=lambda r: r["index"])
-                    stats = {"seconds": max(g[1]["seconds"] for g in gathered),
-                             "tokens": sum(g[1]["tokens"] for g in gathered),
-                             "nfe": sum(g[1]["nfe"] for g in gathered)}
-            if rank == 0:
-                m = aggregate(task, recs, h.causal)
-                m["seconds"] = stats["seconds"]
-                m["nfe"] = stats["nfe"]
-                m["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
-                results[task][h.name] = m
-                records[task][h.name] = recs
-                print(f"{task} [{h.name}]: " + ", ".join(f"{k}={_fmt(v)}" for k, v in m.items()), flush=True)
-    if rank == 0:
-        names = [h.name for h in handles]
-        table = markdown_table(results, names)
-        print("\n" + table, flush=True)
+        m = api.load(paths[0], device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+        out = watch(m, args)
         if args.output:
-            out = {
-                "settings": {**vars(args), **sampler_settings, "data": data, "eval_config": cfg.to_dict(),
-                             "world_size": world},
-                "models": {n: {"path": metas[n]["path"], "format": metas[n]["format"], "step": metas[n].get("step"),
-                               "sampler": samplers[n], "likelihood": likelihoods[n],
-                               "model_config": next(h.model.config.to_dict() for h in handles if h.name == n)}
-                           for n in names},
-                "tokenizer": tok.identity(),
-                "results": results, "table": table, "records": records,
-                "seconds": time.time() - t_start,
-            }
-            cio.atomic_write_text(args.output, json.dumps(out, indent=1, ensure_ascii=False))
-            print(f"wrote {args.output}", flush=True)
-    if world > 1:
-        torch.distributed.barrier()
+            from llada_scale.checkpoint import atomic_write_text
+
+            atomic_write_text(args.output, json.dumps({"watch": out, "settings": vars(args)}, indent=1,
+                                                      ensure_ascii=False))
+        return 0
+    try:
+        from lm_eval.tasks import TaskManager
+
+        from llada_scale.eval.harness import TASKS_DIR, LladaScaleLM, parse_model_args
+    except ImportError:
+        raise EvalError("lm-evaluation-harness is not installed: pip install 'llada_scale[eval]' (or lm-eval)") from None
+    from llada_scale.checkpoint import atomic_write_text, resolve_checkpoint
+    from llada_scale.data import default_data
+
+    data = args.data or default_data()
+    for p in paths:  # bad flags and missing checkpoints fail before any model loads
+        parse_model_args({k: v for k, v in model_args(args, p).items() if v is not None})
+        resolve_checkpoint(p)
+    task_manager = TaskManager(include_path=TASKS_DIR, include_defaults=False, metadata={"data": data})
+    t_start = time.time()
+    results: dict = {t: {} for t in tasks}
+    records: dict = {t: {} for t in tasks}
+    models: dict = {}
+    tokenizer = None
+    for path in paths:
+        lm = LladaScaleLM(**{k: v for k, v in model_args(args, path).items() if v is not None})
+        lm.progress = not args.no_progress
+        m = lm.m
+        kind = "ar" if m.causal else "diffusion"
+        name = kind if kind not in models else f"{kind}_{1 + sum(n.startswith(kind) for n in models)}"
+        sampler = sampler_for(args, m)
+        lm.opts["sampler"] = sampler
+        likelihood = None if m.causal else (m.estimator if args.likelihood == "auto" else args.likelihood)
+        models[name] = {"path": m.meta.get("path", path), "format": m.meta.get("format"), "step": m.meta.get("step"),
+                        "sampler": sampler, "likelihood": likelihood,
+                        "block_length": gen_settings(args, m, sampler, args.gen_length)["block_length"]
+                        if sampler else None, "model_config": m.config.to_dict()}
+        if tokenizer is None:
+            tokenizer = m.tokenizer.identity()
+        elif tokenizer.get("sha256") != m.tokenizer.identity().get("sha256"):
+            raise EvalError(f"{path} uses another tokenizer than {paths[0]} (sha256 differs); prompts would not match")
+        if sampler:
+            print(f"[{name}] {path}: sampler {sampler}, block_length {models[name]['block_length']}, likelihood "
+                  f"{likelihood}", flush=True)
+        for task in tasks:
+            results[task][name], records[task][name] = evaluate_task(lm, task, args, task_manager)
+            print(f"{task} [{name}]: " + ", ".join(f"{k}={_fmt(v)}" for k, v in results[task][name].items()),
+                  flush=True)
+        del lm, m
+    table = markdown_table(results, list(models))
+    print("\n" + table, flush=True)
+    if args.output:
+        out = {"settings": {**vars(args), "data": data, "lm_eval_tasks": {t: TASKS[t][1 if args.no_chat else 0]
+                                                                          for t in tasks}},
+               "models": models, "tokenizer": tokenizer, "results": results, "table": table, "records": records,
+               "seconds": time.time() - t_start}
+        atomic_write_text(args.output, json.dumps(out, indent=1, ensure_ascii=False, default=str))
+        print(f"wrote {args.output}", flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from llada_scale.data.tokenizer import TokenizerError
-    except ImportError:  # pragma: no cover
-        TokenizerError = ValueError  # noqa: N806
+    from llada_scale.checkpoint import CheckpointError
+    from llada_scale.data.tokenizer import TokenizerError
+
+    level = logging.getLogger("lm_eval").level
+    if args.no_progress:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         return run(args)
-    except (EvalError, cio.CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).strip()}", file=sys.stderr)
+    except (EvalError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("lm_eval").setLevel(level)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
         --tasks llada_piqa,llada_gsm8k --limit 100 --output_path results/
 
 Every flag except ``--model_args`` is lm-eval's (``lm-eval run --help``); ``--model`` is ``llada_scale`` and the
-task directory ``llada_scale/eval/lm_eval_tasks`` (``llada_gsm8k``, ``llada_piqa``, ``llada_lambada``,
+task directory ``llada_scale/eval/lm_eval_tasks`` (``llada_gsm8k``, ``llada_gsm8k_chat``, ``llada_piqa``, ``llada_lambada``,
 ``llada_wikitext2``, ``llada_poem_forward`` / ``llada_poem_reversal``, tag ``llada_poem``) is always included,
 next to lm-eval's built-in tasks and any ``--include_path``. Unknown or ill-typed model arguments are refused in
 one line (exit 2) before any model loads.
@@ -25,14 +25,15 @@ The model (:class:`LladaScaleLM`, built on :func:`llada_scale.load`):
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from llada_scale import api
-from llada_scale.eval.tasks import LIKELIHOODS
 from llada_scale.sampling import truncate_at
 from llada_scale.sampling.diffusion import CACHES
 
@@ -43,6 +44,8 @@ except ImportError:  # pragma: no cover - reported by main()
     TemplateLM, register_model = object, None
 
 __all__ = ["MODEL_ARGS", "TASKS_DIR", "LladaScaleLM", "parse_model_args", "main"]
+
+LIKELIHOODS = ("auto", "full", "block")
 
 TASKS_DIR = str(Path(__file__).resolve().parent / "lm_eval_tasks")
 _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -129,6 +132,27 @@ class LladaScaleLM(TemplateLM):
         self.m = api.load(opts["pretrained"], device=device, dtype=opts["dtype"], tokenizer=opts["tokenizer"])
         self.tokenizer = self.m.tokenizer
         self._device = self.m.device
+        self.stats = {"seconds": 0.0, "tokens": 0, "nfe": 0}  # model time, scored/generated tokens, forwards
+        self.progress = True  # False: no progress bars of ours (tools/eval_diffusion.py --no_progress)
+
+    def _generate_ids(self, prompts, **kwargs):
+        """``Model.generate_ids``, counted in :attr:`stats` (generated tokens up to the stop id)."""
+        res = self.m.generate_ids(prompts, **kwargs)
+        self.stats["seconds"] += res.seconds
+        self.stats["nfe"] += res.nfe
+        self.stats["tokens"] += sum(len(t) for t in res.tokens)
+        return res
+
+    def _log_likelihood_ids(self, pairs, **kwargs):
+        """``Model.log_likelihood_ids``, counted in :attr:`stats` (continuation tokens; forwards of ``batch_size``
+        rows: one row per pair for AR models, ``mc_samples`` rows per pair for diffusion)."""
+        t0 = time.perf_counter()
+        out = self.m.log_likelihood_ids(pairs, **kwargs)
+        rows = len(pairs) * (1 if self.m.causal else kwargs["mc_samples"])
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["nfe"] += math.ceil(rows / kwargs["batch_size"])
+        self.stats["tokens"] += sum(len(a) for _, a in pairs)
+        return out
 
     # ------------------------------------------------------------------ tokenizer glue
     @property
@@ -173,10 +197,10 @@ class LladaScaleLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         if self.m.causal:
-            out = self.m.log_likelihood_ids(pairs, return_greedy=True, progress=not disable_tqdm,
+            out = self._log_likelihood_ids(pairs, return_greedy=True, progress=self.progress and not disable_tqdm,
                                             **self._likelihood_kwargs())
         else:
-            lls = self.m.log_likelihood_ids(pairs, progress=not disable_tqdm, **self._likelihood_kwargs())
+            lls = self._log_likelihood_ids(pairs, progress=self.progress and not disable_tqdm, **self._likelihood_kwargs())
             out = list(zip(lls, self._greedy(pairs)))
         for (key, _, _), res in zip(requests, out):
             if key is not None:
@@ -199,7 +223,7 @@ class LladaScaleLM(TemplateLM):
             by_len.setdefault(len(cont), []).append(i)
         for n, idx in by_len.items():
             block = None if self.m.sampler == "block" else n
-            res = self.m.generate_ids([pairs[i][0] for i in idx], gen_length=n, steps=n, block_length=block,
+            res = self._generate_ids([pairs[i][0] for i in idx], gen_length=n, steps=n, block_length=block,
                                       cfg_scale=self.opts["cfg_scale"] if self.m.sampler != "block" else 0.0,
                                       batch_size=self.opts["batch_size"],
                                       allow_extrapolation=self.opts["allow_extrapolation"])
@@ -217,7 +241,7 @@ class LladaScaleLM(TemplateLM):
                     tokens, self.prefix_token_id, self.max_length - 1, context_len=1)):
                 pairs.append((list(ctx), list(cont)))
                 owner.append(j)
-        lls = self.m.log_likelihood_ids(pairs, progress=not disable_tqdm, **self._likelihood_kwargs())
+        lls = self._log_likelihood_ids(pairs, progress=self.progress and not disable_tqdm, **self._likelihood_kwargs())
         totals = [0.0] * len(requests)
         for j, ll in zip(owner, lls):
             totals[j] += float(ll)
@@ -233,12 +257,12 @@ class LladaScaleLM(TemplateLM):
         groups: dict[int, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(self._gen_length(req.args[1]), []).append(i)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
         for gen_length, idx in groups.items():
             idx = sorted(idx, key=lambda i: -len(requests[i].args[0]))  # similar lengths share a batch
             for c in range(0, len(idx), o["batch_size"]):
                 chunk = idx[c:c + o["batch_size"]]
-                res = self.m.generate_ids([self.tok_encode(requests[i].args[0]) for i in chunk],
+                res = self._generate_ids([self.tok_encode(requests[i].args[0]) for i in chunk],
                                           gen_length=gen_length, steps=o["steps"], block_length=o["block_length"],
                                           sampler=o["sampler"], temperature=o["temperature"],
                                           cfg_scale=o["cfg_scale"], threshold=o["threshold"], cache=o["cache"],
@@ -315,7 +339,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from llada_scale.checkpoint import CheckpointError, resolve_checkpoint
     from llada_scale.data.tokenizer import TokenizerError
-    from llada_scale.eval.tasks import EvalError
 
     cli = HarnessCLI()
     args = cli._parser.parse_args(argv if argv[0] == "run" else ["run", *argv])
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             _index_our_tasks_only()
         setup_logging()
         cli.execute(args)
-    except (ValueError, EvalError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, TokenizerError, FileNotFoundError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

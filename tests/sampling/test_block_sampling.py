@@ -1,6 +1,6 @@
-"""Block sampler in the batched evaluator: ``generate_blocks_batch`` is independent of batch size and of the
-other prompts, cached == uncached through it, its forward count, and ``tools/eval_diffusion.py --sampler
-block`` end to end on tiny random checkpoints (the sampler is recorded in the JSON)."""
+"""Block sampler for batched evaluation: ``generate_blocks_batch`` is independent of batch size and of the
+other prompts, cached == uncached through it, its forward count; the default sampler and block length read from
+checkpoint metadata (``tools/eval_diffusion.py`` with block checkpoints: tests/eval/test_eval_cli.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import llada_scale.checkpoint as cio  # noqa: E402
 from llada_scale.sampling.block import generate_blocks, generate_blocks_batch  # noqa: E402
-from llada_scale.eval.tasks import EvalConfig, EvalError, default_sampler, trained_block_length  # noqa: E402
+from llada_scale.api import default_sampler, trained_block_length  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 VOCAB = 100
@@ -127,96 +127,3 @@ def test_default_sampler_and_block_length_from_meta():
     assert trained_block_length({"config": wsd, "step": 5}) == 4
     assert trained_block_length({"config": wsd, "step": 15}) is None  # "full"
     assert trained_block_length({"config": None}) is None
-    cfg = EvalConfig(gen_length=10, block_length=4, steps=10)
-    cfg.validate("block")  # no divisibility needed by the block sampler
-    with pytest.raises(EvalError):
-        cfg.validate("llada")
-    with pytest.raises(EvalError, match="threshold"):
-        EvalConfig(threshold=0.9).validate("block")
-    assert EvalConfig(gen_length=128, block_length=32, steps=64).steps_per_block() == 16
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-SMALL = ["--limit", "2", "--batch_size", "2", "--gen_length", "8", "--steps", "8", "--poem_gen_length", "8",
-         "--no_progress"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from llada_scale.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(str(DATA / "tokenizer" / "minimind"))
-    root = tmp_path_factory.mktemp("bd_models")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.padded_vocab_size(), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                      intermediate_size=64, max_seq_len=512, causal=False, mask_token_id=tok.mask_token_id)
-    sd = Transformer(cfg).state_dict()
-    out = {}
-    for name, run_config in (("bd", {"objective": {"name": "diffusion", "block_length": 4}}), ("dm", None)):
-        meta = {"format": "llada_scale", "model": cfg.to_dict(), "tokenizer": tok.identity()}
-        if run_config:
-            meta["run_config"] = run_config
-        cio.save_safetensors(sd, str(root / name), meta, dtype="fp32", progress=False)
-        out[name] = root / name
-    return out
-
-
-def evaluate(*argv) -> int:
-    import eval_diffusion
-
-    return eval_diffusion.main([str(a) for a in argv])
-
-
-@need_data
-def test_eval_block_sampler_default_from_checkpoint(checkpoints, tmp_path, capsys):
-    out = tmp_path / "bd.json"
-    assert evaluate("--checkpoint", checkpoints["bd"], "--tasks", "gsm8k,lambada,poem,piqa", "--mc_samples", "4",
-                    "--output", out, *SMALL) == 0
-    assert "sampler block (checkpoint), block_length 4 (checkpoint (diffusion)), 4 steps per block" \
-        in capsys.readouterr().out
-    res = json.loads(out.read_text())
-    s = res["settings"]
-    assert s["sampler"] == "block" and s["sampler_source"] == "checkpoint" and s["samplers"] == {"diffusion": "block"}
-    assert s["block_length"] == 4 == s["eval_config"]["block_length"] and s["steps_per_block"] == 4
-    assert res["models"]["diffusion"]["sampler"] == "block"
-    assert (s["likelihood"], s["likelihood_source"]) == ("block", "checkpoint")  # the block NELBO by default
-    for task in ("gsm8k", "lambada", "poem", "piqa"):
-        m = res["results"][task]["diffusion"]
-        assert m["n"] == 2 and m["nfe"] > 0 and len(res["records"][task]["diffusion"]) == 2
-    # the block sampler seeds every prompt: another batch size gives the same outputs, also when sampling
-    out1, out2 = tmp_path / "bs1.json", tmp_path / "bs2.json"
-    args = ["--checkpoint", checkpoints["bd"], "--tasks", "gsm8k", "--temperature", "1", *SMALL]
-    assert evaluate(*args, "--output", out1) == 0
-    assert evaluate(*args, "--batch_size", "1", "--output", out2) == 0
-    r1, r2 = (json.loads(p.read_text())["records"]["gsm8k"]["diffusion"] for p in (out1, out2))
-    assert [r["output"] for r in r1] == [r["output"] for r in r2]
-
-
-@need_data
-def test_eval_sampler_flag_and_watch(checkpoints, tmp_path, capsys):
-    out = tmp_path / "dm.json"
-    assert evaluate("--checkpoint", checkpoints["dm"], "--sampler", "block", "--block_length", "8", "--tasks", "poem",
-                    "--output", out, *SMALL) == 0
-    s = json.loads(out.read_text())["settings"]
-    assert (s["sampler"], s["sampler_source"], s["block_length"], s["block_length_source"]) == \
-        ("block", "flag", 8, "flag")
-    # a plain diffusion checkpoint defaults to the LLaDA sampler; --sampler llada overrides a block model's default
-    assert evaluate("--checkpoint", checkpoints["dm"], "--tasks", "poem", "--block_length", "8", "--output", out,
-                    *SMALL) == 0
-    s = json.loads(out.read_text())["settings"]
-    assert (s["sampler"], s["sampler_source"], s["steps_per_block"]) == ("llada", "checkpoint", None)
-    assert evaluate("--checkpoint", checkpoints["bd"], "--sampler", "llada", "--tasks", "poem", "--block_length", "8",
-                    "--output", out, *SMALL) == 0
-    assert json.loads(out.read_text())["models"]["diffusion"]["sampler"] == "llada"
-    # the block sampler has no threshold / CFG
-    capsys.readouterr()
-    assert evaluate("--checkpoint", checkpoints["bd"], "--threshold", "0.5", *SMALL) == 2
-    assert "block sampler does not support --threshold" in capsys.readouterr().err
-    # live view through the block sampler: 8 tokens, one per step (block 4, steps_per_block 4)
-    wout = tmp_path / "watch.json"
-    assert evaluate("--checkpoint", checkpoints["bd"], "--watch", "--prompt", "hi", "--gen_length", "8",
-                    "--steps", "8", "--mask_symbol", "#", "--output", wout) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[step")]
-    assert len(lines) == 8 and "#" in lines[0]
-    w = json.loads(wout.read_text())
-    assert w["settings"]["sampler"] == "block" and w["watch"]["steps"] == 8

@@ -8,15 +8,28 @@ The data directory is, in order: the ``data`` model argument / ``--metadata data
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import re
 
 from llada_scale.data import default_data
-from llada_scale.eval.tasks import _first_line, _open, _path, poem_match
 
 
 def _dir(data: str | None) -> str:
     return data or default_data()
+
+
+def _path(data_dir: str, name: str) -> str:
+    p = os.path.join(data_dir, "eval", name)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"eval file {p} not found (point --data, the harness model_arg data=, or LLADA_DATA "
+                                "at the shared data directory)")
+    return p
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
 def _test_split(rows: list[dict]):
@@ -85,10 +98,26 @@ def poem(data: str | None = None, **_):
     return _test_split([{"first": r["first"], "second": r["second"]} for r in rows])
 
 
+_PUNCT = re.compile(r"[\s，。！？、；：,.!?;:\"'“”‘’「」『』《》()（）]+")
+
+
+def first_line(text: str) -> str:
+    """The first non-empty piece of ``text`` cut at a line break or a sentence/clause mark (Chinese or ASCII)."""
+    for part in re.split(r"[\n，。！？,.!?；;]", text):
+        if part.strip():
+            return part.strip()
+    return ""
+
+
+def poem_match(line: str, reference: str) -> bool:
+    """``line`` equals ``reference`` with punctuation and whitespace ignored."""
+    return _PUNCT.sub("", line) == _PUNCT.sub("", reference)
+
+
 def poem_results(doc: dict, results, target_key: str):
-    """exact_match: the first line of the generation equals the reference line, punctuation and spaces ignored
-    (as ``tools/eval_diffusion.py``'s poem task)."""
-    return {"exact_match": float(poem_match(_first_line(results[0]), doc[target_key]))}
+    """exact_match: the first line of the generation (:func:`first_line`) equals the reference line, punctuation
+    and spaces ignored (LLaDA's reversal-curse protocol)."""
+    return {"exact_match": float(poem_match(first_line(results[0]), doc[target_key]))}
 
 
 def poem_forward_results(doc: dict, results):
