@@ -131,6 +131,15 @@ def _block_causal(valid: torch.Tensor, bl: int, end: int) -> torch.Tensor:
     return (allowed | torch.eye(end, dtype=torch.bool, device=valid.device)[None])[:, None]
 
 
+def _report(callback, step, x, commit, edit, s, prompt_end, gen_length):
+    """Call ``callback(step, tokens, committed, edited)`` on each row's generated region ([B, gen_length])."""
+    idx = (prompt_end[:, None] + torch.arange(gen_length, device=x.device)[None]).clamp(max=x.shape[1] - 1)
+    full = torch.zeros(x.shape + (2,), dtype=torch.bool, device=x.device)
+    full[:, s:s + commit.shape[1], 0], full[:, s:s + commit.shape[1], 1] = commit, edit
+    flags = full.gather(1, idx[..., None].expand(-1, -1, 2))
+    callback(step, x.gather(1, idx), flags[..., 0], flags[..., 1])
+
+
 @torch.no_grad()
 def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshold, max_post_steps, temperature,
             top_k, top_p, generator, banned, use_cache, eos_id, eos_early_stop, callback):
@@ -180,7 +189,7 @@ def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshol
             edits += edit.sum(1)
             counts["denoise"] += 1
             if callback is not None:
-                callback(counts["denoise"] - 1, x, commit, edit, s)
+                _report(callback, counts["denoise"] - 1, x, commit, edit, s, prompt_end, gen_length)
             done |= no_mask & ~edit.any(1)
         if eos_early_stop and eos_id is not None:
             idx = torch.arange(e, device=device)[None]
@@ -223,8 +232,9 @@ def edit_generate(model, prompts: Sequence[Sequence[int]], *, mask_token_id: int
         batch_size: prompts per call (None = all at once).
         eos_token_id, eos_early_stop: stop a row after the block in which it has no mask left and an EOS
             (the release's ``eos_early_stop``); its unfinished tail is returned as EOS.
-        callback: ``callback(step, x [B, T], committed [B, l], edited [B, l], block_start)`` after every step
-            (the canvas of the call, left-padded; what was committed and rewritten in the block).
+        callback: ``callback(step, tokens, committed, edited)`` after every step, each [B, gen_length]: the
+            generated region of every row of the call (mask tokens where still masked), the positions committed
+            from masks and those rewritten (T2T) at this step.
     Returns:
         :class:`llada_scale.sampling.common.GenerationResult`: ``tokens[i]`` = the ``gen_length`` generated ids
         of prompt i (use :func:`llada_scale.sampling.common.truncate_at` to cut at EOS); ``nfe`` = forwards over
