@@ -14,7 +14,8 @@ filtered distribution and its probability there), and then, per row:
   (so at least one per step while masks remain);
 * T2T: rewrites the block's positions that were already committed before this step (never the prompt) where
   x0 differs from the current token and p > ``editing_threshold``. ``0.0`` edits every changed position;
-  ``None`` turns editing off (our extension: the release compares ``p > None`` and raises TypeError).
+  ``None`` turns editing off and a block ends when its last mask is committed (plain threshold decoding, no
+  post steps; our extension: the release compares ``p > None`` and raises TypeError).
 * Once a step starts with no mask left in the block, it is a post step: the row's block ends at the first
   post step that changes nothing, or when a post step would exceed ``max_post_steps`` (the release's
   ``post_steps > max_post_steps`` check at the top of the loop, so up to ``max_post_steps`` post forwards).
@@ -148,6 +149,7 @@ def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshol
     b, total = x.shape
     counts = {"prefill": 0, "denoise": 0, "append": 0, "edits": 0}
     edits = torch.zeros(b, dtype=torch.long, device=device)
+    live_steps = torch.zeros(b, dtype=torch.long, device=device)  # the forwards a batch-size-1 run would make
     stopped = torch.zeros(b, dtype=torch.bool, device=device)  # eos_early_stop
     padded = not bool(valid.all())
     cache = KVCache.for_model(model, b, total) if use_cache else None
@@ -165,6 +167,8 @@ def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshol
             old = x[:, s:e].clone()
             is_mask = old == mask_id
             no_mask = ~is_mask.any(1)
+            if editing_threshold is None:  # editing off: plain threshold decoding, no post steps
+                done |= no_mask
             post += (no_mask & ~done).long()
             done |= post > max_post_steps
             if bool(done.all()):
@@ -187,6 +191,7 @@ def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshol
             commit, edit = commit & live, edit & live
             x[:, s:e] = torch.where(commit | edit, tok, old)
             edits += edit.sum(1)
+            live_steps += (~done).long()
             counts["denoise"] += 1
             if callback is not None:
                 _report(callback, counts["denoise"] - 1, x, commit, edit, s, prompt_end, gen_length)
@@ -203,7 +208,7 @@ def _decode(model, prompts, gen_length, bl, mask_id, threshold, editing_threshol
     for i in range(b):
         row = x[i, int(prompt_end[i]):int(prompt_end[i]) + gen_length].tolist()
         out.append([eos_id if (t == mask_id and eos_id is not None) else t for t in row])  # early-stopped tail
-    return out, counts, edits.tolist()
+    return out, counts, edits.tolist(), live_steps.tolist()
 
 
 def edit_generate(model, prompts: Sequence[Sequence[int]], *, mask_token_id: int, gen_length: int = 128,
@@ -239,7 +244,8 @@ def edit_generate(model, prompts: Sequence[Sequence[int]], *, mask_token_id: int
         :class:`llada_scale.sampling.common.GenerationResult`: ``tokens[i]`` = the ``gen_length`` generated ids
         of prompt i (use :func:`llada_scale.sampling.common.truncate_at` to cut at EOS); ``nfe`` = forwards over
         the batch (prefill + denoising/editing steps + cache appends); ``steps`` = denoising/editing steps;
-        ``extra`` = ``{"prefill", "denoise", "append", "edits", "edits_per_token", "row_edits"}``.
+        ``extra`` = ``{"prefill", "denoise", "append", "edits", "edits_per_token", "row_edits", "row_steps"}``
+        (``row_steps[i]``: the denoising/editing forwards row i took part in, its batch-size-1 step count).
     Raises:
         ValueError: bad lengths / thresholds, a prompt with the mask token, a context longer than the model's
             without ``allow_extrapolation``, ``seeds`` of the wrong length.
@@ -271,15 +277,17 @@ def edit_generate(model, prompts: Sequence[Sequence[int]], *, mask_token_id: int
     out: list[list[int]] = []
     totals = {"prefill": 0, "denoise": 0, "append": 0, "edits": 0}
     row_edits: list[int] = []
+    row_steps: list[int] = []
     for c in range(0, len(rows), size):
         chunk = rows[c:c + size]
         gen = generator if seeds is None else [torch.Generator(device=device).manual_seed(int(s))
                                                for s in seeds[c:c + size]]
-        toks, counts, per_row = _decode(model, chunk, gen_length, block_length, mask_token_id, threshold,
+        toks, counts, per_row, steps = _decode(model, chunk, gen_length, block_length, mask_token_id, threshold,
                                         editing_threshold, max_post_steps, temperature, top_k, top_p, gen, banned,
                                         use_cache, eos_token_id, eos_early_stop, callback)
         out += toks
         row_edits += per_row
+        row_steps += steps
         for k in totals:
             totals[k] += counts[k]
         if progress is not None:
@@ -287,4 +295,4 @@ def edit_generate(model, prompts: Sequence[Sequence[int]], *, mask_token_id: int
     nfe = totals["prefill"] + totals["denoise"] + totals["append"]
     return GenerationResult(tokens=out, nfe=nfe, seconds=time.perf_counter() - t0, steps=totals["denoise"],
                             extra={**totals, "edits_per_token": totals["edits"] / (len(rows) * gen_length),
-                                   "row_edits": row_edits})
+                                   "row_edits": row_edits, "row_steps": row_steps})

@@ -52,6 +52,8 @@ def release_generate(model, prompt, gen_length, block_length, threshold, editing
             old = cur[:, -block_length:].clone()
             active = cur[:, -block_length:] == MASK
             if not bool(active.any()):
+                if editing_threshold is None:  # ours: editing off = plain threshold decoding, no post steps
+                    break
                 post_steps += 1
             if post_steps > max_post_steps:
                 break
@@ -96,6 +98,7 @@ def test_equals_release_loop_batched_with_left_padding(threshold, editing_thresh
         res = edit_generate(model, prompts, use_cache=use_cache, **kw)
         assert res.tokens == [r[0] for r in refs]
         assert res.extra["row_edits"] == [r[2] for r in refs]
+        assert res.extra["row_steps"] == [r[1] for r in refs]
     if editing_threshold is None:
         assert res.extra["edits"] == 0
     alone = [edit_generate(model, [p], **kw) for p in prompts]
