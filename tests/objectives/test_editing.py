@@ -239,3 +239,22 @@ def test_random_edits_need_a_vocabulary():
     with pytest.raises(ValueError, match="edit_vocab"):
         compute_loss(FixedLogits(torch.zeros(1, 6, V)), batch, ObjectiveConfig(edit_prob=0.5, random_length_prob=0),
                      False, MASK, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.distributed
+def test_trainer_logs_the_m2t_t2t_split(tmp_path, sft_shards):
+    """A real SFT run with T2T editing on (self drafts) and block diffusion: metrics.jsonl holds train/loss_m2t and
+    train/loss_t2t, and their weighted sum is train/loss (each step logged alone)."""
+    from llada_scale.testing import train_metrics
+    from tests.training.test_train import train
+
+    run = tmp_path / "run"
+    train(run, sft_shards, "objective.name=sft", "objective.block_length=16", "objective.edit_prob=0.2",
+          "objective.edit_loss_weight=0.5", "objective.edit_source=self", "objective.complementary_masking=true", "train.max_steps=2",
+          "train.save_every=0", "train.micro_batch_size=2", "train.global_batch_size=2", "train.init_from=",
+          recipe="configs/sft_diffusion_tiny.yaml")
+    rows = train_metrics(run)
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert r["train/loss_t2t"] > 0
+        assert r["train/loss"] == pytest.approx(r["train/loss_m2t"] + 0.5 * r["train/loss_t2t"], rel=1e-5)
