@@ -50,7 +50,11 @@ class ObjectiveConfig:
         ends. Non-empty turns block diffusion on. See :func:`llada_scale.objectives.block_diffusion.block_length_at`.
     edit_prob: LLaDA 2.1 token-to-token (T2T) editing: fraction of the visible (unmasked), loss-bearing
         positions of x_t that are corrupted; a second loss term restores them. 0 (default) = off.
-    edit_loss_weight: weight of the T2T term: loss = M2T + edit_loss_weight x T2T (default 1).
+    edit_loss_weight: weight of the T2T term: loss = M2T + edit_loss_weight x T2T + edit_keep_weight x KEEP
+        (default 1).
+    edit_keep_weight: with ``edit_prob > 0``, weight of the mean CE on the visible positions left intact (the
+        model learns to keep right tokens as well as to repair wrong ones; the editing decoder rewrites every
+        committed token whose argmax changed). Default 1; 0 trains the corrupted positions only.
     edit_source: ``random`` (uniform non-special vocabulary tokens) or ``self`` (a no-grad draft pass with
         the chosen positions masked predicts them; the draft's wrong tokens are the corruptions).
     complementary_masking: LLaDA 2.0 SFT: each row also appears with the complementary mask (micro batch x 2).
@@ -73,6 +77,7 @@ class ObjectiveConfig:
     block_schedule: list = field(default_factory=list)
     edit_prob: float = 0.0
     edit_loss_weight: float = 1.0
+    edit_keep_weight: float = 1.0
     edit_source: str = "random"
     complementary_masking: bool = False
     mask_ratio_band: list = field(default_factory=list)
@@ -118,8 +123,9 @@ class ObjectiveConfig:
                              "confidence_weight need a diffusion objective (objective.name diffusion or sft)")
         if not 0.0 <= self.edit_prob < 1.0:
             raise ValueError(f"objective.edit_prob must be in [0, 1), got {self.edit_prob}")
-        if self.edit_loss_weight < 0:
-            raise ValueError(f"objective.edit_loss_weight must be >= 0, got {self.edit_loss_weight}")
+        if self.edit_loss_weight < 0 or self.edit_keep_weight < 0:
+            raise ValueError(f"objective.edit_loss_weight and edit_keep_weight must be >= 0, got "
+                             f"{self.edit_loss_weight}, {self.edit_keep_weight}")
         if self.edit_source not in ("random", "self"):
             raise ValueError(f"objective.edit_source must be random or self, not {self.edit_source!r}")
         if self.confidence_weight < 0:

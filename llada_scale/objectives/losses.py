@@ -136,7 +136,8 @@ def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id:
     ``mask_ratio_band`` when set); complementary masking (the batch doubled: [rows ; rows], the second half
     with mask eligible & ~m and t = 1 - t); classifier-free-guidance prompt dropping (SFT, ``cfg_prob``); T2T
     corruption (``edit_prob``: visible eligible positions replaced by random or self-drafted tokens); the
-    model call with ``labels`` = x_0 at the masked and corrupted positions (plain, or the 2L layout
+    model call with ``labels`` = x_0 at the masked and corrupted positions (and the intact visible ones with
+    ``edit_keep_weight > 0``) (plain, or the 2L layout
     ``[x_t ; x_0]`` with the block-diffusion mask; the head runs on those positions only, or on all noisy
     positions when ``confidence_weight > 0`` needs the logits); loss = :func:`diffusion_loss` (M2T) +
     ``edit_loss_weight`` x :func:`llada_scale.objectives.editing.edit_loss` (T2T) + ``confidence_weight`` x
@@ -158,7 +159,8 @@ def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id:
     Returns:
         loss (float32 scalar), stats dict with ``t_bucket_ce_sum`` / ``t_bucket_count`` [NUM_T_BUCKETS],
         ``head_tokens`` (positions the output head ran on), ``model_rows`` (rows the model ran on, draft pass
-        included), ``m2t_loss_sum`` and, with ``edit_prob > 0``, ``t2t_loss_sum`` / ``t2t_tokens``, with
+        included), ``m2t_loss_sum`` and, with ``edit_prob > 0``, ``t2t_loss_sum`` / ``t2t_tokens`` (and
+        ``keep_loss_sum`` with ``edit_keep_weight > 0``), with
         ``confidence_weight > 0`` ``cap_loss_sum``.
     Raises:
         ValueError: ``edit_source=random`` without ``edit_vocab``.
@@ -206,7 +208,10 @@ def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id:
             rows += input_ids.shape[0]
         corrupted = chosen & (rep != input_ids)
         noisy = torch.where(corrupted, rep, noisy)
-    targets = masked if corrupted is None else masked | corrupted
+    kept = None
+    if corrupted is not None and cfg.edit_keep_weight > 0:
+        kept = eligible & ~masked & ~corrupted  # visible and intact: the model must keep them
+    targets = masked if corrupted is None else masked | corrupted | (kept if kept is not None else corrupted)
     labels = torch.where(targets, input_ids, IGNORE_INDEX)
     stats = {}
     if cfg.confidence_weight > 0:
@@ -227,6 +232,10 @@ def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id:
         stats["t2t_loss_sum"] = t2t.detach().float()
         stats["t2t_tokens"] = corrupted.sum().float()
         loss = loss + cfg.edit_loss_weight * t2t
+    if kept is not None:
+        keep = editing.edit_loss(token_ce, kept)
+        stats["keep_loss_sum"] = keep.detach().float()
+        loss = loss + cfg.edit_keep_weight * keep
     if cfg.confidence_weight > 0:
         loss = loss + cfg.confidence_weight * cap
     stats["model_rows"] = torch.full((), float(rows), device=input_ids.device)

@@ -277,7 +277,7 @@ class Trainer:
             bucket_metrics, bucket_line = t_bucket_metrics(sums["t_bucket_ce_sum"], sums["t_bucket_count"])
             metrics.update(bucket_metrics)
             line += " | ce by t " + bucket_line
-        for part in ("m2t", "t2t", "cap"):  # T2T editing / CAP: the loss split into its terms
+        for part in ("m2t", "t2t", "keep", "cap"):  # T2T editing / CAP: the loss split into its terms
             if f"{part}_loss_sum" in sums and ("t2t_loss_sum" in sums or "cap_loss_sum" in sums):
                 metrics[f"train/loss_{part}"] = sums[f"{part}_loss_sum"] / sums["loss_count"]
                 line += f" | {part} {metrics[f'train/loss_{part}']:.4f}"

@@ -19,14 +19,14 @@ def entropy(row):
     return float(-(p * p.log()).sum())
 
 
-@pytest.mark.parametrize("prompt_len", [0, 3])
-def test_t2t_random_replays_draws_and_splits_loss(prompt_len):
+@pytest.mark.parametrize("prompt_len, kw", [(0, 0.3), (3, 0.3), (3, 0.0)])
+def test_t2t_random_replays_draws_and_splits_loss(prompt_len, kw):
     b, l, eps, seed, edit_prob, w = 3, 10, 1e-3, 5, 0.4, 0.7
     batch = make_batch(b, l, prompt_len, seed=2)
     logits = torch.randn(b, l, V, generator=torch.Generator().manual_seed(3))
     model = FixedLogits(logits)
     cfg = ObjectiveConfig(name="sft" if prompt_len else "diffusion", random_length_prob=0.0, eps=eps,
-                          edit_prob=edit_prob, edit_loss_weight=w)
+                          edit_prob=edit_prob, edit_loss_weight=w, edit_keep_weight=kw)
     loss, stats = compute_loss(model, batch, cfg, causal=False, mask_token_id=MASK,
                                generator=torch.Generator().manual_seed(seed), edit_vocab=VOCAB)
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def test_t2t_random_replays_draws_and_splits_loss(prompt_len):
     e = torch.rand(b, l, generator=g).tolist()
     k = torch.randint(0, len(VOCAB), (b, l), generator=g).tolist()
     ids, seen = batch["input_ids"].tolist(), model.inputs[0].tolist()
-    m2t, t2t_sum, n_t2t = 0.0, 0.0, 0
+    m2t, t2t_sum, n_t2t, keep_sum, n_keep = 0.0, 0.0, 0, 0.0, 0
     for row in range(b):
         t = (1 - eps) * u[row] + eps
         for i in range(l):
@@ -53,12 +53,19 @@ def test_t2t_random_replays_draws_and_splits_loss(prompt_len):
                 n_t2t += 1
             else:
                 assert seen[row][i] == ids[row][i]
-    assert n_t2t > 0
+                keep_sum += ce_loop(logits[row, i], ids[row][i])
+                n_keep += 1
+    assert n_t2t > 0 and n_keep > 0
     t2t = t2t_sum / n_t2t
     assert float(stats["m2t_loss_sum"]) == pytest.approx(m2t, rel=1e-5)
     assert float(stats["t2t_loss_sum"]) == pytest.approx(t2t, rel=1e-5)
     assert float(stats["t2t_tokens"]) == n_t2t
-    assert float(loss) == pytest.approx(m2t + w * t2t, rel=1e-5)
+    keep = keep_sum / n_keep
+    assert float(loss) == pytest.approx(m2t + w * t2t + kw * keep, rel=1e-5)
+    if kw:
+        assert float(stats["keep_loss_sum"]) == pytest.approx(keep, rel=1e-5)
+    else:
+        assert "keep_loss_sum" not in stats
 
 
 def test_t2t_off_keeps_plain_loss_and_draws():
@@ -228,7 +235,8 @@ def test_t2t_with_block_diffusion_corrupts_only_the_noisy_half():
     (dict(mask_ratio_band=[0.8, 0.3]), "mask_ratio_band"), (dict(mask_ratio_band=[0.3]), "mask_ratio_band"),
     (dict(complementary_masking=True, noise_schedule="cosine", loss_weighting="none"), "linear"),
     (dict(sft_block_pad=True), "sft_block_pad"), (dict(name="ar", edit_prob=0.1), "diffusion objective"),
-    (dict(confidence_weight=-1.0), "confidence_weight"), (dict(edit_loss_weight=-1.0), "edit_loss_weight")])
+    (dict(confidence_weight=-1.0), "confidence_weight"), (dict(edit_loss_weight=-1.0), "edit_loss_weight"),
+    (dict(edit_keep_weight=-1.0), "edit_keep_weight")])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ObjectiveConfig(**kw)
@@ -243,8 +251,8 @@ def test_random_edits_need_a_vocabulary():
 
 @pytest.mark.distributed
 def test_trainer_logs_the_m2t_t2t_split(tmp_path, sft_shards):
-    """A real SFT run with T2T editing on (self drafts) and block diffusion: metrics.jsonl holds train/loss_m2t and
-    train/loss_t2t, and their weighted sum is train/loss (each step logged alone)."""
+    """A real SFT run with T2T editing on (self drafts) and block diffusion: metrics.jsonl holds train/loss_m2t,
+    train/loss_t2t and train/loss_keep, and their weighted sum is train/loss (each step logged alone)."""
     from llada_scale.testing import train_metrics
     from tests.training.test_train import train
 
@@ -257,4 +265,5 @@ def test_trainer_logs_the_m2t_t2t_split(tmp_path, sft_shards):
     assert sorted(rows) == [1, 2]
     for r in rows.values():
         assert r["train/loss_t2t"] > 0
-        assert r["train/loss"] == pytest.approx(r["train/loss_m2t"] + 0.5 * r["train/loss_t2t"], rel=1e-5)
+        assert r["train/loss"] == pytest.approx(r["train/loss_m2t"] + 0.5 * r["train/loss_t2t"]
+                                                + r["train/loss_keep"], rel=1e-5)
