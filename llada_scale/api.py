@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["SAMPLERS", "Model", "load", "default_sampler", "trained_block_length", "special_ids", "render_partial"]
 
-SAMPLERS = ("low_confidence", "random", "threshold", "block")
+SAMPLERS = ("low_confidence", "random", "threshold", "block", "edit")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -172,10 +172,11 @@ class Model:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | list[str], *, chat: bool = False, gen_length: int = 128,
                  steps: int | None = None, block_length: int | None = None, sampler: str | None = None,
-                 temperature: float = 0.0, cfg_scale: float = 0.0, threshold: float = 0.9, cache: str | None = None,
-                 repetition_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 temperature: float = 0.0, cfg_scale: float = 0.0, threshold: float | None = None,
+                 cache: str | None = None, repetition_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
                  allow_extrapolation: bool = False,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> list[str]:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 **edit_kwargs) -> list[str]:
         """Generate an answer for each prompt; returns the text up to the first stop token (eos/pad).
 
         Args:
@@ -189,11 +190,12 @@ class Model:
                 diffusion, else 32, or ``gen_length`` when shorter).
             sampler: ``"low_confidence"`` / ``"random"`` remasking or ``"threshold"`` (Fast-dLLM parallel decoding)
                 with :func:`llada_scale.sampling.diffusion_generate`; ``"block"`` with
-                :func:`llada_scale.sampling.generate_blocks_batch` (block-diffusion models). Default
+                :func:`llada_scale.sampling.generate_blocks_batch` (block-diffusion models); ``"edit"``: LLaDA 2.1's
+                editing decoder (:func:`llada_scale.sampling.edit.edit_generate`, block-diffusion models). Default
                 :attr:`sampler`. AR models ignore it.
             temperature: 0 = greedy (default); > 0 Gumbel-max sampling.
             cfg_scale: classifier-free guidance strength (default 0 = off; not with ``"block"``).
-            threshold: confidence threshold of ``"threshold"`` (default 0.9).
+            threshold: confidence threshold of ``"threshold"`` (default 0.9) and ``"edit"`` (default 0.7).
             cache: None (exact, default), ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate KV caches (LLaDA
                 samplers; the block sampler and AR models always use their exact caches).
             repetition_penalty: HF-style penalty on tokens already present (default 1 = off).
@@ -201,7 +203,11 @@ class Model:
             batch_size: prompts per forward (default 16; at temperature 0 the result does not depend on it).
             allow_extrapolation: allow prompt + gen_length beyond the model's ``max_seq_len``.
             callback: ``callback(step, tokens [B, gen_length], committed [B, gen_length])`` after every
-                denoising step of each batch (diffusion only), e.g. to watch the answer unmask.
+                denoising step of each batch (diffusion only), e.g. to watch the answer unmask; ``"edit"`` adds
+                ``edited [B, gen_length]`` (the committed tokens rewritten at this step) as a fourth argument.
+            edit_kwargs: ``"edit"`` only: ``editing_threshold`` (default 0.5; None = no edits), ``max_post_steps``
+                (default 16), ``preset`` (``"quality"`` 0.7 / 0.5 / 16 or ``"speed"`` 0.5 / 0.0 / 16: sets the
+                three), ``top_k``, ``top_p``, ``eos_early_stop``. See docs/EVAL.md.
         Returns:
             One answer per prompt (a list also for a single string prompt).
         Raises:
@@ -213,7 +219,7 @@ class Model:
         res = self.generate_ids(ids, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
                                 temperature=temperature, cfg_scale=cfg_scale, threshold=threshold, cache=cache,
                                 repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size,
-                                allow_extrapolation=allow_extrapolation, callback=callback)
+                                allow_extrapolation=allow_extrapolation, callback=callback, **edit_kwargs)
         return [self.decode(t) for t in res.tokens]
 
     def chat(self, messages: list[dict], **kwargs) -> str:
@@ -225,9 +231,9 @@ class Model:
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[list[int]], *, gen_length: int = 128, steps: int | None = None,
                      block_length: int | None = None, sampler: str | None = None, temperature: float = 0.0,
-                     cfg_scale: float = 0.0, threshold: float = 0.9, cache: str | None = None,
+                     cfg_scale: float = 0.0, threshold: float | None = None, cache: str | None = None,
                      repetition_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
-                     allow_extrapolation: bool = False, callback=None):
+                     allow_extrapolation: bool = False, callback=None, **edit_kwargs):
         """:meth:`generate` on token ids: a :class:`llada_scale.sampling.GenerationResult` whose ``tokens`` are
         cut at the first stop id (the stop id dropped); ``nfe``, ``seconds`` and ``steps`` summed over batches."""
         from llada_scale import sampling
@@ -240,6 +246,14 @@ class Model:
         if batch_size < 1 or gen_length < 1:
             raise ValueError(f"batch_size and gen_length must be >= 1 (got {batch_size}, {gen_length})")
         steps = steps or gen_length
+        if edit_kwargs and (sampler != "edit" or self.causal):
+            raise ValueError(f"{', '.join(sorted(edit_kwargs))} only apply to sampler='edit' (diffusion models)")
+        if sampler == "edit" and not self.causal:
+            res = self._edit(prompt_ids, gen_length, block_length, temperature, cfg_scale, threshold, cache,
+                             repetition_penalty, seed, batch_size, allow_extrapolation, callback, **edit_kwargs)
+            res.tokens = [sampling.truncate_at(t, self.stop_ids) for t in res.tokens]
+            return res
+        threshold = 0.9 if threshold is None else threshold
         common = dict(temperature=temperature, suppress_token_ids=self.suppress_token_ids,
                       repetition_penalty=repetition_penalty, allow_extrapolation=allow_extrapolation)
         if self.causal:
@@ -272,6 +286,27 @@ class Model:
                 res.nfe, res.seconds, res.steps = res.nfe + r.nfe, res.seconds + r.seconds, res.steps + r.steps
         res.tokens = [sampling.truncate_at(t, self.stop_ids) for t in res.tokens]
         return res
+
+    def _edit(self, prompt_ids, gen_length, block_length, temperature, cfg_scale, threshold, cache, repetition_penalty,
+              seed, batch_size, allow_extrapolation, callback, editing_threshold: float | None = 0.5,
+              max_post_steps: int = 16, preset: str | None = None, top_k: int | None = None,
+              top_p: float | None = None, eos_early_stop: bool = False):
+        """``sampler="edit"``: :func:`llada_scale.sampling.edit.edit_generate` (arguments as :meth:`generate`)."""
+        from llada_scale.sampling.edit import edit_generate, preset as edit_preset
+
+        if cache is not None or cfg_scale > 0 or repetition_penalty != 1.0:
+            raise ValueError("the edit sampler uses its exact KV cache and has no CFG or repetition penalty; drop "
+                             "cache / cfg_scale / repetition_penalty")
+        knobs = dict(threshold=0.7 if threshold is None else threshold, editing_threshold=editing_threshold,
+                     max_post_steps=max_post_steps)
+        if preset is not None:
+            knobs = edit_preset(preset)
+        return edit_generate(self.module, prompt_ids, mask_token_id=self.mask_token_id, gen_length=gen_length,
+                             block_length=block_length or self.block_length or min(32, gen_length), **knobs,
+                             temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
+                             seeds=[seed + i for i in range(len(prompt_ids))], eos_token_id=self.stop_ids[0],
+                             eos_early_stop=eos_early_stop, suppress_token_ids=self.suppress_token_ids,
+                             callback=callback, allow_extrapolation=allow_extrapolation)
 
     # ------------------------------------------------------------------ likelihood
     def log_likelihood(self, context: str, continuation: str, *, mc_samples: int = 128, batch_size: int = 32,

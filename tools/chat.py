@@ -5,6 +5,7 @@ step (as LLaDA's chat.py and its demo do).
 
   python tools/chat.py runs/sft_diffusion_tiny
   python tools/chat.py out/dp-10k --sampler threshold --cache dual --gen_length 128 --watch
+  python tools/chat.py runs/llada2_bd_sft_tiny --sampler edit --preset speed --watch   # LLaDA 2.1 editing
   printf 'What is 2+2?\\nAnd times 3?\\n' | python tools/chat.py CKPT      # one answer per input line
 
 Type a message and press Enter. /reset forgets the conversation, /quit (or Ctrl-D) exits. When the
@@ -40,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                     help="low_confidence / random remasking, threshold (Fast-dLLM parallel decoding) or block "
                          "(block-diffusion models); default from the checkpoint. AR models decode left to right")
-    ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of --sampler threshold")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="confidence threshold of --sampler threshold (default 0.9) and edit (default 0.7)")
+    ap.add_argument("--editing_threshold", type=_threshold_or_none, default=0.5,
+                    help="--sampler edit: T2T threshold (default 0.5; 0 = edit every changed token; none = no edits)")
+    ap.add_argument("--max_post_steps", type=int, default=16, help="--sampler edit: editing steps after a block "
+                    "has no mask left (default 16)")
+    ap.add_argument("--preset", default=None, choices=["quality", "speed"],
+                    help="--sampler edit: LLaDA 2.1's presets (quality 0.7/0.5/16, speed 0.5/0.0/16; see docs/EVAL.md)")
+    ap.add_argument("--top_k", type=int, default=None, help="--sampler edit: top-k filtering (temperature > 0)")
+    ap.add_argument("--top_p", type=float, default=None, help="--sampler edit: nucleus filtering (temperature > 0)")
     ap.add_argument("--cache", default=None, choices=[c for c in CACHES if c],
                     help="Fast-dLLM's approximate KV cache (default off = exact); see docs/EVAL.md")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
@@ -51,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--watch_delay", type=float, default=0.0, help="--watch: seconds to pause after each step")
     ap.add_argument("--mask_symbol", default="░", help="--watch: how a still-masked token is shown (default ░)")
     return ap
+
+
+def _threshold_or_none(v: str) -> float | None:
+    if v.strip().lower() == "none":
+        return None
+    return float(v)
 
 
 def fit(model, messages: list[dict], gen_length: int) -> tuple[list[dict], int]:
@@ -80,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --watch shows diffusion unmasking; this AR model's answers are printed whole", file=sys.stderr)
     tty_in, tty_out = sys.stdin.isatty(), sys.stdout.isatty()
 
-    def show(step, tokens, committed):
+    def show(step, tokens, committed, edited=None):
         partial = render_partial(model.tokenizer, tokens[0].tolist(), model.mask_token_id, args.mask_symbol)
         partial = partial.replace("\n", "⏎")
+        if edited is not None and bool(edited[0].any()):  # the editing sampler rewrote committed tokens
+            new = [model.tokenizer.decode([t]) for t in tokens[0][edited[0]].tolist()]
+            partial += f"  [edited {len(new)}: {' '.join(repr(w) for w in new)}]"
         if tty_out:
             sys.stdout.write(f"\r\x1b[2Kmodel [{step + 1}]> {partial}")
         else:
@@ -94,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length, sampler=args.sampler,
                threshold=args.threshold, cache=args.cache, temperature=args.temperature, cfg_scale=args.cfg_scale,
                repetition_penalty=args.repetition_penalty, seed=args.seed, callback=show if watch else None)
+    if args.sampler == "edit":
+        gen.update(editing_threshold=args.editing_threshold, max_post_steps=args.max_post_steps, preset=args.preset,
+                   top_k=args.top_k, top_p=args.top_p)
+
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     if tty_in:

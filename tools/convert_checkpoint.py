@@ -12,6 +12,8 @@ Subcommands (each has its own --help):
   import-nano-llada PT OUT_DIR     Nano-LLaDA diffusion / minimind AR ``.pt`` state dict -> consolidated
   ar-to-diffusion SRC OUT_DIR      AR model -> LLaDA mask predictor (adds the mask-token rows, causal=false)
   merge-lora CKPT OUT_DIR          LoRA run checkpoint + its base -> merged consolidated weights
+  average CKPT [CKPT ...] OUT_DIR  weighted mean of checkpoints of one model (LLaDA 2.0's checkpoint merge);
+                                   --best_k K RUN_DIR OUT_DIR: the K with the lowest logged val/loss
 
 The work is done by :mod:`llada_scale.checkpoint.convert`, :mod:`llada_scale.checkpoint.llada`,
 :mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
@@ -26,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llada_scale.checkpoint import convert, llada, nano_llada  # noqa: E402
+from llada_scale.checkpoint import average, convert, llada, nano_llada  # noqa: E402
 from llada_scale.checkpoint.files import CheckpointError  # noqa: E402
 from llada_scale.training import lora  # noqa: E402
 
@@ -124,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=lora.merge_lora_checkpoint)
 
+    p = sub.add_parser("average", help="weighted mean of checkpoints of one model (top-k merge)",
+                       description="Average checkpoints of the same model (LLaDA 2.0's top-k checkpoint merge) into "
+                                   "a consolidated directory: uniform or --weights, streamed tensor by tensor from "
+                                   "consolidated sources (DeepSpeed tags are loaded one at a time). Sources with "
+                                   "another model config, tensor names or shapes are refused. --best_k K takes one "
+                                   "run directory and averages its K checkpoints with the lowest val/loss logged in "
+                                   "metrics.jsonl.")
+    p.add_argument("paths", nargs="+", metavar="CKPT", help="source checkpoints (or, with --best_k, one run "
+                   "directory), then the output directory")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per source (normalised to sum 1; default uniform)")
+    p.add_argument("--best_k", type=int, default=None, help="average the K checkpoints of RUN_DIR with the lowest "
+                   "logged validation loss")
+    common(p, dtype_default="fp32")
+    p.set_defaults(func=_average)
+
     p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",
                        description="Import a Nano-LLaDA diffusion or AR model (token_emb, blocks.N.attn.c_q, ...) "
                                    "or a minimind MiniMindForCausalLM state dict (HF names, optional q_norm/k_norm, "
@@ -186,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=convert.ar_to_diffusion)
     return ap
+
+
+def _average(paths: list[str], **kwargs) -> None:
+    if len(paths) < 2:
+        raise ValueError("average needs at least one source and the output directory (CKPT [CKPT ...] OUT_DIR)")
+    average.average_checkpoints(paths[:-1], paths[-1], **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,9 @@ The model (:class:`LladaScaleLM`, built on :func:`llada_scale.load`):
 * ``loglikelihood_rolling``: lm-eval's rolling windows of ``max_seq_len - 1`` tokens after the prefix token, each
   scored as above (LLaDA's harness class lacks it).
 * ``generate_until``: our batched samplers (``sampler``, ``gen_length``, ``steps``, ``block_length``,
-  ``threshold``, ``cache``, ``cfg_scale``, ``temperature``, ``repetition_penalty``), the text cut at eos and at
-  the first of the request's ``until`` strings.
+  ``threshold``, ``cache``, ``cfg_scale``, ``temperature``, ``repetition_penalty``; ``sampler=edit`` with
+  ``editing_threshold``, ``max_post_steps``, ``preset``, ``top_k``, ``top_p`` for LLaDA 2.1's editing decoder),
+  the text cut at eos and at the first of the request's ``until`` strings.
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ MODEL_ARGS: dict[str, tuple[type, object, str]] = {
     "gen_length": (int, None, "tokens generated (default: the request's max_gen_toks, rounded up to a block)"),
     "steps": (int, None, "denoising steps for gen_length tokens (default gen_length)"),
     "block_length": (int, None, "block length (default: trained one for block diffusion, else 32)"),
-    "sampler": (str, None, "low_confidence, random, threshold or block (default: from the checkpoint)"),
-    "threshold": (float, 0.9, "confidence threshold of the threshold sampler"),
+    "sampler": (str, None, "low_confidence, random, threshold, block or edit (default: from the checkpoint)"),
+    "threshold": (float, None, "confidence threshold of the threshold sampler (default 0.9) and edit (0.7)"),
+    "editing_threshold": (str, "0.5", "edit sampler: T2T threshold (0 = every changed token; none = no edits)"),
+    "max_post_steps": (int, 16, "edit sampler: editing steps after a block has no mask left"),
+    "preset": (str, None, "edit sampler: quality (0.7/0.5/16) or speed (0.5/0.0/16), sets the three above"),
+    "top_k": (int, None, "edit sampler: top-k filtering (temperature > 0)"),
+    "top_p": (float, None, "edit sampler: nucleus filtering (temperature > 0)"),
     "cache": (str, None, "prefix or dual: Fast-dLLM's approximate KV cache (default none = exact)"),
     "temperature": (float, 0.0, "sampling temperature (0 = greedy)"),
     "repetition_penalty": (float, 1.0, "HF-style repetition penalty (1 = off)"),
@@ -75,7 +81,7 @@ MODEL_ARGS: dict[str, tuple[type, object, str]] = {
     "allow_extrapolation": (bool, False, "allow sequences longer than the model's max_seq_len"),
     "data": (str, None, "shared data directory for the llada_* tasks (default $LLADA_DATA or ../shared/data)"),
 }
-CHOICES = {"likelihood": LIKELIHOODS, "sampler": api.SAMPLERS, "cache": tuple(c for c in CACHES if c),
+CHOICES = {"likelihood": LIKELIHOODS, "sampler": api.SAMPLERS, "preset": ("quality", "speed"), "cache": tuple(c for c in CACHES if c),
            "dtype": ("fp32", "bf16", "float32", "bfloat16")}
 
 
@@ -111,6 +117,11 @@ def parse_model_args(args: dict) -> dict:
         out[name] = v
     if not out["pretrained"]:
         raise ValueError("model_args needs pretrained=CHECKPOINT")
+    et = str(out["editing_threshold"]).strip().lower()
+    try:
+        out["editing_threshold"] = None if et == "none" else float(et)
+    except ValueError:
+        raise ValueError(f"model_arg editing_threshold={et!r} must be a number or none") from None
     for name in ("batch_size", "mc_samples"):
         if out[name] < 1:
             raise ValueError(f"model_arg {name} must be >= 1, got {out[name]}")
@@ -267,7 +278,8 @@ class LladaScaleLM(TemplateLM):
                                           sampler=o["sampler"], temperature=o["temperature"],
                                           cfg_scale=o["cfg_scale"], threshold=o["threshold"], cache=o["cache"],
                                           repetition_penalty=o["repetition_penalty"], seed=o["seed"],
-                                          batch_size=o["batch_size"], allow_extrapolation=o["allow_extrapolation"])
+                                          batch_size=o["batch_size"], allow_extrapolation=o["allow_extrapolation"],
+                                          **self._edit_kwargs())
                 for i, toks in zip(chunk, res.tokens):
                     context, gen_kwargs = requests[i].args
                     outs[i] = cut_at_stops(self.tok_decode(toks), gen_kwargs.get("until"))
@@ -276,11 +288,18 @@ class LladaScaleLM(TemplateLM):
         bar.close()
         return outs
 
+    def _edit_kwargs(self) -> dict:
+        """The edit sampler's knobs (only with ``sampler=edit``: the other samplers refuse them)."""
+        o = self.opts
+        if (o["sampler"] or self.m.sampler) != "edit":
+            return {}
+        return {k: o[k] for k in ("editing_threshold", "max_post_steps", "preset", "top_k", "top_p")}
+
     def _gen_length(self, gen_kwargs: dict) -> int:
         """model_arg gen_length, else the request's max_gen_toks (lm-eval default 256); the LLaDA samplers need
         a multiple of the block length, so it is rounded up to one."""
         n = self.opts["gen_length"] or int(gen_kwargs.get("max_gen_toks", 256))
-        if self.m.causal or (self.opts["sampler"] or self.m.sampler) == "block":
+        if self.m.causal or (self.opts["sampler"] or self.m.sampler) in ("block", "edit"):
             return n
         block = self.opts["block_length"] or min(32, n)
         return -(-n // block) * block

@@ -48,6 +48,22 @@ class ObjectiveConfig:
     block_schedule: list of ``[block_length, steps]`` phases (block_length an int >= 1 or ``"full"``),
         the WSD schedule over block length of LLaDA 2.0; the last phase's length holds after the schedule
         ends. Non-empty turns block diffusion on. See :func:`llada_scale.objectives.block_diffusion.block_length_at`.
+    edit_prob: LLaDA 2.1 token-to-token (T2T) editing: fraction of the visible (unmasked), loss-bearing
+        positions of x_t that are corrupted; a second loss term restores them. 0 (default) = off.
+    edit_loss_weight: weight of the T2T term: loss = M2T + edit_loss_weight x T2T + edit_keep_weight x KEEP
+        (default 1).
+    edit_keep_weight: with ``edit_prob > 0``, weight of the mean CE on the visible positions left intact (the
+        model learns to keep right tokens as well as to repair wrong ones; the editing decoder rewrites every
+        committed token whose argmax changed). Default 1; 0 trains the corrupted positions only.
+    edit_source: ``random`` (uniform non-special vocabulary tokens) or ``self`` (a no-grad draft pass with
+        the chosen positions masked predicts them; the draft's wrong tokens are the corruptions).
+    complementary_masking: LLaDA 2.0 SFT: each row also appears with the complementary mask (micro batch x 2).
+    mask_ratio_band: ``[low, high]``: t ~ U(low, high) instead of U(eps, 1) (dFactory SFT: [0.3, 0.8]); [] = off.
+    sft_block_pad: SFT with block diffusion: the trained EOS padding stops at the end of the block holding
+        the conversation's last token (rows as if padded to a multiple of the block length).
+    confidence_weight: LLaDA 2.0 CAP loss weight: + weight x mean entropy on the correctly predicted masked
+        positions (needs the full logits of the noisy positions). 0 = off.
+    See :mod:`llada_scale.objectives.editing` and docs/LLADA2.md.
     """
 
     name: str = "diffusion"
@@ -59,6 +75,14 @@ class ObjectiveConfig:
     cfg_prob: float = 0.0
     block_length: int = 0
     block_schedule: list = field(default_factory=list)
+    edit_prob: float = 0.0
+    edit_loss_weight: float = 1.0
+    edit_keep_weight: float = 1.0
+    edit_source: str = "random"
+    complementary_masking: bool = False
+    mask_ratio_band: list = field(default_factory=list)
+    sft_block_pad: bool = False
+    confidence_weight: float = 0.0
 
     def __post_init__(self):
         if self.name not in ("ar", "diffusion", "sft"):
@@ -88,6 +112,36 @@ class ObjectiveConfig:
         if self.block_diffusion and self.name == "ar":
             raise ValueError("block diffusion (objective.block_length / block_schedule) needs objective.name "
                              "diffusion or sft")
+        self._check_llada2()
+
+    def _check_llada2(self):
+        """Validate the T2T and LLaDA 2.0 SFT keys (:mod:`llada_scale.objectives.editing`)."""
+        extras = self.edit_prob > 0 or self.complementary_masking or self.mask_ratio_band or self.sft_block_pad \
+            or self.confidence_weight > 0
+        if extras and self.name == "ar":
+            raise ValueError("objective.edit_prob / complementary_masking / mask_ratio_band / sft_block_pad / "
+                             "confidence_weight need a diffusion objective (objective.name diffusion or sft)")
+        if not 0.0 <= self.edit_prob < 1.0:
+            raise ValueError(f"objective.edit_prob must be in [0, 1), got {self.edit_prob}")
+        if self.edit_loss_weight < 0 or self.edit_keep_weight < 0:
+            raise ValueError(f"objective.edit_loss_weight and edit_keep_weight must be >= 0, got "
+                             f"{self.edit_loss_weight}, {self.edit_keep_weight}")
+        if self.edit_source not in ("random", "self"):
+            raise ValueError(f"objective.edit_source must be random or self, not {self.edit_source!r}")
+        if self.confidence_weight < 0:
+            raise ValueError(f"objective.confidence_weight must be >= 0, got {self.confidence_weight}")
+        band = list(self.mask_ratio_band or [])
+        if band and not (len(band) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in band)
+                         and 0.0 < band[0] <= band[1] <= 1.0):
+            raise ValueError(f"objective.mask_ratio_band must be [low, high] with 0 < low <= high <= 1 (e.g. [0.3, 0.8]), "
+                             f"got {self.mask_ratio_band!r}")
+        self.mask_ratio_band = [float(v) for v in band]
+        if self.complementary_masking and self.noise_schedule != "linear":
+            raise ValueError("objective.complementary_masking needs noise_schedule=linear (the complement of "
+                             "mask ratio t is 1 - t only there)")
+        if self.sft_block_pad and not (self.name == "sft" and self.block_diffusion):
+            raise ValueError("objective.sft_block_pad needs objective.name=sft with block diffusion "
+                             "(objective.block_length or block_schedule)")
 
     @property
     def block_diffusion(self) -> bool:

@@ -21,10 +21,12 @@ Noise schedules, loss weights and the forward process are in :mod:`llada_scale.o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llada_scale.model import block_attention as ba
 from llada_scale.model.head import IGNORE_INDEX
 from llada_scale.objectives import block_diffusion as bd
+from llada_scale.objectives import editing
 from llada_scale.objectives.config import NUM_T_BUCKETS, ObjectiveConfig, is_diffusion
 from llada_scale.objectives.noise import forward_process, loss_weight
 
@@ -100,31 +102,68 @@ def _t_bucket_stats(t: torch.Tensor, masked: torch.Tensor, token_ce: torch.Tenso
             "t_bucket_count": zeros.index_add_(0, bucket, w)}
 
 
+def _times(cfg: ObjectiveConfig, position_ids: torch.Tensor, document_ids: torch.Tensor, block_length: int | None,
+           generator) -> torch.Tensor | None:
+    """Diffusion times: None (plain LLaDA: :func:`forward_process` draws ``rand(B)``), one per block
+    (:func:`llada_scale.objectives.block_diffusion.sample_block_times`), or from ``mask_ratio_band``
+    (:func:`llada_scale.objectives.editing.band_times`: [B] per row, or per block)."""
+    band = cfg.mask_ratio_band
+    if block_length is None:
+        return editing.band_times((position_ids.shape[0],), *band, position_ids.device, generator) if band else None
+    segments = ba.block_ids(position_ids, document_ids, block_length)
+    if not band:
+        return bd.sample_block_times(segments, cfg.eps, generator)
+    u = editing.band_times((segments.shape[0], int(segments.max()) + 1), *band, segments.device, generator)
+    return u.gather(1, segments)
+
+
+def _run(model, ids, clean, position_ids, document_ids, block_length, labels=None):
+    """Per-token CE (with ``labels``) or logits [B, L, V] of the noisy positions, plain or block diffusion."""
+    if block_length is None:
+        return model(ids, position_ids=position_ids, document_ids=document_ids, labels=labels)
+    return ba.block_diffusion_logits(model, ids, clean, position_ids, document_ids, block_length, labels=labels)
+
+
 def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id: int,
                         generator: torch.Generator | None = None, block_length: int | None = None,
-                        keep: torch.Tensor | None = None):
-    """Masked-diffusion loss of one batch: plain LLaDA, or block diffusion.
+                        keep: torch.Tensor | None = None, edit_vocab: torch.Tensor | None = None):
+    """Masked-diffusion loss of one batch: plain LLaDA, or block diffusion, with the optional T2T editing
+    term and LLaDA 2.0 SFT techniques (:mod:`llada_scale.objectives.editing`).
 
-    Steps: eligible = not prompt (and not padding under ``sft_pad_policy=ignore``, and inside ``keep``); noise
-    (one t per row, or with ``block_length`` one t per (document, block) via
-    :func:`llada_scale.objectives.block_diffusion.sample_block_times`); classifier-free-guidance prompt
-    dropping (SFT, ``cfg_prob``); the model call with ``labels`` = x_0 at the masked positions (plain, or the
-    2L layout ``[x_t ; x_0]`` with the block-diffusion mask; the head runs on the masked positions only,
-    never on the clean half); :func:`diffusion_loss`.
-    Random draws in order: times, masks (``rand(B, L)``), then ``rand(B)`` for CFG when ``cfg_prob > 0``.
-    With ``block_length >= L`` and one document per row the draws, the inputs seen by the noisy tokens and
-    hence the loss equal plain LLaDA's (the clean half is unreachable), which the tests check.
+    Steps: eligible = not prompt (and not padding under ``sft_pad_policy=ignore``, and inside ``keep``, and
+    inside the block-aligned padding with ``sft_block_pad``); noise (one t per row, or with ``block_length``
+    one t per (document, block) via :func:`llada_scale.objectives.block_diffusion.sample_block_times`; from
+    ``mask_ratio_band`` when set); complementary masking (the batch doubled: [rows ; rows], the second half
+    with mask eligible & ~m and t = 1 - t); classifier-free-guidance prompt dropping (SFT, ``cfg_prob``); T2T
+    corruption (``edit_prob``: visible eligible positions replaced by random or self-drafted tokens); the
+    model call with ``labels`` = x_0 at the masked and corrupted positions (and the intact visible ones with
+    ``edit_keep_weight > 0``) (plain, or the 2L layout
+    ``[x_t ; x_0]`` with the block-diffusion mask; the head runs on those positions only, or on all noisy
+    positions when ``confidence_weight > 0`` needs the logits); loss = :func:`diffusion_loss` (M2T) +
+    ``edit_loss_weight`` x :func:`llada_scale.objectives.editing.edit_loss` (T2T) + ``confidence_weight`` x
+    :func:`llada_scale.objectives.editing.confidence_loss` (CAP).
+    Random draws in order: times, masks (``rand(B, L)``), ``rand(B)`` for CFG when ``cfg_prob > 0``, then with
+    ``edit_prob > 0`` ``rand(B, L)`` for the positions and ``randint`` for random replacements. With every new
+    key off the draws and the loss are those of plain LLaDA / block diffusion; with ``block_length >= L`` and one
+    document per row they equal plain LLaDA's (the clean half is unreachable), which the tests check.
 
     Args:
-        model: ``model(input_ids, position_ids=, document_ids=, attention_mask=, labels=) -> float32 [B, L']``
-            per-token cross-entropy (:class:`llada_scale.model.transformer.Transformer`).
+        model: ``model(input_ids, position_ids=, document_ids=, attention_mask=, labels=)`` -> float32 [B, L']
+            per-token cross-entropy, or logits without ``labels`` (any model with that interface).
         batch: dict of [B, L] tensors (see module docstring).
         block_length: None = plain diffusion; int >= 1 = block diffusion with that block length.
         keep: optional bool [L] or [B, L]: positions that exist (:func:`random_length_keep`); the others are
             never masked, carry no loss and must already be their own document in ``batch``.
+        edit_vocab: int64 [n] replacement ids for ``edit_source=random``
+            (:func:`llada_scale.objectives.editing.replacement_vocab`).
     Returns:
-        loss (float32 scalar), stats dict with ``t_bucket_ce_sum`` / ``t_bucket_count`` [NUM_T_BUCKETS] and
-        ``head_tokens`` (positions the output head ran on).
+        loss (float32 scalar), stats dict with ``t_bucket_ce_sum`` / ``t_bucket_count`` [NUM_T_BUCKETS],
+        ``head_tokens`` (positions the output head ran on), ``model_rows`` (rows the model ran on, draft pass
+        included), ``m2t_loss_sum`` and, with ``edit_prob > 0``, ``t2t_loss_sum`` / ``t2t_tokens`` (and
+        ``keep_loss_sum`` with ``edit_keep_weight > 0``), with
+        ``confidence_weight > 0`` ``cap_loss_sum``.
+    Raises:
+        ValueError: ``edit_source=random`` without ``edit_vocab``.
     """
     input_ids, prompt, padding = batch["input_ids"], batch["prompt_mask"], batch["padding_mask"]
     position_ids, document_ids = batch["position_ids"], batch["document_ids"]
@@ -133,27 +172,74 @@ def diffusion_objective(model, batch: dict, cfg: ObjectiveConfig, mask_token_id:
         eligible = eligible & ~padding
     if keep is not None:
         eligible = eligible & keep
-    t = None
-    if block_length is not None:
-        segments = ba.block_ids(position_ids, document_ids, block_length)
-        t = bd.sample_block_times(segments, cfg.eps, generator)
+    if cfg.sft_block_pad and block_length is not None:
+        kept = editing.block_pad_keep(position_ids, padding, block_length)
+        eligible = eligible & kept
+        document_ids = torch.where(kept, document_ids, -1)  # the dropped padding: its own document
+    t = _times(cfg, position_ids, document_ids, block_length, generator)
     noisy, masked, _, t = forward_process(input_ids, eligible, mask_token_id, cfg.eps, generator,
                                           cfg.noise_schedule, t=t, return_t=True)
+    if cfg.complementary_masking:
+        masked_c, t_c = editing.complementary_masks(masked, eligible, t, cfg.eps)
+        input_ids, prompt, position_ids, document_ids, eligible = (
+            torch.cat([v, v], 0) for v in (input_ids, prompt, position_ids, document_ids, eligible))
+        masked, t = torch.cat([masked, masked_c], 0), torch.cat([t, t_c], 0)
+        noisy = torch.where(masked, mask_token_id, input_ids)
     clean = input_ids
     if cfg.name == "sft" and cfg.cfg_prob > 0:
         drop = torch.rand(input_ids.shape[0], device=input_ids.device, generator=generator) < cfg.cfg_prob
         dropped = drop[:, None] & prompt
         noisy = noisy.masked_fill(dropped, mask_token_id)
         clean = clean.masked_fill(dropped, mask_token_id)  # the clean context must not leak the prompt either
-    labels = torch.where(masked, input_ids, IGNORE_INDEX)
-    if block_length is None:
-        token_ce = model(noisy, position_ids=position_ids, document_ids=document_ids, labels=labels)
+    rows = input_ids.shape[0]
+    corrupted = None
+    if cfg.edit_prob > 0:
+        chosen = editing.corrupt_positions(eligible & ~masked, cfg.edit_prob, generator)
+        if cfg.edit_source == "random":
+            if edit_vocab is None:
+                raise ValueError("objective.edit_source=random needs the replacement vocabulary (edit_vocab)")
+            rep = editing.random_replacements(input_ids, edit_vocab, generator)
+        else:  # self: the model drafts the chosen positions with them masked; its wrong guesses are the edits
+            with torch.no_grad():
+                draft = _run(model, noisy.masked_fill(chosen, mask_token_id), clean, position_ids, document_ids,
+                             block_length).float()
+            draft[..., mask_token_id] = -torch.inf
+            rep = draft.argmax(-1)
+            rows += input_ids.shape[0]
+        corrupted = chosen & (rep != input_ids)
+        noisy = torch.where(corrupted, rep, noisy)
+    kept = None
+    if corrupted is not None and cfg.edit_keep_weight > 0:
+        kept = eligible & ~masked & ~corrupted  # visible and intact: the model must keep them
+    targets = masked if corrupted is None else masked | corrupted | (kept if kept is not None else corrupted)
+    labels = torch.where(targets, input_ids, IGNORE_INDEX)
+    stats = {}
+    if cfg.confidence_weight > 0:
+        logits = _run(model, noisy, clean, position_ids, document_ids, block_length)
+        token_ce = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+        cap = editing.confidence_loss(logits, masked, input_ids)
+        stats["cap_loss_sum"] = cap.detach().float()
+        stats["head_tokens"] = torch.full((), float(labels.numel()), device=labels.device)
     else:
-        token_ce = ba.block_diffusion_logits(model, noisy, clean, position_ids, document_ids, block_length,
-                                             labels=labels)
+        token_ce = _run(model, noisy, clean, position_ids, document_ids, block_length, labels=labels)
+        stats["head_tokens"] = targets.sum().float()
+    m2t_ce = torch.where(masked, token_ce, 0.0)
     answer_lengths = eligible.sum(1).clamp(min=1)
-    loss = diffusion_loss(token_ce, masked, t, answer_lengths, cfg.loss_weighting)
-    return loss, {**_t_bucket_stats(t, masked, token_ce, cfg.eps), "head_tokens": masked.sum().float()}
+    loss = diffusion_loss(m2t_ce, masked, t, answer_lengths, cfg.loss_weighting)
+    stats["m2t_loss_sum"] = loss.detach().float()
+    if corrupted is not None:
+        t2t = editing.edit_loss(token_ce, corrupted)
+        stats["t2t_loss_sum"] = t2t.detach().float()
+        stats["t2t_tokens"] = corrupted.sum().float()
+        loss = loss + cfg.edit_loss_weight * t2t
+    if kept is not None:
+        keep = editing.edit_loss(token_ce, kept)
+        stats["keep_loss_sum"] = keep.detach().float()
+        loss = loss + cfg.edit_keep_weight * keep
+    if cfg.confidence_weight > 0:
+        loss = loss + cfg.confidence_weight * cap
+    stats["model_rows"] = torch.full((), float(rows), device=input_ids.device)
+    return loss, {**_t_bucket_stats(t, masked, m2t_ce, cfg.eps), **stats}
 
 
 def model_input_length(cfg: ObjectiveConfig, causal: bool, seq_len: int, step: int = 0) -> int:
@@ -175,7 +261,8 @@ def check_objective_data(cfg: ObjectiveConfig, prompt_mask: torch.Tensor) -> Non
 
 
 def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_token_id: int | None,
-                 generator: torch.Generator | None = None, step: int = 0, check_data: bool = True):
+                 generator: torch.Generator | None = None, step: int = 0, check_data: bool = True,
+                 edit_vocab: torch.Tensor | None = None):
     """Run ``model`` on ``batch`` and return ``(loss, stats)`` for objective ``cfg``.
 
     Host synchronisations (CUDA): the selection of the loss positions in the model (``nonzero``), and with block
@@ -189,6 +276,7 @@ def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_to
     Args:
         step: optimizer step (0-based), picks the block length from ``cfg.block_schedule``.
         check_data: run :func:`check_objective_data` on ``batch["prompt_mask"]`` here.
+        edit_vocab: replacement ids of T2T editing with ``edit_source=random`` (see :func:`diffusion_objective`).
     Returns:
         loss: float32 scalar. stats (float32 tensors, summable across ranks): ``tokens`` (input tokens),
         ``model_tokens`` (positions the model ran on: B x :func:`model_input_length`), ``head_tokens``
@@ -233,9 +321,10 @@ def compute_loss(model, batch: dict, cfg: ObjectiveConfig, causal: bool, mask_to
             effective = bd.effective_block_length(cfg.block_length_at(step), length)
             stats["block_length"] = torch.full((), float(effective), device=dev)
             block_length = effective if effective < length else None
-        loss, dstats = diffusion_objective(model, batch, cfg, mask_token_id, generator, block_length, keep)
+        loss, dstats = diffusion_objective(model, batch, cfg, mask_token_id, generator, block_length, keep, edit_vocab)
+        b = dstats.pop("model_rows")  # complementary masking doubles the rows, a self-draft pass adds a forward
         stats.update(dstats)
-    stats["model_tokens"] = torch.full((), float(b * model_input_length(cfg, causal, length, step)), device=dev)
+    stats["model_tokens"] = b * float(model_input_length(cfg, causal, length, step)) * torch.ones((), device=dev)
     stats["loss_sum"] = loss.detach().float()
     stats["loss_count"] = torch.ones((), device=dev)
     return loss, stats

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
+from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
 from llada_scale.training import preflight, resume, signals
 from llada_scale.training.config import RunConfig
@@ -61,6 +62,10 @@ class Trainer:
         if loader_factory is None:  # before the weights load: both splits, tokenizer, shard kind (index files only)
             preflight.check_data(cfg, self.tokenizer)
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
+        self.edit_vocab = None  # T2T editing with random replacements: the non-special tokenizer ids
+        if cfg.objective.edit_prob > 0 and cfg.objective.edit_source == "random":
+            self.edit_vocab = replacement_vocab(self.tokenizer.vocab_size, tokenizer_special_ids(self.tokenizer),
+                                                self.device)
 
         resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
         lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
@@ -189,7 +194,8 @@ class Trainer:
         while micro < self.grad_accum:
             batch = self._next_batch(it)
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                       self.cfg.model.mask_token_id, self.generator, step=self.step, check_data=False)
+                                       self.cfg.model.mask_token_id, self.generator, step=self.step, check_data=False,
+                                       edit_vocab=self.edit_vocab)
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss], built on
             # the device and read back once
             finite = torch.isfinite(loss.detach())
@@ -236,7 +242,8 @@ class Trainer:
             if i % self.world_size != self.rank:
                 continue
             loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
-                                   self.cfg.model.mask_token_id, gen, step=self.step, check_data=False)
+                                   self.cfg.model.mask_token_id, gen, step=self.step, check_data=False,
+                                   edit_vocab=self.edit_vocab)
             total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
         dist.all_reduce(total)
         return {"val/loss": (total[0] / total[1]).item()}
@@ -272,6 +279,10 @@ class Trainer:
             bucket_metrics, bucket_line = t_bucket_metrics(sums["t_bucket_ce_sum"], sums["t_bucket_count"])
             metrics.update(bucket_metrics)
             line += " | ce by t " + bucket_line
+        for part in ("m2t", "t2t", "keep", "cap"):  # T2T editing / CAP: the loss split into its terms
+            if f"{part}_loss_sum" in sums and ("t2t_loss_sum" in sums or "cap_loss_sum" in sums):
+                metrics[f"train/loss_{part}"] = sums[f"{part}_loss_sum"] / sums["loss_count"]
+                line += f" | {part} {metrics[f'train/loss_{part}']:.4f}"
         if "block_length" in sums:
             metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"
