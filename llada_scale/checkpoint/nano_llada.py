@@ -298,7 +298,7 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
     """
     if not os.path.isfile(pt_file):
         raise CheckpointError(f"{pt_file} does not exist")
-    _prepare_out(out_dir, force)
+    _prepare_out(out_dir, force, (pt_file,))
     try:
         obj = torch.load(pt_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001

@@ -115,7 +115,7 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
     from llada_scale.checkpoint.streaming import check_output_dir, staged_output
     from llada_scale.model.transformer import Transformer, load_weights, resize_vocab
 
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, (checkpoint, base))
     adapters, meta = load_model_state(checkpoint, progress=not quiet)
     run = meta.get("config") or {}
     lcfg = (run.get("train") or {}).get("lora") or {}
@@ -141,7 +141,7 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
                               f"unexpected {sorted(got - own)[:4]})")
     model.load_state_dict({k: adapters[k] for k in got}, strict=False)
     merged = merge_lora(model).state_dict()
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(checkpoint, base)) as tmp:
         tok = _copy_tokenizer(meta, tmp, tokenizer)
         write_consolidated(merged, mc, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
                            step=meta.get("step"), run_config=run,
