@@ -21,7 +21,7 @@ from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
-from llada_scale.training import preflight, resume, signals
+from llada_scale.training import preflight, resume, runlock, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
@@ -54,8 +54,7 @@ class Trainer:
         self.device = torch.device(get_accelerator().current_device_name())
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = runlock.hold(self.run_dir, self.rank)  # one trainer per run_dir (rank 0 creates it)
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer)
         if loader_factory is None:  # before the weights load: both splits, tokenizer, shard kind (index files only)
@@ -348,3 +347,5 @@ class Trainer:
         self.logger.close()
         self.engine.destroy()
         signals.stop_watching()
+        if self.run_lock is not None:
+            self.run_lock.release()
