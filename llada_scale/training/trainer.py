@@ -26,6 +26,7 @@ from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
 from llada_scale.training.lora import apply_lora
+from llada_scale.training.lora import base_identity as lora_base_identity, check_base as check_lora_base
 from llada_scale.training.guards import DivergedError, LossGuard
 from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, t_bucket_metrics, throughput
 from llada_scale.training.parallelize import parallelize
@@ -73,6 +74,12 @@ class Trainer:
             check_init_config(cfg.model, source, cfg.train.init_from)
         elif lora:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
+        self.lora_base = lora_base_identity(model, cfg.train.init_from) if lora else None
+        if lora and resume_dir is not None:  # the adapters only fit the base they were trained on
+            try:
+                check_lora_base(checkpointer.read_meta(resume_dir).get("lora_base"), self.lora_base, str(resume_dir))
+            except ValueError as e:
+                raise TrainError(f"{e} (train.init_from)") from None
         if lora:
             model = apply_lora(model, cfg.train.lora)
         self.num_params = model.num_params()
@@ -135,7 +142,8 @@ class Trainer:
     # -- checkpoints
     def _meta(self) -> dict:
         return {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.identity(), "zero_stage": self.zero_stage,
-                "world_size": self.world_size, "num_params": self.num_params}
+                "world_size": self.world_size, "num_params": self.num_params,
+                **({"lora_base": self.lora_base} if self.lora_base else {})}
 
     def save(self):
         """Collective: save engine, loader and RNG states of every rank at the current step."""
