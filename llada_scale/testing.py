@@ -101,3 +101,29 @@ def train_metrics(run_dir: str | Path) -> dict[int, dict]:
 def train_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> ``train/loss`` from ``run_dir/metrics.jsonl`` (see :func:`train_metrics`)."""
     return {step: row["train/loss"] for step, row in train_metrics(run_dir).items()}
+
+
+def controlling_tty() -> None:
+    """``preexec_fn`` for a child whose stdin is a pty slave: a new session with that pty as its controlling
+    terminal, so that Ctrl-C (``\\x03``) written to the master reaches it as SIGINT, as in a real terminal."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def read_pty_until(master: int, out: bytearray, token: bytes, timeout: float = 120) -> bool:
+    """Append what the pty ``master`` prints to ``out`` until ``token`` appears in it; False after ``timeout``
+    seconds or when the child closed the terminal first."""
+    import select
+    import time
+
+    end = time.time() + timeout
+    while token not in out and time.time() < end:
+        if select.select([master], [], [], 0.5)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+    return token in out

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import io
 import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from llada_scale.api import Model
+from llada_scale.testing import controlling_tty, read_pty_until
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -73,35 +72,17 @@ def test_invalid_utf8_is_reported_and_skipped(dm):
     assert r.stdout.decode().count("model> ") == 1
 
 
-def _controlling_tty():
-    """In the child: a new session whose controlling terminal is the pty on stdin, so Ctrl-C there is SIGINT."""
-    import fcntl
-    import termios
-
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 def test_ctrl_c_in_a_terminal(dm):
     """Through a pty as a user types it: Ctrl-C during a slow --watch answer, then again at the prompt."""
     master, slave = os.openpty()
     p = subprocess.Popen([sys.executable, str(REPO / "tools" / "chat.py"), dm, "--gen_length", "8", "--block_length",
                           "8", "--watch", "--watch_delay", "1"], stdin=slave, stdout=slave, stderr=slave,
-                         close_fds=True, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_controlling_tty)
+                         close_fds=True, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=controlling_tty)
     os.close(slave)
-    out = b""
+    out = bytearray()
 
     def read_until(token: bytes, timeout: float = 120) -> bool:
-        nonlocal out
-        end = time.time() + timeout
-        while token not in out and time.time() < end:
-            ready, _, _ = select.select([master], [], [], 1)
-            if ready:
-                try:
-                    out += os.read(master, 4096)
-                except OSError:
-                    return False
-        return token in out
+        return read_pty_until(master, out, token, timeout)
 
     try:
         assert read_until(b"you> "), out[-2000:]
@@ -116,4 +97,4 @@ def test_ctrl_c_in_a_terminal(dm):
         if p.poll() is None:
             p.kill()
         os.close(master)
-    assert b"Traceback" not in out, out[-2000:]
+    assert b"Traceback" not in out, bytes(out[-2000:])
