@@ -22,6 +22,7 @@ from pathlib import Path
 from llada_scale.testing import controlling_tty, read_pty_until
 
 ZERO2 = "ds_configs/zero2.json"
+T = 600  # seconds per process: the sweep shares a busy machine
 CONV = [sys.executable, "tools/convert_checkpoint.py"]
 
 
@@ -31,7 +32,7 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _py(s, code: str, timeout: float = 180) -> tuple[int | None, str]:
+def _py(s, code: str, timeout: float = T) -> tuple[int | None, str]:
     c, out, _ = s.run([sys.executable, "-c", code], timeout)
     return c, out
 
@@ -52,16 +53,16 @@ def case_integrity_corrupt(s) -> None:
     llada_scale.load reads; in an HF directory that brings a SHA256SUMS."""
     for victim in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         run = s.work / f"flip_{victim[:4]}"
-        s.train(run, "train.max_steps=6", "train.save_every=3", ds=ZERO2)
+        s.train(run, "train.max_steps=6", "train.save_every=3", ds=ZERO2, timeout=T)
         _flip(run / "checkpoints" / "step00000006" / victim)
-        code, out, _ = s.train(run, "train.max_steps=8", "train.keep_last=1", ds=ZERO2)
+        code, out, _ = s.train(run, "train.max_steps=8", "train.keep_last=1", ds=ZERO2, timeout=T)
         s.row(f"flipped byte in newest {victim.split('_')[-2]} file, resume (keep_last=1)",
               "warns, resumes from step 3, exit 0", f"exit {code}, "
               f"{'resumed at step 3' if 'at step 3' in out else 'resumed at step 6' if 'at step 6' in out else s.err_line(out)[:70]}",
               code == 0 and "at step 3" in out)
     src = s.work / "flip_mp_r" / "checkpoints" / "step00000003"
     cons = s.work / "flip_cons"
-    s.run([*CONV, "consolidate", str(src), str(cons), "--quiet", "--tokenizer", str(s.tok)], 120)
+    s.run([*CONV, "consolidate", str(src), str(cons), "--quiet", "--tokenizer", str(s.tok)], T)
     _flip(cons / "model.safetensors")
     code, out = _py(s, f"import llada_scale; llada_scale.load({str(cons)!r}, device='cpu'); print('LOADED')")
     s.row("llada_scale.load of a consolidated dir with a flipped byte", "refused, naming model.safetensors",
@@ -77,14 +78,14 @@ def case_integrity_corrupt(s) -> None:
     digest = hashlib.sha256((hf / "model.safetensors").read_bytes()).hexdigest()
     (hf / "SHA256SUMS").write_text(f"{digest}  model.safetensors\n")
     _flip(hf / "model.safetensors")
-    code, out, _ = s.run([*CONV, "import-hf", str(hf), str(s.work / "flip_hf_out"), "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "import-hf", str(hf), str(s.work / "flip_hf_out"), "--quiet"], T)
     s.row("import-hf of a dir whose SHA256SUMS does not match", "exit 2 naming the file",
           f"exit {code}, {s.err_line(out)[:80]}", code == 2 and "model.safetensors" in s.err_line(out))
     hf2 = s.work / "trunc_hf"
     hf2.mkdir()
     (hf2 / "config.json").write_text((hf / "config.json").read_text())
     (hf2 / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:12])
-    code, out, _ = s.run([*CONV, "import-hf", str(hf2), str(s.work / "trunc_out"), "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "import-hf", str(hf2), str(s.work / "trunc_out"), "--quiet"], T)
     s.row("import-hf of a truncated safetensors header", "exit 2, one line", f"exit {code}, {s.err_line(out)[:80]}",
           code == 2 and "Traceback" not in out)
 
@@ -94,10 +95,10 @@ def case_integrity_concurrent(s) -> None:
     s.n += 1
     first = s.start(s.train_argv(run, "train.max_steps=400", "train.save_every=0"), s.work / "first.txt")
     m = run / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + T
     while not (m.exists() and m.read_text().count("train/loss") >= 2) and time.time() < deadline:
         time.sleep(0.2)
-    code, out, secs = s.run(s.train_argv(run, "train.max_steps=400", "train.save_every=0"), 90)
+    code, out, secs = s.run(s.train_argv(run, "train.max_steps=400", "train.save_every=0"), T)
     alive = first.poll() is None
     first.send_signal(signal.SIGTERM)
     s.wait(first, 60)
@@ -110,23 +111,23 @@ def case_integrity_concurrent(s) -> None:
 
 def case_integrity_force(s) -> None:
     run = s.work / "forced_run"
-    s.train(run, "train.max_steps=2", "train.save_every=2")
+    s.train(run, "train.max_steps=2", "train.save_every=2", timeout=T)
     tag = run / "checkpoints" / "step00000002"
-    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(run), "--force", "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(run), "--force", "--quiet"], T)
     intact = tag.is_dir() and (run / "metrics.jsonl").is_file()
     s.row("consolidate CKPT RUN_DIR --force (output holds the input)", "exit 2, run intact",
           f"exit {code}, run {'intact' if intact else 'DELETED'}", code == 2 and intact)
     out_dir = s.work / "foreign"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("mine")
-    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(out_dir), "--force", "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(out_dir), "--force", "--quiet"], T)
     kept = (out_dir / "notes.txt").is_file()
     s.row("consolidate --force into a dir with a foreign file", "exit 0, foreign file kept",
           f"exit {code}, notes.txt {'kept' if kept else 'DELETED'}", code == 0 and kept)
-    code, out, _ = s.run([*CONV, "consolidate", str(out_dir), str(out_dir), "--any_source", "--force", "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "consolidate", str(out_dir), str(out_dir), "--any_source", "--force", "--quiet"], T)
     s.row("consolidate X X --any_source --force (output is the input)", "exit 2", f"exit {code}, "
           f"{s.err_line(out)[:70]}", code == 2 and (out_dir / "notes.txt").is_file())
-    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(s.work / "named"), "--quiet"], 120)
+    code, out, _ = s.run([*CONV, "consolidate", str(tag), str(s.work / "named"), "--quiet"], T)
     final = out.strip().splitlines()[-1] if out.strip() else ""
     s.row("converter's final line", "names the real output dir", final[:90].replace("|", "/"),
           code == 0 and final.endswith(str(s.work / "named")))
@@ -144,7 +145,7 @@ def case_integrity_enospc(s) -> None:
             out_dir = mnt / cmd
             out_dir.mkdir()
             (out_dir / "keep.txt").write_text("previous output")
-            code, out, _ = s.run([*CONV, cmd, str(tag), str(out_dir), "--force", "--quiet", "--dtype", "fp32"], 120)
+            code, out, _ = s.run([*CONV, cmd, str(tag), str(out_dir), "--force", "--quiet", "--dtype", "fp32"], T)
             kept = (out_dir / "keep.txt").is_file()
             s.row(f"{cmd} onto a full 1 MiB tmpfs", "exit 2, one line, previous kept",
                   f"exit {code}, {s.err_line(out)[:60]}, keep.txt {'kept' if kept else 'gone'}",
@@ -152,7 +153,7 @@ def case_integrity_enospc(s) -> None:
         gz = s.work / "docs.jsonl"
         code, out, _ = s.run([sys.executable, "tools/build_shards.py", "--kind", "pretrain", "--tokenizer", str(s.tok),
                               "--no_progress", "--num_workers", "1", "--input", str(gz), "--output",
-                              str(mnt / "shards")], 120)
+                              str(mnt / "shards")], T)
         s.row("build_shards onto a full 1 MiB tmpfs", "exit 2, one line", f"exit {code}, {s.err_line(out)[:70]}",
               code == 2 and "Traceback" not in out and "space" in out)
         for f in mnt.iterdir():
@@ -160,7 +161,7 @@ def case_integrity_enospc(s) -> None:
         run = mnt / "run"
         run.mkdir()
         (mnt / "filler").write_bytes(b"\0" * (1024 * 1024 - 2 * 4096))  # two pages: the lock file, ~10 lines
-        code, out, _ = s.train(run, "train.max_steps=40", "train.save_every=0")
+        code, out, _ = s.train(run, "train.max_steps=40", "train.save_every=0", timeout=T)
         text = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""
         whole = not text or text.endswith("\n")
         s.row("metrics.jsonl on a disk that fills up", "never ends in a half line; save fails in one line",
@@ -177,12 +178,12 @@ def case_integrity_lora_base(s) -> None:
     lora = ["train.lora.rank=4", "train.lora.alpha=8", "train.lora.target_modules=[q_proj,v_proj]",
             "train.micro_batch_size=2", "train.global_batch_size=4"]
     run = s.work / "lora_run"
-    s.train(run, f"train.init_from={base}", *lora, "train.max_steps=2", "train.stop_at_step=1", ds=ZERO2)
-    code, out, _ = s.train(run, f"train.init_from={other}", *lora, "train.max_steps=2", ds=ZERO2)
+    s.train(run, f"train.init_from={base}", *lora, "train.max_steps=2", "train.stop_at_step=1", ds=ZERO2, timeout=T)
+    code, out, _ = s.train(run, f"train.init_from={other}", *lora, "train.max_steps=2", ds=ZERO2, timeout=T)
     s.row("LoRA resume after train.init_from changed to another base", "exit 2 naming both bases",
           f"exit {code}, {s.err_line(out)[:70]}", code == 2 and "base" in s.err_line(out))
     code, out, _ = s.run([*CONV, "merge-lora", str(run), str(s.work / "lora_merged"), "--base", str(other),
-                          "--quiet"], 120)
+                          "--quiet"], T)
     s.row("merge-lora with another base", "exit 2", f"exit {code}, {s.err_line(out)[:70]}", code == 2)
 
 
@@ -277,7 +278,7 @@ def case_integrity_gzip(s) -> None:
     (s.work / "crc.jsonl.gz").write_bytes(bytes(gz))
     code, out, _ = s.run([sys.executable, "tools/build_shards.py", "--kind", "pretrain", "--tokenizer", str(s.tok),
                           "--no_progress", "--num_workers", "1", "--val_docs", "1", "--input",
-                          str(s.work / "crc.jsonl.gz"), "--output", str(s.work / "b_crc")], 120)
+                          str(s.work / "crc.jsonl.gz"), "--output", str(s.work / "b_crc")], T)
     s.row("build_shards: .gz whose checksum fails", "exit 2 (rows may be garbled)", f"exit {code}, "
           f"{s.err_line(out)[:70]}", code == 2 and "Traceback" not in out)
 
