@@ -74,8 +74,8 @@ def write_sums(root: str) -> dict[str, str]:
 
 
 def read_sums(path: str) -> dict[str, str]:
-    """Name -> hex of a ``sha256sum``-format file (``<hex>  <name>`` or ``<hex> *<name>``; blank lines and
-    ``#`` comments ignored). Raises CheckpointError on a malformed line."""
+    """Name -> hex of a ``sha256sum``-format file (``<hex>  <name>`` or ``<hex> *<name>``; a bare ``<hex>`` is
+    named ``-``; blank lines and ``#`` comments ignored). Raises CheckpointError on a malformed line."""
     out = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
@@ -83,7 +83,9 @@ def read_sums(path: str) -> dict[str, str]:
             if not line or line.startswith("#"):
                 continue
             parts = line.split(None, 1)
-            if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
+            if len(parts) == 1:  # a bare digest (a "<file>.sha256" sidecar of one file)
+                parts = [parts[0], "-"]
+            if len(parts[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in parts[0]):
                 raise CheckpointError(f"{path}:{i} is not a sha256sum line (<64 hex digits>  <file name>)")
             out[parts[1].lstrip("*").strip()] = parts[0].lower()
     return out

@@ -87,6 +87,8 @@ def test_imported_checksum_files_and_truncated_headers(tmp_path):
     good = integrity.sha256_file(str(src / "model.safetensors"))
     (src / "model.safetensors.sha256").write_text(f"{good}  model.safetensors\n")
     assert "model.embed_tokens.weight" in scan_weights(str(src))
+    (src / "model.safetensors.sha256").write_text(f"{good}\n")  # a bare digest names its own file
+    assert "model.embed_tokens.weight" in scan_weights(str(src))
     (src / "model.safetensors.sha256").write_text(f"{'0' * 64}  model.safetensors\n")
     integrity._verified.clear()
     with pytest.raises(cio.CheckpointError, match="does not match its SHA-256"):
