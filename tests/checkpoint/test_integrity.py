@@ -145,3 +145,16 @@ def test_force_never_deletes_foreign_files_or_the_input(tmp_path, capsys):
     assert sorted(p.name for p in own.iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors"]
     assert not stale.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".own.")]
+
+
+def test_retention_keeps_older_checkpoints_when_the_new_one_does_not_check(tmp_path, monkeypatch):
+    ckpts = tmp_path / "checkpoints"
+    save(ckpts, 2)
+    real = checkpointer.damage
+    monkeypatch.setattr(checkpointer, "damage", lambda d, verify=None: "a file vanished" if d.name.endswith("4")
+                        else real(d, verify))
+    save(ckpts, 4, keep_last=1)
+    assert [p.name for p in checkpointer.list_complete(ckpts)] == ["step00000002", "step00000004"]
+    monkeypatch.undo()
+    save(ckpts, 6, keep_last=1)
+    assert [p.name for p in checkpointer.list_complete(ckpts)] == ["step00000006"]
