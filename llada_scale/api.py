@@ -253,6 +253,10 @@ class Model:
         gen_length, steps, block_length, temperature, cfg_scale, threshold, repetition_penalty, seed, batch_size = (
             args[k] for k in ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "threshold",
                               "repetition_penalty", "seed", "batch_size"))
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable(step, tokens, committed), got {type(callback).__name__}")
+        if not isinstance(allow_extrapolation, bool):
+            raise ValueError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
         prompt_ids = check_prompts(prompt_ids)
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:

@@ -41,6 +41,8 @@ BAD_GENERATE = [
     (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
     (dict(seed=1.5), "seed must be an integer"),
     (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(callback="print"), "callback must be callable"),
+    (dict(allow_extrapolation="yes"), "allow_extrapolation must be True or False"),
     (dict(gen_length=10**9, allow_extrapolation=True), "need at least .* GiB on cpu"),
 ]
 
