@@ -1,5 +1,7 @@
-"""The hostile-user sweep of issue 11, rerunnable: bad inputs to every tool, signals through each launcher,
-kills, damaged checkpoints, a full disk, absurd learning rates, resumes. Prints one table row per case
+"""The hostile-user sweep of issues 11 and 20, rerunnable: bad inputs to every tool, signals through each launcher,
+kills, damaged checkpoints, a full disk, absurd learning rates, resumes; and (benchmarks/hostile_integrity.py)
+flipped bytes, two trainers in one run dir, --force over foreign files, ENOSPC at each writer, API fuzzing, Ctrl-C
+in the chat. Prints one table row per case
 (case, expected, observed, pass). Not part of the tests (several minutes); tests/ holds the fast versions.
 
     python benchmarks/hostile_sweep.py                       # this checkout
@@ -405,6 +407,10 @@ def case_nano(s: Sweep) -> None:
 
 CASES = [case_exit_with_workers, case_nonfinite, case_resume, case_disk_full, case_bad_config, case_vocab,
          case_early_stop, case_launchers, case_build, case_nano]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostile_integrity import INTEGRITY_CASES  # noqa: E402  (issue 20: checksums, lock, --force, ENOSPC, API, chat)
+
+CASES += INTEGRITY_CASES
 
 
 def main(argv=None) -> int:

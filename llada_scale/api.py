@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from llada_scale.sampling import validate
+
 __all__ = ["SAMPLERS", "Model", "load", "default_sampler", "trained_block_length", "special_ids", "render_partial"]
 
 SAMPLERS = ("low_confidence", "random", "threshold", "block", "edit")
@@ -147,9 +149,10 @@ class Model:
         """Token ids of a prompt: raw text, or (``chat``, or a list of messages) the tokenizer's chat template
         with the assistant generation prompt."""
         if isinstance(prompt, (list, tuple)):
-            return self.tokenizer.render_prompt(list(prompt))
+            return self.tokenizer.render_prompt(validate.check_messages(prompt))
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a str or a list of messages, got {type(prompt).__name__}")
+        validate.check_text("prompt", prompt)
         return self.tokenizer.render_prompt([{"role": "user", "content": prompt}]) if chat else \
             self.tokenizer.encode(prompt)
 
@@ -157,6 +160,8 @@ class Model:
         """``(context ids, continuation ids)`` as lm-evaluation-harness splits them: trailing spaces of the
         context move to the continuation, the whole text is encoded and split after the context's tokens; an
         empty context becomes the bos (else eos) token."""
+        validate.check_text("context", context)
+        validate.check_text("continuation", continuation)
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -212,8 +217,12 @@ class Model:
             One answer per prompt (a list also for a single string prompt).
         Raises:
             ValueError: an unknown sampler or cache, a setting the sampler refuses, a prompt longer than the
-                context without ``allow_extrapolation``.
+                context without ``allow_extrapolation``, any argument of the wrong type or out of range (0, NaN,
+                inf; ``steps`` above ``gen_length``), a prompt that is not valid Unicode, a batch that cannot fit in
+                the free memory (:mod:`llada_scale.sampling.validate`; one line each).
         """
+        if not isinstance(prompts, (str, list, tuple)) or not prompts:
+            raise ValueError("prompts must be a str or a non-empty list of str")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.encode_prompt(p, chat) for p in texts]
         res = self.generate_ids(ids, gen_length=gen_length, steps=steps, block_length=block_length, sampler=sampler,
@@ -224,8 +233,13 @@ class Model:
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """The assistant's next turn for ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str},
-        ...]``) rendered with the tokenizer's chat template; ``kwargs`` as :meth:`generate`."""
-        res = self.generate_ids([self.encode_prompt(messages)], **kwargs)
+        ...]``) rendered with the tokenizer's chat template; ``kwargs`` as :meth:`generate`.
+
+        Raises:
+            ValueError: malformed messages (see :func:`llada_scale.sampling.validate.check_messages`) and as
+                :meth:`generate`.
+        """
+        res = self.generate_ids([self.encode_prompt(validate.check_messages(messages))], **kwargs)
         return self.decode(res.tokens[0])
 
     @torch.no_grad()
@@ -239,12 +253,22 @@ class Model:
         from llada_scale import sampling
         from llada_scale.sampling.common import check_prompts
 
+        args = validate.check_generation(gen_length=gen_length, steps=steps, block_length=block_length,
+                                         temperature=temperature, cfg_scale=cfg_scale, threshold=threshold,
+                                         repetition_penalty=repetition_penalty, seed=seed, batch_size=batch_size)
+        gen_length, steps, block_length, temperature, cfg_scale, threshold, repetition_penalty, seed, batch_size = (
+            args[k] for k in ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "threshold",
+                              "repetition_penalty", "seed", "batch_size"))
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable(step, tokens, committed), got {type(callback).__name__}")
+        if not isinstance(allow_extrapolation, bool):
+            raise ValueError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
         prompt_ids = check_prompts(prompt_ids)
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if batch_size < 1 or gen_length < 1:
-            raise ValueError(f"batch_size and gen_length must be >= 1 (got {batch_size}, {gen_length})")
+        rows = min(batch_size, len(prompt_ids)) * (2 if cfg_scale > 0 else 1)
+        validate.check_fits(self.config, rows, max(map(len, prompt_ids)) + gen_length, self.device, "generate")
         steps = steps or gen_length
         if edit_kwargs and (sampler != "edit" or self.causal):
             raise ValueError(f"{', '.join(sorted(edit_kwargs))} only apply to sampler='edit' (diffusion models)")
@@ -323,7 +347,8 @@ class Model:
             cfg_scale: classifier-free guidance (diffusion; default 0). seed: Monte Carlo seed (default 0).
             estimator: None = :attr:`estimator`; ``"full"`` or ``"block"`` for diffusion models.
         Raises:
-            ValueError: an empty continuation, an unknown estimator, a text longer than the context.
+            ValueError: an empty continuation, an unknown estimator, a text longer than the context, an argument
+                of the wrong type or out of range, text that is not valid Unicode, a batch that cannot fit.
         """
         return self.log_likelihood_ids([self.encode_pair(context, continuation)], mc_samples=mc_samples,
                                        batch_size=batch_size, cfg_scale=cfg_scale, seed=seed, estimator=estimator)[0]
@@ -335,8 +360,17 @@ class Model:
         """:meth:`log_likelihood` for token-id pairs; every pair draws its Monte Carlo noise from a seed made of
         ``seed`` and its own tokens, so its value does not depend on the other pairs or the batching.
         ``return_greedy`` (AR): ``(log p, is_greedy)`` tuples."""
+        from llada_scale.sampling.common import check_prompts
         from llada_scale.sampling.likelihood import log_likelihood_batch
 
+        validate.check_likelihood(mc_samples=mc_samples, batch_size=batch_size, cfg_scale=cfg_scale, seed=seed)
+        if not isinstance(pairs, (list, tuple)) or not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                                       for p in pairs):
+            raise ValueError("pairs must be a non-empty list of (context ids, continuation ids) pairs")
+        for name, part in (("contexts", [p[0] for p in pairs]), ("continuations", [p[1] for p in pairs])):
+            check_prompts(part, name)
+        validate.check_fits(self.config, batch_size, max(len(c) + len(a) for c, a in pairs), self.device,
+                            "log_likelihood")
         estimator = estimator or self.estimator
         if estimator not in (("ar",) if self.causal else ("full", "block")):
             raise ValueError(f"estimator {estimator!r} does not fit this {'AR' if self.causal else 'diffusion'} "
@@ -364,12 +398,20 @@ def load(path: str, device: str | torch.device | None = None, dtype: str | torch
         a :class:`Model`.
     Raises:
         llada_scale.checkpoint.CheckpointError: a missing path, a file or directory of another format, weights
-            that do not fit the recorded config, no tokenizer found (one line each).
+            that do not fit the recorded config or their SHA-256, no tokenizer found, a CUDA device without
+            CUDA, a LoRA run (merge it first) or a directory in LLaDA's released format (import it first): one
+            line each.
     """
     from llada_scale.checkpoint import CheckpointError, build_model_from_checkpoint, tokenizer_path_from_meta
     from llada_scale.data.tokenizer import Tokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} requested but CUDA is not available here; pass device='cpu'")
+    _refuse_unloadable(os.fspath(path))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     module = build_model_from_checkpoint(os.fspath(path), dtype=dtype, device=str(device), progress=progress)
@@ -381,3 +423,43 @@ def load(path: str, device: str | torch.device | None = None, dtype: str | torch
         return Model(module, Tokenizer.load(src), meta)
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{meta['path']}: {e}") from None
+
+
+def _refuse_unloadable(path: str) -> None:
+    """Say what to run first for a checkpoint :func:`load` cannot read as it is: a LoRA run's checkpoint holds
+    only the adapters (``merge-lora``), a directory in LLaDA's released format needs ``import-llada``.
+
+    Raises:
+        CheckpointError: one line with the command to run.
+    """
+    import json
+
+    from llada_scale.checkpoint import CheckpointError, resolve_checkpoint
+    from llada_scale.checkpoint.files import META_FILE
+
+    cli = "python tools/convert_checkpoint.py"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            cfg = {}
+        if isinstance(cfg, dict) and (cfg.get("model_type") == "llada" or "LLaDAModelLM" in cfg.get("architectures",
+                                                                                                   [])):
+            raise CheckpointError(f"{path} is in LLaDA's released format; convert it first: {cli} import-llada "
+                                  f"{path} OUT_DIR, then load OUT_DIR")
+    try:
+        kind, resolved = resolve_checkpoint(path)
+    except CheckpointError:
+        return  # load() reports it
+    meta_path = os.path.join(resolved, META_FILE)
+    if kind != "deepspeed" or not os.path.isfile(meta_path):
+        return
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            lora = ((json.load(f).get("config") or {}).get("train") or {}).get("lora") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(lora, dict) and lora.get("rank"):
+        raise CheckpointError(f"{resolved} is a LoRA run's checkpoint (adapters only); merge it into its base "
+                              f"first: {cli} merge-lora {path} OUT_DIR, then load OUT_DIR")

@@ -129,3 +129,29 @@ def assert_close_to_scale(actual, expected, rtol: float = 1e-5, msg: str | None 
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale,
                                msg=None if msg is None else lambda detail: f"{msg}: {detail}")
+
+
+def controlling_tty() -> None:
+    """``preexec_fn`` for a child whose stdin is a pty slave: a new session with that pty as its controlling
+    terminal, so that Ctrl-C (``\\x03``) written to the master reaches it as SIGINT, as in a real terminal."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def read_pty_until(master: int, out: bytearray, token: bytes, timeout: float = 120) -> bool:
+    """Append what the pty ``master`` prints to ``out`` until ``token`` appears in it; False after ``timeout``
+    seconds or when the child closed the terminal first."""
+    import select
+    import time
+
+    end = time.time() + timeout
+    while token not in out and time.time() < end:
+        if select.select([master], [], [], 0.5)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+    return token in out

@@ -6,7 +6,8 @@ Example::
     python tools/build_shards.py --input ../shared/data/pretrain/en_classics.jsonl.gz \
         --tokenizer ../shared/data/tokenizer/minimind --output data/en_classics --kind pretrain
 
-Exit status: 0 on success, 2 on bad input (one ``error: ...`` line on stderr).
+Exit status: 0 on success, 2 on bad input or a full disk (one ``error: ...`` line on stderr; a failed build
+leaves an earlier build in --output as it was).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def main(argv=None) -> int:
             strict=args.strict, progress=not args.no_progress, mask_token=args.mask_token)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or an unwritable output: the staging directory is already removed
+        import errno
+
+        what = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            f"{type(exc).__name__}: {exc.strerror or exc}"
+        print(f"error: {what} writing {args.output} ({exc.filename or 'output'}); shards already in {args.output} "
+              "(if any) are left as they were", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {summary['documents']} documents, {summary['tokens']} tokens "
           f"({summary['bad_rows']} bad rows skipped) in {summary['seconds']:.1f} s "

@@ -8,9 +8,11 @@ step (as LLaDA's chat.py and its demo do).
   python tools/chat.py runs/llada2_bd_sft_tiny --sampler edit --preset speed --watch   # LLaDA 2.1 editing
   printf 'What is 2+2?\\nAnd times 3?\\n' | python tools/chat.py CKPT      # one answer per input line
 
-Type a message and press Enter. /reset forgets the conversation, /quit (or Ctrl-D) exits. When the
-conversation no longer fits the model's max_seq_len together with --gen_length, the oldest turns are dropped
-(said on screen). Errors print one line: a bad checkpoint exits with status 2; a bad message is skipped.
+Type a message and press Enter. /reset forgets the conversation, /quit (or Ctrl-D, or Ctrl-C at the prompt)
+exits; Ctrl-C while an answer is being generated cancels that answer and returns to the prompt, keeping the
+conversation. When the conversation no longer fits the model's max_seq_len together with --gen_length, the
+oldest turns are dropped (said on screen). Errors print one line: a bad checkpoint or sampling flag exits with
+status 2; a bad message (e.g. bytes that are not UTF-8) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llada_scale  # noqa: E402
 from llada_scale.api import SAMPLERS, render_partial  # noqa: E402
+from llada_scale.sampling import validate  # noqa: E402
 from llada_scale.sampling.diffusion import CACHES  # noqa: E402
 
 
@@ -83,9 +86,16 @@ def fit(model, messages: list[dict], gen_length: int) -> tuple[list[dict], int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.gen_length < 1 or (args.steps is not None and args.steps < 1):
-        print(f"error: --gen_length and --steps must be >= 1 (got {args.gen_length}, {args.steps})", file=sys.stderr)
+    try:
+        validate.check_generation(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                                  temperature=args.temperature, cfg_scale=args.cfg_scale, threshold=args.threshold,
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed, batch_size=1)
+        validate.check_float("watch_delay", args.watch_delay, low=0)
+    except ValueError as e:
+        print(f"error: --{e}", file=sys.stderr)
         return 2
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become lone surrogates, reported per line
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         model = llada_scale.load(args.checkpoint, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
@@ -124,12 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             line = input("you> ") if tty_in else sys.stdin.readline()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()
             break
         if not tty_in and not line:
             break
         text = line.strip()
         if not text:
+            continue
+        try:
+            validate.check_text("message", text)
+        except ValueError as e:
+            print(f"error: {e}; message skipped", file=sys.stderr)
             continue
         if text in ("/quit", "/exit"):
             break
@@ -144,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             answer = model.chat(messages, **gen)
         except ValueError as e:
             print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # cancel this answer only; the conversation stays as it was
+            if watch and tty_out:
+                sys.stdout.write("\r\x1b[2K")
+            print("\n(answer cancelled; Ctrl-C at the prompt or /quit exits)", flush=True)
             continue
         if watch and tty_out:
             sys.stdout.write("\r\x1b[2K")

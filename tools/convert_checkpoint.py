@@ -17,7 +17,9 @@ Subcommands (each has its own --help):
 
 The work is done by :mod:`llada_scale.checkpoint.convert`, :mod:`llada_scale.checkpoint.llada`,
 :mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
-argument names). Errors print one line ``error: ...`` and exit with status 2. See docs/EVAL.md and docs/MODELS.md.
+argument names). Errors print one line ``error: ...`` and exit with status 2 (a full disk too: the previous
+output is left as it was). Every output directory gets a ``SHA256SUMS`` of its files; inputs that record digests
+are verified before use. The last line printed names the output directory. See docs/EVAL.md and docs/MODELS.md.
 """
 
 from __future__ import annotations
@@ -47,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max_shard_size", default="5GB",
                        help="largest weight file; above it write HF-style shards + model.safetensors.index.json "
                             "(e.g. 5GB, 500MB, 2GiB; default 5GB)")
-        p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+        p.add_argument("--force", action="store_true",
+                       help="write into a non-empty output directory: one this tool wrote before (its SHA256SUMS "
+                            "lists every file) is replaced as a whole; in any other only the files of the format "
+                            "written (model*.safetensors, the index, SHA256SUMS and the names written now) are "
+                            "replaced, everything else is kept. An output that is or contains the input or a "
+                            "training run directory is always refused")
+        p.add_argument("--no_verify", action="store_true",
+                       help="skip checking the input files against their recorded SHA-256 (very large files on "
+                            "trusted storage; default: verify)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--tokenizer", default=None,
                        help="tokenizer directory/file to copy and record (default: the one the checkpoint names)")
@@ -214,14 +224,32 @@ def _average(paths: list[str], **kwargs) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; 0 on success, 2 with one ``error:`` line on bad input."""
+    import errno
+    import os
+
     args = build_parser().parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func", "no_verify")}
+    saved = os.environ.get("LLADA_SCALE_VERIFY")
+    if args.no_verify:
+        os.environ["LLADA_SCALE_VERIFY"] = "0"
     try:
         args.func(**kwargs)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         msg = str(e).strip("'\"")
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or vanished output: nothing was moved into place
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "no space left on device" if full else f"{type(e).__name__}: {e.strerror or e}"
+        print(f"error: {what} writing {args.out_dir} ({e.filename or 'output'}); the previous output is left as "
+              "it was", file=sys.stderr)
+        return 2
+    finally:
+        if saved is None:
+            os.environ.pop("LLADA_SCALE_VERIFY", None)
+        else:
+            os.environ["LLADA_SCALE_VERIFY"] = saved
+    print(f"output: {os.path.abspath(args.out_dir)}")
     return 0
 
 

@@ -9,9 +9,10 @@ Layout of a run directory::
 A checkpoint is written under ``<tag>.tmp``; only after every rank has finished does rank 0 write
 ``llada_scale.json`` into it, rename it to ``<tag>`` and update ``latest``. A directory without the metadata
 file is therefore never complete, and a crash mid-save never becomes the latest checkpoint. The metadata also
-lists every file of the checkpoint with its size (``files``), so that a checkpoint damaged afterwards (a file
-deleted or truncated) is recognised before DeepSpeed tries to load it (:func:`damage`), and resuming falls back
-to the previous complete one (:func:`find_usable`).
+lists every file of the checkpoint with its size (``files``) and its SHA-256 (``sha256``, computed from the bytes
+on disk before the rename that publishes the checkpoint), so that a checkpoint damaged afterwards (a file deleted,
+truncated or with a flipped byte) is recognised before DeepSpeed tries to load it (:func:`damage`), and resuming
+falls back to the previous intact one (:func:`find_usable`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from llada_scale.checkpoint import integrity
 from llada_scale.checkpoint.files import META_FILE, CheckpointError, atomic_write_text
 
 _TAG = re.compile(r"^step(\d{8})$")
@@ -64,13 +66,15 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def damage(tag_dir: str | Path) -> str | None:
+def damage(tag_dir: str | Path, verify: bool | None = None) -> str | None:
     """Why the complete checkpoint ``tag_dir`` cannot be loaded, or None when it looks loadable.
 
-    Checks (cheap: sizes and zip directories, no tensor is read): the metadata is readable; every file it
-    lists (``files``: relative path -> bytes, written by :func:`save`) exists with that size; without that
-    list (older checkpoints), a ``*model_states.pt`` file exists; every ``.pt`` file opens as a zip archive
-    (``torch.save``'s format; a truncated file has no central directory).
+    Checks: the metadata is readable; every file it lists (``files``: relative path -> bytes, written by
+    :func:`save`) exists with that size; without that list (older checkpoints), a ``*model_states.pt`` file
+    exists; every ``.pt`` file opens as a zip archive (``torch.save``'s format; a truncated file has no central
+    directory); and, with ``verify`` (default: unless ``LLADA_SCALE_VERIFY=0``), every file matches its
+    SHA-256 (``sha256``, checkpoints written before digests were recorded have none): this reads the whole
+    checkpoint once (:func:`llada_scale.checkpoint.integrity.check_digests`).
     """
     tag_dir = Path(tag_dir)
     try:
@@ -93,6 +97,9 @@ def damage(tag_dir: str | Path) -> str | None:
                 z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             return f"{f} is not a readable torch file ({e})"
+    digests = meta.get("sha256")
+    if isinstance(digests, dict) and (integrity.verification_enabled() if verify is None else verify):
+        return integrity.check_digests(str(tag_dir), digests, str(tag_dir / META_FILE))
     return None
 
 
@@ -149,9 +156,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
     Args:
         client_state: picklable dict stored by DeepSpeed next to the module (loader and RNG states).
         meta: JSON-serialisable metadata, written as ``llada_scale.json`` when the save is complete (with
-            ``step`` and ``files``, the size of every file of the checkpoint).
+            ``step``, ``files`` and ``sha256``: the size and SHA-256 of every file of the checkpoint).
         keep_last: keep this many complete checkpoints of steps up to ``step``, the one just written included;
-            delete older ones (0 keeps all). The checkpoint just written is never deleted, and checkpoints of
+            delete older ones (0 keeps all) once the one just written checks complete. The checkpoint just
+            written is never deleted, and checkpoints of
             later steps (another run's, or the future of a run resumed from an earlier step) are left alone.
         exclude_frozen: leave parameters with ``requires_grad=False`` out (LoRA: only the adapters are saved).
     Returns:
@@ -180,14 +188,18 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, meta: dict
     if rank == 0:
         try:
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step, "files": files}, indent=2))
+            sha = integrity.digests(str(tmp), list(files))
+            atomic_write_text(tmp / META_FILE, json.dumps({**meta, "step": step, "files": files, "sha256": sha},
+                                                          indent=2))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(ckpt_dir / "latest", tag)
         except OSError as e:
             error = _save_error(e, tmp, ckpt_dir)
-        if error is None and keep_last > 0:
+        if error is None and keep_last > 0 and damage(final, verify=False) is None:
+            # `final` is the newest verified checkpoint (its digests were just computed from the bytes on disk);
+            # if it no longer even looks complete, nothing older is deleted
             done = [p for p in list_complete(ckpt_dir) if int(_TAG.match(p.name).group(1)) < step]  # never `final`
             for old in done[:max(0, len(done) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)

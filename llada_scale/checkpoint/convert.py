@@ -52,8 +52,8 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare_out(out_dir: str, force: bool) -> None:
-    check_output_dir(out_dir, force)
+def _prepare_out(out_dir: str, force: bool, inputs: tuple = ()) -> None:
+    check_output_dir(out_dir, force, inputs)
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -138,7 +138,7 @@ def consolidate(checkpoint: str, out_dir: str, *, dtype: str = "auto", max_shard
     if kind != "deepspeed" and not any_source:
         raise CheckpointError(f"{checkpoint} is a {kind} checkpoint, not a DeepSpeed tag directory "
                               "(pass --any_source to re-consolidate it anyway)")
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(checkpoint, resolved)) as tmp:
         sd, meta = load_model_state(resolved, progress=not quiet)
         cfg = model_config_from_meta(meta, resolved)
         tok = _copy_tokenizer(meta, tmp, tokenizer)
@@ -160,7 +160,7 @@ def export_hf(source: str, out_dir: str, *, dtype: str = "auto", max_shard_size:
         CheckpointError: QK-norm / weightless-norm models (HF Llama cannot represent them), a non-empty
             ``out_dir`` without ``force``.
     """
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(source,)) as tmp:
         sd, meta = load_model_state(source, progress=not quiet)
         cfg = model_config_from_meta(meta, meta["path"])
         dt, origin = resolve_dtype(dtype, meta["dtypes"])
@@ -242,7 +242,7 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_size:
         return name
 
     dt, origin = resolve_dtype(dtype, (t.dtype for k, t in tensors.items() if rename(k) is not None))
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp:
         tok = None
         if tok_src:
             copy_tokenizer_files(tok_src, tmp)
@@ -300,7 +300,7 @@ def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "auto", max_shard
     Raises:
         CheckpointError: no mask token id known, a non-empty ``out_dir`` without ``force``.
     """
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, (source,))
     sd, meta = load_model_state(source, progress=not quiet)
     mc = model_config_from_meta(meta, meta["path"])
     if not mc.causal:
@@ -318,7 +318,7 @@ def ar_to_diffusion(source: str, out_dir: str, *, dtype: str = "auto", max_shard
     run_cfg = meta.get("config")
     if isinstance(run_cfg, dict):
         run_cfg = {**run_cfg, "model": mc.to_dict()}
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(source,)) as tmp:
         tok = _copy_tokenizer(meta, tmp, tokenizer) if (tokenizer or meta.get("tokenizer")) else None
         write_consolidated(sd, mc, tmp, dtype=dtype, max_shard_size=max_shard_size,
                            tokenizer=tok or tok_ident, step=meta.get("step"), run_config=run_cfg,

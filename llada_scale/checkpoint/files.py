@@ -8,6 +8,7 @@ Every writer here puts a file under a temporary name in the target directory and
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -191,7 +192,12 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, not OSError
+            if "os error 28" in str(e) or "StorageFull" in str(e) or "No space left" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", path) from None
+            raise
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -251,7 +251,7 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     tok_src = tokenizer or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
     mask_token = _check_tokenizer(tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src), mc, cfg_path) \
         if tok_src else None
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp:
         ident = None
         if tok_src:
             from llada_scale.data.tokenizer import Tokenizer
@@ -300,7 +300,7 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     dt, origin = resolve_dtype(dtype, stored)
     llada_cfg = llada_config_from_model_config(mc, meta.get("tokenizer"), str(dt).replace("torch.", ""))
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(source,)) as tmp:
         if tok_src:
             from llada_scale.data.tokenizer import Tokenizer
 

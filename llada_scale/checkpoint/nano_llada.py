@@ -16,6 +16,7 @@ import torch
 
 from llada_scale.checkpoint.convert import _log, _prepare_out, _tokenizer_identity, _warn, write_consolidated
 from llada_scale.checkpoint.files import CheckpointError, copy_tokenizer_files
+from llada_scale.checkpoint.streaming import staged_output
 from llada_scale.checkpoint.weights import check_state_dict
 from llada_scale.model.transformer import ModelConfig
 
@@ -304,7 +305,7 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
     """
     if not os.path.isfile(pt_file):
         raise CheckpointError(f"{pt_file} does not exist")
-    _prepare_out(out_dir, force)
+    _prepare_out(out_dir, force, (pt_file,))
     try:
         obj = torch.load(pt_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -345,14 +346,15 @@ def import_nano_llada(pt_file: str, out_dir: str, *, arch: str = "auto", num_hea
     sd, mc = convert_nano_state(sd, arch, num_heads=heads, rope_theta=theta, norm_eps=eps,
                                 max_seq_len=seq, mask_token_id=mask_token_id, causal=is_causal,
                                 rope_scaling=scaling)
-    tok = None
-    if tokenizer:
-        tok = _tokenizer_identity(tokenizer)
-        copy_tokenizer_files(tokenizer, out_dir)
-    _log(f"detected {arch} ({rec.get('source', 'no record: flags')}): {mc.num_layers} layers, hidden "
-         f"{mc.hidden_size}, heads {mc.num_heads}/{mc.num_kv_heads}, vocab {mc.vocab_size}, rope_theta "
-         f"{mc.rope_theta}, norm_eps {mc.norm_eps}, qk_norm={mc.qk_norm}, norm_weight={mc.norm_weight}, "
-         f"causal={mc.causal}, rope_scaling={mc.rope_scaling}")
-    write_consolidated(sd, mc, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                       source={"path": os.path.abspath(pt_file), "kind": arch}, progress=not quiet,
-                       source_dtypes=stored)
+    with staged_output(out_dir, force, inputs=(pt_file,)) as tmp:
+        tok = None
+        if tokenizer:
+            tok = _tokenizer_identity(tokenizer)
+            copy_tokenizer_files(tokenizer, tmp)
+        _log(f"detected {arch} ({rec.get('source', 'no record: flags')}): {mc.num_layers} layers, hidden "
+             f"{mc.hidden_size}, heads {mc.num_heads}/{mc.num_kv_heads}, vocab {mc.vocab_size}, rope_theta "
+             f"{mc.rope_theta}, norm_eps {mc.norm_eps}, qk_norm={mc.qk_norm}, norm_weight={mc.norm_weight}, "
+             f"causal={mc.causal}, rope_scaling={mc.rope_scaling}")
+        write_consolidated(sd, mc, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
+                           source={"path": os.path.abspath(pt_file), "kind": arch}, progress=not quiet,
+                           source_dtypes=stored)

@@ -6,7 +6,8 @@ directories (a conversion either leaves a complete output directory or none).
 :func:`stream_convert` renames, checks and re-types the tensors and writes HF-style shards, reading one input
 tensor at a time and holding at most one output shard in memory: peak RAM ~ ``max_shard_size`` + the largest
 tensor (+ page cache of the memory-mapped input, which the OS can drop). :func:`staged_output` builds the output
-in a sibling temporary directory and renames it into place at the end.
+in a sibling temporary directory, records every file's SHA-256 in its ``SHA256SUMS`` and renames it into place
+at the end; ``--force`` never deletes a file of another format (:func:`staged_output`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from llada_scale.checkpoint.integrity import SUMS_FILE, read_sums, verify_source, write_sums
 from llada_scale.checkpoint.files import (SAFE_INDEX, SAFE_SINGLE, CheckpointError, atomic_save_file,
                                           atomic_write_text, parse_dtype, parse_size, read_json)
 
@@ -75,12 +78,15 @@ def scan_weights(dirpath: str) -> dict[str, TensorInfo]:
 
     Raises:
         CheckpointError: no weight files, a shard named by the index that is missing, an unreadable file, a
-            tensor in two files.
+            tensor in two files, a file that does not match the SHA-256 the directory records
+            (:func:`llada_scale.checkpoint.integrity.verify_source`).
     """
     from safetensors import safe_open
 
     out: dict[str, TensorInfo] = {}
-    for f in _weight_files(dirpath):
+    files = _weight_files(dirpath)
+    verify_source("dir", dirpath)
+    for f in files:
         if f.endswith(".safetensors"):
             try:
                 with safe_open(f, framework="pt", device="cpu") as fh:
@@ -198,37 +204,123 @@ def stream_convert(tensors: dict[str, TensorInfo], rename: Callable[[str], str |
     return files
 
 
-def check_output_dir(out_dir: str, force: bool) -> None:
-    """Raises CheckpointError when ``out_dir`` is a file, or a non-empty directory without ``force``."""
+_OURS = ("model*.safetensors", SAFE_INDEX, SUMS_FILE)  # stale files of our format, replaced by --force
+
+
+def _wrote_before(out_dir: str) -> bool:
+    """True when ``out_dir`` holds a ``SHA256SUMS`` that lists every other file in it (a directory a converter
+    wrote and nobody added to since): ``--force`` may then replace it as a whole."""
+    try:
+        listed = set(read_sums(os.path.join(out_dir, SUMS_FILE)))
+    except (OSError, CheckpointError):
+        return False
+    present = {os.path.relpath(os.path.join(d, f), out_dir) for d, _, fs in os.walk(out_dir) for f in fs}
+    return present - {SUMS_FILE} <= listed
+
+
+def _is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "metrics.jsonl"))
+
+
+def check_output_dir(out_dir: str, force: bool, inputs: tuple = ()) -> None:
+    """Refuse an output that would lose data.
+
+    Raises:
+        CheckpointError: ``out_dir`` is a file; a non-empty directory without ``force``; a training run
+            directory (``checkpoints/`` or ``metrics.jsonl``) or one that contains one; a path that is, or
+            contains, one of ``inputs``.
+    """
+    out = os.path.realpath(out_dir)
     if os.path.isfile(out_dir):
         raise CheckpointError(f"output {out_dir} is a file; give a directory")
+    for src in inputs:
+        if not src:
+            continue
+        src = os.path.realpath(os.fspath(src))
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"output {out_dir} is or contains the input {src}; write somewhere else")
+    if os.path.isdir(out) and (_is_run_dir(out) or any(_is_run_dir(os.path.join(out, d)) for d in os.listdir(out)
+                                                       if os.path.isdir(os.path.join(out, d)))):
+        raise CheckpointError(f"output {out_dir} is or contains a training run directory (checkpoints/ or "
+                              "metrics.jsonl); write the output somewhere else")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise CheckpointError(f"output directory {out_dir} is not empty; pass --force to overwrite")
+        raise CheckpointError(f"output directory {out_dir} is not empty; pass --force to replace the files of "
+                              "the format written there (other files are kept)")
+
+
+def _remove_stale(parent: str, name: str) -> None:
+    """Remove ``.<name>.tmp-<host>-<pid>-*`` / ``.old-`` siblings left by a killed run of a converter on this
+    host (its process is gone); directories of a running process or another host are left alone."""
+
+    def pid_running(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    host = socket.gethostname()
+    for d in os.listdir(parent):
+        for kind in (".tmp-", ".old-"):
+            prefix = f".{name}{kind}{host}-"
+            if d.startswith(prefix):
+                pid = d[len(prefix):].split("-", 1)[0]
+                if pid.isdigit() and not pid_running(int(pid)):
+                    shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+
+
+def _merge_into(tmp: str, out_dir: str) -> None:
+    """Move the files of ``tmp`` into the existing foreign directory ``out_dir``: our format's stale files
+    there (``model*.safetensors``, the index, ``SHA256SUMS``) and the files of the same names are replaced,
+    everything else is kept."""
+    import fnmatch
+
+    for f in os.listdir(out_dir):
+        if any(fnmatch.fnmatch(f, pat) for pat in _OURS) and os.path.isfile(os.path.join(out_dir, f)) \
+                and not os.path.exists(os.path.join(tmp, f)):
+            os.unlink(os.path.join(out_dir, f))
+    for d, _, fs in os.walk(tmp):
+        rel = os.path.relpath(d, tmp)
+        os.makedirs(os.path.join(out_dir, rel), exist_ok=True)
+        for f in sorted(fs, key=lambda f: f == SUMS_FILE):  # the manifest last
+            os.replace(os.path.join(d, f), os.path.join(out_dir, rel, f))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: str, force: bool) -> Iterator[str]:
-    """Yield a temporary sibling directory of ``out_dir`` to write into; on success it replaces ``out_dir``.
+def staged_output(out_dir: str, force: bool, inputs: tuple = ()) -> Iterator[str]:
+    """Yield a temporary sibling directory of ``out_dir`` to write into; on success it becomes ``out_dir``.
 
-    On any exception the temporary directory is deleted and ``out_dir`` is left as it was. With ``force`` an
-    existing non-empty ``out_dir`` is replaced (moved aside, then deleted once the new one is in place).
+    Before the rename, ``SHA256SUMS`` (every file's SHA-256, :mod:`llada_scale.checkpoint.integrity`) is written
+    into it. On any exception the temporary directory is deleted and ``out_dir`` is left as it was; temporary
+    directories of killed runs (``.<name>.tmp-<host>-<pid>-*``) are removed by the next run. With ``force``, an
+    existing ``out_dir`` that this tool wrote before (its ``SHA256SUMS`` lists every file in it) is replaced
+    as a whole; any other non-empty ``out_dir`` keeps its files, except the files of our format (weights,
+    index, manifest and the names written now), which are replaced.
 
     Raises:
-        CheckpointError: ``out_dir`` is a file, or a non-empty directory without ``force``.
+        CheckpointError: see :func:`check_output_dir`.
     """
     out_dir = os.path.abspath(out_dir)
-    check_output_dir(out_dir, force)
-    parent = os.path.dirname(out_dir)
+    check_output_dir(out_dir, force, inputs)
+    parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_stale(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield tmp
+        write_sums(tmp)
+        if os.path.isdir(out_dir) and os.listdir(out_dir) and not _wrote_before(out_dir):
+            _merge_into(tmp, out_dir)
+            return
         old = None
         if os.path.isdir(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{name}.old-{socket.gethostname()}-{os.getpid()}-", dir=parent)
             os.replace(out_dir, os.path.join(old, "x"))
         os.replace(tmp, out_dir)
         if old:

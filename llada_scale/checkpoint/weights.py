@@ -38,6 +38,7 @@ from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, META_FILE, SAFE_I
                                           dtype_name, parse_dtype, read_json, read_safetensors,
                                           safetensors_files)
 from llada_scale.checkpoint.hf import load_pytorch_bin, model_config_from_hf
+from llada_scale.checkpoint.integrity import verify_source
 
 __all__ = ["resolve_checkpoint", "load_model_state", "build_model_from_checkpoint", "model_config_from_meta",
            "tokenizer_path_from_meta", "check_state_dict", "expected_shapes", "consolidated_meta"]
@@ -278,13 +279,15 @@ def load_model_state(path: str, *, progress: bool = True) -> tuple[dict[str, tor
         directory carries tokenizer files.
 
     Raises:
-        CheckpointError: missing path, unknown layout, incomplete ZeRO shard set, corrupt files.
+        CheckpointError: missing path, unknown layout, incomplete ZeRO shard set, corrupt files, a file that
+            does not match its recorded SHA-256 (:func:`llada_scale.checkpoint.integrity.verify_source`).
 
     DeepSpeed merging follows ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``
     (arguments: parent directory and tag). Safe to call on every rank of a distributed job (pure file I/O,
     no collectives).
     """
     kind, resolved = resolve_checkpoint(path)
+    verify_source(kind, resolved)
     if kind == "deepspeed":
         return _load_deepspeed(resolved, progress)
     return _load_safetensors_dir(resolved, kind, progress)

@@ -3,7 +3,8 @@ validate rows, tokenize them in worker processes (pretraining text, or SFT conve
 template and their assistant mask), split train/val and write the shard directory of :mod:`llada_scale.data.shards`.
 
 Hostile input is a skipped row, never an abort: undecodable or lone-surrogate text, a corrupt or truncated
-``.gz`` (the rows read before the damage are kept), and the literal mask-token text in a document (encoded as
+``.gz`` (the rows read before the damage are kept; but a ``.gz`` whose checksum fails at its end is refused,
+since any of its rows may be garbled), and the literal mask-token text in a document (encoded as
 plain text in pretraining rows; an SFT row holding it is skipped). ``--overwrite`` builds the new shards beside
 the old ones and swaps them in at the end, so an interrupted rebuild leaves the old shards usable.
 """
@@ -46,6 +47,9 @@ def _open_text_lines(path: str) -> Iterator[tuple[int, bytes]]:
             for lineno, raw in enumerate(f, start=1):
                 yield lineno, raw
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        if "CRC check failed" in str(e) or "Incorrect length" in str(e):  # found at the end: every row is suspect
+            raise BuildError(f"{path}: the gzip checksum does not match its data ({e}): the {lineno} lines read from "
+                             "it may be garbled; fetch the file again or leave it out of --input") from None
         what = "truncated" if isinstance(e, EOFError) else "corrupt"
         raise _Unreadable(lineno + 1, f"{what} gzip data ({type(e).__name__}: {e or 'unexpected end'}); the rest of "
                                       f"the file is skipped ({lineno} lines read)") from None

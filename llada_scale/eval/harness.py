@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from llada_scale import api
-from llada_scale.sampling import truncate_at
+from llada_scale.sampling import truncate_at, validate
 from llada_scale.sampling.diffusion import CACHES
 
 try:
@@ -125,6 +125,14 @@ def parse_model_args(args: dict) -> dict:
     for name in ("batch_size", "mc_samples"):
         if out[name] < 1:
             raise ValueError(f"model_arg {name} must be >= 1, got {out[name]}")
+    try:  # the API's own checks (0, NaN, inf, steps above gen_length), before anything is loaded
+        validate.check_generation(**{k: out[k] for k in ("gen_length", "steps", "block_length", "temperature",
+                                                         "cfg_scale", "threshold", "repetition_penalty", "seed",
+                                                         "batch_size")}
+                                  | {"gen_length": out["gen_length"] if out["gen_length"] is not None
+                                     else max(out["steps"] or 1, 1)})
+    except ValueError as e:
+        raise ValueError(f"model_arg {e}") from None
     return out
 
 

@@ -7,6 +7,11 @@ every other parameter. Only the adapters reach the optimizer and the checkpoints
 ``exclude_frozen_parameters``); the frozen base comes from ``train.init_from`` again on resume and at merge
 time. :func:`merge_lora_checkpoint` (``convert_checkpoint.py merge-lora``) writes W0 + (alpha / r) B A as an
 ordinary consolidated checkpoint. Works at any ZeRO stage (adapters are ordinary trainable parameters).
+
+Because the base is read again, a LoRA checkpoint records which base it was trained on (``lora_base`` in its
+metadata: the base's path, model config and a SHA-256 over its weights, :func:`base_identity`); resuming and
+merging on another base (e.g. ``train.init_from`` now holding another model of the same shape) is refused
+(:func:`check_base`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["LoRAConfig", "apply_lora", "is_lora_key", "merge_lora", "merge_lora_checkpoint"]
+__all__ = ["LoRAConfig", "apply_lora", "is_lora_key", "merge_lora", "merge_lora_checkpoint", "base_identity",
+           "check_base"]
 
 _ADAPTER = "default"  # peft's adapter name
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our HF-Llama names
@@ -97,6 +103,37 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def base_identity(model: nn.Module, path: str) -> dict:
+    """``{"path", "model", "sha256"}`` of the base weights loaded into ``model`` (before the adapters): the
+    model config and a SHA-256 over every tensor's name, shape, dtype and bytes in name order. Costs one pass over
+    the weights (about 1 GB/s per core)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data)
+    return {"path": str(path), "model": model.config.to_dict() if hasattr(model, "config") else None,
+            "sha256": h.hexdigest()}
+
+
+def check_base(saved: dict | None, current: dict, checkpoint: str) -> None:
+    """Refuse a base whose weights are not those the LoRA ``checkpoint`` was trained on.
+
+    ``saved`` is the checkpoint's ``lora_base`` (None for checkpoints written before it was recorded: accepted).
+
+    Raises:
+        ValueError: naming both bases; the caller wraps it in its error type.
+    """
+    if not isinstance(saved, dict) or not saved.get("sha256") or saved["sha256"] == current["sha256"]:
+        return
+    raise ValueError(f"the LoRA checkpoint {checkpoint} was trained on the base {saved.get('path')} (weights SHA-256 "
+                     f"{saved['sha256'][:12]}...), but the base given now, {current['path']}, has other weights "
+                     f"({current['sha256'][:12]}...); use the base it was trained on")
+
+
 def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = None, dtype: str = "auto",
                           max_shard_size: str = "5GB", force: bool = False, quiet: bool = False,
                           tokenizer: str | None = None) -> None:
@@ -113,12 +150,12 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
     Raises:
         CheckpointError: not a LoRA checkpoint, no base known, base or adapter tensors that do not fit.
     """
-    from llada_scale.checkpoint import CheckpointError, load_model_state, model_config_from_meta
+    from llada_scale.checkpoint import CheckpointError, checkpointer, load_model_state, model_config_from_meta
     from llada_scale.checkpoint.convert import _copy_tokenizer, write_consolidated
     from llada_scale.checkpoint.streaming import check_output_dir, staged_output
     from llada_scale.model.transformer import Transformer, load_weights, resize_vocab
 
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, (checkpoint, base))
     adapters, meta = load_model_state(checkpoint, progress=not quiet)
     run = meta.get("config") or {}
     lcfg = (run.get("train") or {}).get("lora") or {}
@@ -133,6 +170,9 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
     model = Transformer(mc)
     try:
         load_weights(model, resize_vocab(base_sd, mc.vocab_size), source=f"base {base}")
+        if meta["format"] == "deepspeed":
+            check_base(checkpointer.read_meta(meta["path"]).get("lora_base"), base_identity(model, base),
+                       meta["path"])
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     model = apply_lora(model, LoRAConfig(**{k: v for k, v in lcfg.items()
@@ -144,7 +184,7 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
                               f"unexpected {sorted(got - own)[:4]})")
     model.load_state_dict({k: adapters[k] for k in got}, strict=False)
     merged = merge_lora(model).state_dict()
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=(checkpoint, base)) as tmp:
         tok = _copy_tokenizer(meta, tmp, tokenizer)
         write_consolidated(merged, mc, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
                            step=meta.get("step"), run_config=run,

@@ -115,6 +115,36 @@ def t_bucket_metrics(ce_sum: list[float], count: list[float]) -> tuple[dict, str
     return metrics, "/".join("-" if v is None else f"{v:.2f}" for v in ce)
 
 
+def append_line(path: Path, line: str, step: int) -> bool:
+    """Append ``line`` + newline to ``path`` whole or not at all: one ``write`` on an ``O_APPEND`` descriptor;
+    if it fails or writes only part (a full disk), the file is cut back to its previous length, so it never
+    ends in a half line. A failure is logged as one warning line (the run goes on; the next checkpoint reports
+    a full disk itself) and False is returned."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        log.warning(f"cannot open {path} ({e.strerror}): metrics of step {step} not written")
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(28, "No space left on device (short write)")
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            log.warning(f"{e.strerror or e} writing {path}: metrics of step {step} not written (the file ends at the "
+                        "previous step, intact)")
+            return False
+    finally:
+        os.close(fd)
+    return True
+
+
 class Logger:
     """Console lines on rank 0 and, when enabled, wandb (offline without an API key)."""
 
@@ -147,8 +177,7 @@ class Logger:
         if line:
             log.info(line)
         if metrics:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_line(self.metrics_path, json.dumps({"step": step, **metrics}), step)
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 

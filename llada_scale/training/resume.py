@@ -50,13 +50,32 @@ def find_resume_dir(mode: str | None, ckpt_dir: Path) -> Path | None:
 
 
 def choose_resume_dir(train_cfg, ckpt_dir: Path, rank: int = 0) -> Path | None:
+    """:func:`_choose_resume_dir` on rank 0 (which reads and hashes the checkpoint once), its answer broadcast to
+    every rank of an initialised process group (one TrainError on all ranks when it refuses)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return _choose_resume_dir(train_cfg, ckpt_dir, rank)
+    box: list = [None]
+    if rank == 0:
+        try:
+            box = [("ok", _choose_resume_dir(train_cfg, ckpt_dir, rank))]
+        except TrainError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise TrainError(value)
+    return value
+
+
+def _choose_resume_dir(train_cfg, ckpt_dir: Path, rank: int = 0) -> Path | None:
     """The checkpoint a run starts from (None = fresh), with the checks :func:`find_resume_dir` leaves out.
 
     * ``train.resume=none`` in a run directory that already holds complete checkpoints: refused. Starting
       another run there would interleave both runs' checkpoints; retention and ``--resume auto`` (what a
       requeue does) would then pick the other run's.
     * ``auto`` (or a run / checkpoints directory): the newest checkpoint that :func:`checkpointer.damage`
-      finds loadable; damaged newer ones are reported (rank 0) and skipped. A given tag directory that is
+      finds loadable (sizes, zip directories and every file's SHA-256); damaged newer ones are reported
+      (rank 0) and skipped. A given tag directory that is
       damaged is refused.
     * A checkpoint wins over ``train.init_from``: rank 0 says so (see :func:`check_init_from` for the refusal
       when ``--init_from`` was typed on the command line).

@@ -22,11 +22,12 @@ from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
-from llada_scale.training import preflight, resume, signals
+from llada_scale.training import preflight, resume, runlock, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
 from llada_scale.training.lora import apply_lora
+from llada_scale.training.lora import base_identity as lora_base_identity, check_base as check_lora_base
 from llada_scale.training.guards import DivergedError, LossGuard
 from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, t_bucket_metrics, throughput
 from llada_scale.training.parallelize import parallelize
@@ -55,8 +56,7 @@ class Trainer:
         self.device = torch.device(get_accelerator().current_device_name())
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = runlock.hold(self.run_dir, self.rank)  # one trainer per run_dir (rank 0 creates it)
 
         self.tokenizer = Tokenizer.load(cfg.tokenizer)
         if loader_factory is None:  # before the weights load: both splits, tokenizer, shard kind (index files only)
@@ -79,6 +79,12 @@ class Trainer:
             check_init_config(cfg.model, source, cfg.train.init_from)
         elif lora:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
+        self.lora_base = lora_base_identity(model, cfg.train.init_from) if lora else None
+        if lora and resume_dir is not None:  # the adapters only fit the base they were trained on
+            try:
+                check_lora_base(checkpointer.read_meta(resume_dir).get("lora_base"), self.lora_base, str(resume_dir))
+            except ValueError as e:
+                raise TrainError(f"{e} (train.init_from)") from None
         if lora:
             model = apply_lora(model, cfg.train.lora)
         self.num_params = model.num_params()
@@ -142,7 +148,8 @@ class Trainer:
     # -- checkpoints
     def _meta(self) -> dict:
         return {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.identity(), "zero_stage": self.zero_stage,
-                "world_size": self.world_size, "num_params": self.num_params}
+                "world_size": self.world_size, "num_params": self.num_params,
+                **({"lora_base": self.lora_base} if self.lora_base else {})}
 
     def save(self):
         """Collective: save engine, loader and RNG states of every rank at the current step."""
@@ -360,3 +367,5 @@ class Trainer:
         self.logger.close()
         self.engine.destroy()
         signals.stop_watching()
+        if self.run_lock is not None:
+            self.run_lock.release()

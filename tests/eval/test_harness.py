@@ -120,3 +120,18 @@ def test_generate_until_honours_stop_sequences(ckpts):
     outs = dm.generate_until([_req("generate_until", "Hello", {"until": ["\n"], "max_gen_toks": 8})] * 3,
                              disable_tqdm=True)
     assert len(set(outs)) == 1 and all("\n" not in o for o in outs)
+
+
+def test_model_args_out_of_range_are_refused():
+    """0, NaN and inf in numeric model_args, and steps above gen_length, are refused like the API refuses them
+    (they used to be replaced by defaults or passed on)."""
+    for extra, msg in (({"temperature": "nan"}, "temperature must be a finite number"),
+                       ({"cfg_scale": "inf"}, "cfg_scale must be a finite number"),
+                       ({"gen_length": "0"}, "gen_length must be an integer >= 1"),
+                       ({"steps": "0"}, "steps must be an integer >= 1"),
+                       ({"gen_length": "8", "steps": "64"}, "steps must be an integer >= 1 and <= 8"),
+                       ({"block_length": "0"}, "block_length must be an integer >= 1"),
+                       ({"threshold": "0"}, "threshold must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            harness.parse_model_args({"pretrained": "x", **extra})
+    assert harness.parse_model_args({"pretrained": "x", "gen_length": "8", "steps": "8"})["steps"] == 8
