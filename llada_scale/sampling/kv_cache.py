@@ -72,11 +72,13 @@ def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Ten
 
 
 def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] of ``position_ids`` for ``model`` in the model's dtype (that of its
+    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] (the model's ``rope()`` tables when it has one) of ``position_ids`` for ``model`` in the model's dtype (that of its
     embedding), to compute once per generation and pass (sliced along dim 2) to :func:`cached_hidden` instead of
     recomputing them every forward."""
     core = core_of(model)
     cfg = core.config
+    if hasattr(core, "rope"):  # a backbone with its own tables (LLaDA2: partial rotary)
+        return core.rope(position_ids, core.model.embed_tokens.weight.dtype)
     return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, core.model.embed_tokens.weight.dtype,
                           cfg.rope_scaling)
 
