@@ -63,11 +63,12 @@ def ref_moe_token(x, sd, p, cfg):
                           sd[p + "shared_experts.down_proj.weight"])
 
 
-def reference_logits(model, ids, allowed=None, positions=None):
+def reference_logits(model, ids, allowed=None, positions=None, state=None):
     """[L, V] logits of one row; ``allowed[q][k]`` = query q may attend key k (default all); RoPE positions
-    default 0..L-1."""
+    default 0..L-1; ``state``: weights under our names (default the model's)."""
     positions = list(range(len(ids))) if positions is None else positions
-    cfg, sd = model.config, {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    sd = {k: v.double() for k, v in (model.state_dict() if state is None else state).items()}
     n, hd, nh, nkv = len(ids), cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     xs = [sd["model.embed_tokens.weight"][t] for t in ids]
     for li in range(cfg.num_layers):
