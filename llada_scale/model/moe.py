@@ -60,8 +60,9 @@ class Router(nn.Module):
 
     ``forward(x [N, hidden])`` -> ``(topk_idx, topk_weight, scores)`` as :func:`route`; in training mode it also
     records ``self.last_load`` (float32 [E], (token, expert) pairs per expert in this forward, detached),
-    ``self.last_entropy`` (mean entropy of the normalised scores, nats) and, when ``aux_loss_coef > 0``,
-    ``self.aux_loss`` (see :meth:`sequence_aux_loss`).
+    ``self.last_entropy`` (mean entropy of the normalised scores, nats), their running sums for the trainer
+    (:meth:`take_stats`; forwards recomputed by activation checkpointing inside the backward are not counted) and,
+    when ``aux_loss_coef > 0``, ``self.aux_loss`` (see :meth:`sequence_aux_loss`).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
@@ -72,7 +73,8 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.aux_loss_coef = 0.0
-        self.last_load = self.last_entropy = self.aux_loss = None
+        self.last_load = self.last_entropy = self.aux_loss = self.load_sum = self.entropy_sum = None
+        self.forwards = 0
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _apply(self, fn, recurse=True):
@@ -85,14 +87,26 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         topk_idx, topk_weight, scores = route(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
                                               self.routed_scaling_factor)
-        if self.training:
-            with torch.no_grad():
+        if self.training and torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+            with torch.no_grad():  # statistics only
                 self.last_load = torch.bincount(topk_idx.reshape(-1), minlength=scores.shape[1]).float()
                 p = scores / scores.sum(-1, keepdim=True)
                 self.last_entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+                self.load_sum = self.last_load if self.load_sum is None else self.load_sum + self.last_load
+                self.entropy_sum = self.last_entropy + (0 if self.entropy_sum is None else self.entropy_sum)
+                self.forwards += 1
+        if self.training:  # also in a recompute, which must save the same tensors as the forward
             self.aux_loss = (self.sequence_aux_loss(scores, topk_idx, seq_shape)
                              if self.aux_loss_coef > 0 and seq_shape is not None else None)
         return topk_idx, topk_weight, scores
+
+    def take_stats(self):
+        """``(load_sum [E], entropy_sum, forwards)`` accumulated since the last call (training forwards outside
+        backward recomputes), then reset; ``(None, None, 0)`` when there were none."""
+        out = (self.load_sum, self.entropy_sum, self.forwards)
+        self.load_sum = self.entropy_sum = None
+        self.forwards = 0
+        return out
 
     def sequence_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, seq_shape: tuple[int, int]):
         """DeepSeek-V3's complementary sequence-wise balance loss (Sec. 2.1.2, eqs. 17-20), unscaled:
