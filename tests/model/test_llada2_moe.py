@@ -235,3 +235,14 @@ def test_expert_bias_stays_float32_in_bf16():
     block = model.moe_layers()[0][1]
     assert block.gate.expert_bias.dtype == torch.float32 and block.gate.weight.dtype == torch.bfloat16
     assert isinstance(block, MoEBlock)
+
+
+def test_active_params_count_top_k_and_shared_experts_only():
+    model = tiny_model()
+    cfg = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("norm.weight")
+                 and n != "model.embed_tokens.weight")
+    unchosen = (cfg.num_layers - cfg.first_k_dense_replace) * (cfg.num_experts - cfg.num_experts_per_tok) * \
+        3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert cfg.active_params_per_token() == matmul - unchosen
+    assert cfg.active_params_per_token() < model.num_params(exclude_embeddings=True)
