@@ -21,6 +21,7 @@ query_key_value``, ``attention.dense``, ``query_layernorm``, ``key_layernorm``, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,12 @@ class LLaDA2Config(ModelConfig):
         ValueError: a shape the release cannot have (experts not divisible into groups, fewer than 2 experts per
             group, more chosen than eligible experts, an odd rotary dimension, ...), one line naming the key.
     """
+
+    # routing / rotary values not visible in weight shapes: train.init_from must have the same (training/engine.py)
+    SAME_AS_INIT: ClassVar[tuple] = ("partial_rotary_factor", "first_k_dense_replace", "num_experts_per_tok",
+                                     "n_group", "topk_group", "routed_scaling_factor", "output_bias")
+    # taken from the train.init_from model when the recipe leaves them empty (written back by export-llada2)
+    INHERITED_FROM_INIT: ClassVar[tuple] = ("pad_token_id", "hf_extra")
 
     model_type: str = MODEL_TYPE
     partial_rotary_factor: float = 0.5

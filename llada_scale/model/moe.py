@@ -182,7 +182,7 @@ class MoEBlock(nn.Module):
         self.gate = Router(hidden_size, num_experts, top_k, n_group, topk_group, routed_scaling_factor)
         self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
         self.shared_experts = shared
-        self.top_k = top_k
+        self.top_k, self.num_experts = top_k, num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, l, d = x.shape
@@ -194,7 +194,7 @@ class MoEBlock(nn.Module):
     def routed(self, flat: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """sum_k topk_weight[:, k] * expert_{topk_idx[:, k]}(flat), [N, hidden] in flat's dtype: (token, expert)
         pairs sorted by expert (stable), grouped GEMMs, un-permuted, weighted sum in float32."""
-        n, e = flat.shape[0], self.experts.gate_proj.shape[0]
+        n, e = flat.shape[0], self.num_experts
         pairs = topk_idx.reshape(-1)
         order = torch.argsort(pairs, stable=True)
         counts = torch.bincount(pairs, minlength=e)
