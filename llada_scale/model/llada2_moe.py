@@ -135,6 +135,9 @@ LLADA2_PRESETS: dict[str, dict] = {
                         num_experts=256, num_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
                         routed_scaling_factor=2.5, pad_token_id=156892, mask_token_id=156895),
 }
+# LLaDA2.0/2.1-flash (dFactory configs/model_configs/llada2_flash/config.json): the mini keys with these widths
+LLADA2_PRESETS["llada2-flash"] = dict(LLADA2_PRESETS["llada2-mini"], hidden_size=4096, num_layers=32, num_heads=32,
+                                      intermediate_size=9216, moe_intermediate_size=1024)
 
 
 class ReleaseRMSNorm(RMSNorm):
