@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                     help="low_confidence / random remasking, threshold (Fast-dLLM parallel decoding) or block "
                          "(block-diffusion models); default from the checkpoint. AR models decode left to right")
-    ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of --sampler threshold")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="confidence threshold of --sampler threshold (default 0.9) and llada2 (default 0.95)")
     ap.add_argument("--cache", default=None, choices=[c for c in CACHES if c],
                     help="Fast-dLLM's approximate KV cache (default off = exact); see docs/EVAL.md")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")

@@ -60,11 +60,30 @@ def release_generate(module, prompt, gen_length, block_length, steps, threshold,
 
 
 @pytest.fixture(scope="module")
-def llada2_model(tmp_path_factory):
+def llada2_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llada2")
     make_llada2_dir(tmp / "rel", vocab_size=106)
     assert convert("import-llada2", tmp / "rel", tmp / "ours", "--dtype", "fp32", "--quiet") == 0
-    return llada_scale.load(str(tmp / "ours"))
+    return tmp / "ours"
+
+
+@pytest.fixture(scope="module")
+def llada2_model(llada2_dir):
+    return llada_scale.load(str(llada2_dir))
+
+
+def test_lm_eval_harness_generates_with_the_llada2_sampler(llada2_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llada_scale.eval import harness
+
+    lm = harness.LladaScaleLM(pretrained=str(llada2_dir), gen_length=16)
+    assert lm.m.sampler == "llada2"
+    req = Instance(request_type="generate_until", doc={}, arguments=("hello world", {"until": ["zzzz"]}), idx=0)
+    out = lm.generate_until([req])
+    ids = lm.m.generate_ids([lm.m.encode_prompt("hello world")], gen_length=16).tokens[0]
+    assert out == [lm.m.decode(ids)]
 
 
 def test_load_gives_llada2_defaults(llada2_model):
