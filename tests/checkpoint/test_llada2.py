@@ -214,3 +214,25 @@ def test_import_llada2_refuses_missing_key_expert_and_mask(tmp_path, capsys):
     assert convert("import-llada2", tmp_path / "rel3", tmp_path / "out", "--quiet") == 2
     assert "--mask_token" in capsys.readouterr().err
     assert convert("import-llada2", tmp_path / "rel3", tmp_path / "out", "--quiet", "--mask_token", "<|mask|>") == 0
+
+
+@pytest.mark.parametrize("preset, widths", [
+    ("llada2-mini", dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
+                         num_attention_heads=16)),
+    ("llada2-flash", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=9216, moe_intermediate_size=1024,
+                          num_attention_heads=32)),
+])
+def test_presets_match_the_released_configs(preset, widths):
+    """dFactory's configs/model_configs/llada2_{mini,flash}/config.json (model_type llada2_moe_veomni) read by the
+    importer give exactly the presets (routing, rope, norms, vocabulary)."""
+    from llada_scale.checkpoint.llada2 import config_from_llada2
+    from llada_scale.model.registry import llada2_preset
+
+    raw = llada2_config(model_type="llada2_moe_veomni", num_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+                        num_key_value_heads=4, head_dim=128, rotary_dim=64, vocab_size=157184, pad_token_id=156892,
+                        max_position_embeddings=16384, **widths)
+    got = config_from_llada2(raw, "config.json", mask_token_id=156895).to_dict()
+    want = llada2_preset(preset).to_dict()
+    for k in ("hf_extra", "init_std"):
+        got.pop(k), want.pop(k)
+    assert got == want

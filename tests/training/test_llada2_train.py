@@ -56,3 +56,16 @@ def test_llada2_zero3_resume_is_exact_with_bias_updates(tmp_path, sft_shards):
         assert a[step]["data/checksum"] == b[step]["data/checksum"], step
         assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5, abs=1e-6), step
         assert a[step]["moe/layer1/bias_range"] == pytest.approx(b[step]["moe/layer1/bias_range"], abs=1e-7), step
+
+
+@pytest.mark.distributed
+def test_llada2_wsd_block_diffusion_cpt_runs(tmp_path, pretrain_shards):
+    """CPT as LLaDA2.0 was trained: the WSD block-length schedule (configs/llada2_wsd_diffusion_tiny.yaml, phases of
+    block 1 then 4 here) on the MoE backbone, with selective activation checkpointing and balancing on."""
+    run_ranks(["-m", "llada_scale.train", "--config", "configs/llada2_wsd_diffusion_tiny.yaml", "--deepspeed_config",
+               "ds_configs/zero2.json", f"run_dir={tmp_path / 'r'}", f"data.train_shards={pretrain_shards}", *MOE,
+               *COMMON, "train.max_steps=4", "train.global_batch_size=2", "objective.block_schedule=[[1, 2], [4, 2]]",
+               "train.activation_checkpointing=selective", "model.moe.bias_update_rate=0.001"], 1)
+    m = metrics(tmp_path / "r")
+    assert [m[s]["train/block_length"] for s in (1, 2, 3, 4)] == [1, 1, 4, 4]
+    assert all(m[s]["train/loss"] > 0 and "moe/layer1/load_imbalance" in m[s] for s in m)
