@@ -86,7 +86,7 @@ def resolve_likelihood(flag: str, model, sampler: str | None) -> tuple[str | Non
         return None, "ar model"
     if flag != "auto":
         return flag, "flag"
-    return ("block" if sampler == "block" else "full"), "checkpoint"
+    return ("block" if sampler in ("block", "llada2") else "full"), "checkpoint"
 
 
 def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
@@ -96,6 +96,8 @@ def resolve_sampler(flag: str | None, model) -> tuple[str | None, str]:
         return None, "ar model"
     if flag:
         return flag, "flag"
+    if getattr(model.config, "model_type", None) == "llada2_moe":  # LLaDA2: the release's own decoding loop
+        return "llada2", "checkpoint"
     return default_sampler(getattr(model, "checkpoint_meta", None)), "checkpoint"
 
 
@@ -188,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(default 128, as LLaDA)")
     ap.add_argument("--gen_length", type=int, default=128, help="tokens generated for gsm8k (default 128)")
     ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
-                    help="diffusion sampler: llada (LLaDA semi-AR blocks after the prompt, left-padded batches) or "
+                    help="diffusion sampler: llada2 (the LLaDA2 release's generate(), the default of LLaDA2 "
+                         "checkpoints; --threshold, default 0.95), llada (LLaDA semi-AR blocks after the prompt, "
+                         "left-padded batches) or "
                          "block (block-diffusion models: blocks from position 0, exact KV cache, equal-length "
                          "batches; no --threshold/--cfg_scale/--remasking random). Default: block when the "
                          "checkpoint's run config has block diffusion on (objective.block_length > 0 or a "
@@ -287,13 +291,14 @@ def run(args) -> int:
     if rank == 0:
         for h in handles:
             if not h.causal:
-                extra = f", {cfg.steps_per_block()} steps per block" if h.sampler == "block" else ""
+                extra = f", {cfg.steps_per_block()} steps per block" if h.sampler in ("block", "llada2") else ""
                 est = likelihoods[h.name] + (f" (blocks of {cfg.block_length})" if h.likelihood_block_length else "")
                 print(f"[{h.name}] sampler {h.sampler} ({sources[h.name]}), block_length {cfg.block_length} "
                       f"({block_length_source}){extra}; likelihood {est} ({likelihood_sources[h.name]})", flush=True)
     sampler_settings = {"sampler": sampler, "sampler_source": sampler_source, "samplers": samplers,
                         "block_length": cfg.block_length, "block_length_source": block_length_source,
-                        "steps_per_block": cfg.steps_per_block() if "block" in samplers.values() else None,
+                        "steps_per_block": cfg.steps_per_block() if {"block", "llada2"} & set(samplers.values())
+                        else None,
                         "likelihood": likelihoods[main_name], "likelihood_source": likelihood_sources[main_name],
                         "likelihoods": likelihoods}
     if args.watch:

@@ -56,7 +56,7 @@ def _generate(h: ModelHandle, prompts: list[list[int]], cfg: EvalConfig, gen_len
 
 
 def _uses_block(h: ModelHandle) -> bool:
-    return not h.causal and h.sampler == "block"
+    return not h.causal and h.sampler in ("block", "llada2")
 
 
 def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg: EvalConfig, gen_length: int,
@@ -72,11 +72,22 @@ def _generations(h: ModelHandle, examples: list[dict], keys: Sequence[str], cfg:
     if _uses_block(h):
         prompts = [e[k] for k in keys for e in examples]
         seeds = [_seed(cfg, "gen", e["index"] + j * 1_000_000) for j in range(len(keys)) for e in examples]
-        res = generate_blocks_batch(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
-                                    block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
-                                    temperature=cfg.temperature, seeds=seeds, batch_size=cfg.batch_size,
-                                    suppress_token_ids=h.suppress_token_ids,
-                                    progress=lambda n: bar.update(n / len(keys)), **_common(cfg))
+        if h.sampler == "llada2":
+            from llada_scale.sampling.llada2 import generate_llada2
+
+            res = generate_llada2(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
+                                  block_length=cfg.block_length, steps=cfg.steps_per_block(),
+                                  threshold=0.95 if cfg.threshold is None else cfg.threshold,
+                                  temperature=cfg.temperature, eos_token_id=h.stop_ids[0] if h.stop_ids else None,
+                                  suppress_token_ids=h.suppress_token_ids, seed=seeds[0], batch_size=cfg.batch_size,
+                                  allow_extrapolation=cfg.allow_extrapolation)
+            bar.update(len(examples))
+        else:
+            res = generate_blocks_batch(h.model, prompts, mask_token_id=h.mask_token_id, gen_length=gen_length,
+                                        block_length=cfg.block_length, steps_per_block=cfg.steps_per_block(),
+                                        temperature=cfg.temperature, seeds=seeds, batch_size=cfg.batch_size,
+                                        suppress_token_ids=h.suppress_token_ids,
+                                        progress=lambda n: bar.update(n / len(keys)), **_common(cfg))
         stats["seconds"] += res.seconds
         stats["nfe"] += res.nfe
         stats["tokens"] += sum(len(t) for t in res.tokens)

@@ -54,7 +54,7 @@ __all__ = ["TASKS", "SAMPLERS", "LIKELIHOODS", "EvalConfig", "EvalError", "load_
            "required_length", "check_lengths", "poem_match"]
 
 TASKS = ("wikitext2", "lambada", "piqa", "gsm8k", "poem")
-SAMPLERS = ("llada", "block")
+SAMPLERS = ("llada", "block", "llada2")
 LIKELIHOODS = ("auto", "full", "block")
 
 POEM_FORWARD = "{line}的下一句是什么？直接输出句子即可。"
@@ -125,6 +125,13 @@ class EvalConfig:
             return
         if sampler not in SAMPLERS:
             raise EvalError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+        if sampler == "llada2":  # the LLaDA2 release's generate(): threshold commits, no CFG / cache / penalty
+            bad = [f for f, on in (("--cfg_scale", self.cfg_scale > 0), ("--cache", self.cache is not None),
+                                   ("--remasking random", self.remasking != "low_confidence"),
+                                   ("--repetition_penalty", self.repetition_penalty != 1.0)) if on]
+            if bad:
+                raise EvalError(f"the llada2 sampler does not support {', '.join(bad)}; use --sampler llada")
+            return
         if sampler == "block":
             bad = [f for f, on in (("--threshold", self.threshold is not None), ("--cfg_scale", self.cfg_scale > 0),
                                    ("--remasking random", self.remasking != "low_confidence"),
