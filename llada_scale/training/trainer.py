@@ -1,8 +1,8 @@
 """The training loop: AR pretraining, LLaDA diffusion continual pretraining and SFT on a DeepSpeed engine.
 
 :class:`Trainer` owns the engine, the loaders, the noise RNG and the loop (train step, validation, samples,
-logging, checkpoints). It knows the model only through ``build_model(cfg)`` (:mod:`llada_scale.model.registry`) and the objective's
-``compute_loss``; resuming lives in :mod:`llada_scale.training.resume`, the loss guards in
+logging, checkpoints). It knows the model only through ``build_model(cfg)`` (:mod:`llada_scale.model.registry`)
+and the objective's ``compute_loss``; resuming lives in :mod:`llada_scale.training.resume`, the loss guards in
 :mod:`llada_scale.training.guards`, the entry point in :mod:`llada_scale.train`.
 """
 
@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from llada_scale.checkpoint import checkpointer
 from llada_scale.model.registry import build_model, is_moe
-from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
 from llada_scale.training import preflight, resume, signals
+from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)

@@ -1,11 +1,10 @@
 """The LLaDA2 MoE backbone in the trainer: block-diffusion SFT on 2 processes whose loss falls (ZeRO-2 with
-activation checkpointing, ZeRO-3), exact resume with expert-bias updates, per-layer MoE logs, FLOPs on active
-parameters."""
+activation checkpointing, ZeRO-3), exact resume with expert-bias updates, per-layer MoE logs, WSD block-schedule
+CPT."""
 
 import pytest
 
 from llada_scale.testing import run_ranks, train_metrics as metrics
-from tests.training.test_train import REPO  # noqa: F401
 
 MOE = ["model.model_type=llada2_moe", "model.preset=none", "model.hidden_size=64", "model.num_layers=2",
        "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16", "model.intermediate_size=128",
