@@ -1,7 +1,7 @@
 """LoRA on the LLaDA2 MoE backbone through peft: adapters on the fused attention projection, the SwiGLUs and every
 routed expert (peft target_parameters), router frozen; merged weights give the adapted logits; the recipe
-configs/sft_llada2_mini_lora.yaml at a tiny shape: import-llada2 -> LoRA block-diffusion SFT -> merge-lora ->
-export-llada2 -> transformers loads it with the merged model's logits."""
+configs/sft_llada2_mini_lora.yaml at a tiny shape, ZeRO-2 and ZeRO-3: import-llada2 -> LoRA block-diffusion SFT ->
+merge-lora -> export-llada2 -> transformers loads it with the merged model's logits."""
 
 import copy
 import json
@@ -54,7 +54,8 @@ def test_experts_need_dropout_zero_and_a_moe_model():
 
 
 @pytest.mark.distributed
-def test_llada2_lora_sft_recipe_end_to_end(tmp_path):
+@pytest.mark.parametrize("ds", ["ds_configs/zero2.json", "ds_configs/zero3.json"])
+def test_llada2_lora_sft_recipe_end_to_end(tmp_path, ds):
     import llada_scale.checkpoint as cio
     from convert_checkpoint import main as convert
     from llada_scale.data.build import build_shards
@@ -78,7 +79,7 @@ def test_llada2_lora_sft_recipe_end_to_end(tmp_path):
              "head_dim": 16, "moe_intermediate_size": 8, "num_experts": 8, "num_experts_per_tok": 3, "n_group": 4,
              "topk_group": 2, "max_seq_len": 256, "norm_eps": 1e-6, "rope_theta": 600000.0}
     run_ranks(["-m", "llada_scale.train", "--config", "configs/sft_llada2_mini_lora.yaml", "--deepspeed_config",
-               "ds_configs/zero2.json", f"run_dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+               ds, f"run_dir={run}", f"data.train_shards={tmp_path / 'shards'}",
                "model.preset=none", *[f"model.{k}={v}" for k, v in shape.items()], "data.seq_len=32",
                "data.num_workers=0", "train.wandb=off", "train.val_every=0", "train.log_every=1",
                "train.num_samples=0", "train.max_steps=2", "train.micro_batch_size=2", "train.global_batch_size=2",
