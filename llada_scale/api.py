@@ -26,7 +26,7 @@ from llada_scale.sampling import validate
 
 __all__ = ["SAMPLERS", "Model", "load", "default_sampler", "trained_block_length", "special_ids", "render_partial"]
 
-SAMPLERS = ("low_confidence", "random", "threshold", "block", "edit")
+SAMPLERS = ("low_confidence", "random", "threshold", "block", "edit", "llada2")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -134,7 +134,9 @@ class Model:
         block = not self.causal and default_sampler(self.meta) == "block"
         self.sampler = "block" if block else "low_confidence"
         self.block_length = trained_block_length(self.meta) if block else None
-        self.estimator = "ar" if self.causal else ("block" if block else "full")
+        if getattr(self.config, "model_type", None) == "llada2_moe":  # LLaDA2: the release's own decoding loop
+            self.sampler, self.block_length = "llada2", self.block_length or 32
+        self.estimator = "ar" if self.causal else ("block" if self.block_length else "full")
 
     def __repr__(self) -> str:
         kind = "AR" if self.causal else f"diffusion ({self.sampler})"
@@ -196,11 +198,14 @@ class Model:
             sampler: ``"low_confidence"`` / ``"random"`` remasking or ``"threshold"`` (Fast-dLLM parallel decoding)
                 with :func:`llada_scale.sampling.diffusion_generate`; ``"block"`` with
                 :func:`llada_scale.sampling.generate_blocks_batch` (block-diffusion models); ``"edit"``: LLaDA 2.1's
-                editing decoder (:func:`llada_scale.sampling.edit.edit_generate`, block-diffusion models). Default
+                editing decoder (:func:`llada_scale.sampling.edit.edit_generate`, block-diffusion models); ``"llada2"``:
+                the LLaDA2 release's ``generate`` (:func:`llada_scale.sampling.llada2.generate_llada2`, the default of
+                LLaDA2 checkpoints; ``steps`` x block_length / gen_length steps per block). Default
                 :attr:`sampler`. AR models ignore it.
             temperature: 0 = greedy (default); > 0 Gumbel-max sampling.
             cfg_scale: classifier-free guidance strength (default 0 = off; not with ``"block"``).
-            threshold: confidence threshold of ``"threshold"`` (default 0.9) and ``"edit"`` (default 0.7).
+            threshold: confidence threshold of ``"threshold"`` (default 0.9), ``"edit"`` (default 0.7) and
+                ``"llada2"`` (default 0.95).
             cache: None (exact, default), ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate KV caches (LLaDA
                 samplers; the block sampler and AR models always use their exact caches).
             repetition_penalty: HF-style penalty on tokens already present (default 1 = off).
@@ -288,6 +293,19 @@ class Model:
                                          generator=torch.Generator(self.device).manual_seed(seed + i))
                 res.tokens += r.tokens
                 res.nfe, res.seconds, res.steps = res.nfe + r.nfe, res.seconds + r.seconds, res.steps + r.steps
+        elif sampler == "llada2":
+            from llada_scale.sampling.llada2 import generate_llada2
+
+            if cache is not None or cfg_scale > 0 or repetition_penalty != 1.0:
+                raise ValueError("the llada2 sampler always uses its exact KV cache and has no CFG or repetition "
+                                 "penalty; drop cache/cfg_scale/repetition_penalty")
+            block = block_length or self.block_length or 32
+            res = generate_llada2(self.module, prompt_ids, mask_token_id=self.mask_token_id, gen_length=gen_length,
+                                  block_length=block, steps=max(1, round(steps * block / gen_length)),
+                                  threshold=0.95 if threshold is None else threshold, temperature=temperature,
+                                  eos_token_id=self.stop_ids[0] if self.stop_ids else None, seed=seed,
+                                  suppress_token_ids=self.suppress_token_ids, batch_size=batch_size,
+                                  allow_extrapolation=allow_extrapolation)
         elif sampler == "block":
             if cache is not None or cfg_scale > 0:
                 raise ValueError("the block sampler always uses its exact KV cache and has no CFG; drop cache/cfg_scale")
@@ -304,7 +322,8 @@ class Model:
                     self.module, prompt_ids[i:i + batch_size], mask_token_id=self.mask_token_id,
                     gen_length=gen_length, block_length=block, steps=steps,
                     remasking="random" if sampler == "random" else "low_confidence",
-                    threshold=threshold if sampler == "threshold" else None, cfg_scale=cfg_scale, cache=cache,
+                    threshold=(0.9 if threshold is None else threshold) if sampler == "threshold" else None,
+                    cfg_scale=cfg_scale, cache=cache,
                     generator=torch.Generator(self.device).manual_seed(seed + i), callback=callback, **common)
                 res.tokens += r.tokens
                 res.nfe, res.seconds, res.steps = res.nfe + r.nfe, res.seconds + r.seconds, res.steps + r.steps

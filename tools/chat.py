@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="low_confidence / random remasking, threshold (Fast-dLLM parallel decoding) or block "
                          "(block-diffusion models); default from the checkpoint. AR models decode left to right")
     ap.add_argument("--threshold", type=float, default=None,
-                    help="confidence threshold of --sampler threshold (default 0.9) and edit (default 0.7)")
+                    help="confidence threshold of --sampler threshold (default 0.9), edit (default 0.7) and llada2 (default 0.95)")
     ap.add_argument("--editing_threshold", type=_threshold_or_none, default=0.5,
                     help="--sampler edit: T2T threshold (default 0.5; 0 = edit every changed token; none = no edits)")
     ap.add_argument("--max_post_steps", type=int, default=16, help="--sampler edit: editing steps after a block "

@@ -9,6 +9,8 @@ Subcommands (each has its own --help):
   import-hf HF_DIR OUT_DIR         local HF Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 directory -> consolidated
   import-llada HF_DIR OUT_DIR      LLaDA's released format (GSAI-ML/LLaDA-8B-*) -> consolidated
   export-llada SRC OUT_DIR         diffusion model -> LLaDA's format + trust_remote_code modeling files
+  import-llada2 HF_DIR OUT_DIR     LLaDA2.x MoE release (inclusionAI LLaDA2.0/2.1-mini/-flash) -> consolidated
+  export-llada2 SRC OUT_DIR        LLaDA2 MoE model -> the release's format + trust_remote_code modeling files
   import-nano-llada PT OUT_DIR     Nano-LLaDA diffusion / minimind AR ``.pt`` state dict -> consolidated
   ar-to-diffusion SRC OUT_DIR      AR model -> LLaDA mask predictor (adds the mask-token rows, causal=false)
   merge-lora CKPT OUT_DIR          LoRA run checkpoint + its base -> merged consolidated weights
@@ -16,7 +18,7 @@ Subcommands (each has its own --help):
                                    --best_k K RUN_DIR OUT_DIR: the K with the lowest logged val/loss
 
 The work is done by :mod:`llada_scale.checkpoint.convert`, :mod:`llada_scale.checkpoint.llada`,
-:mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
+:mod:`llada_scale.checkpoint.llada2`, :mod:`llada_scale.checkpoint.nano_llada` and :mod:`llada_scale.training.lora` (callable from Python with the same
 argument names). Errors print one line ``error: ...`` and exit with status 2 (a full disk too: the previous
 output is left as it was). Every output directory gets a ``SHA256SUMS`` of its files; inputs that record digests
 are verified before use. The last line printed names the output directory. See docs/EVAL.md and docs/MODELS.md.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llada_scale.checkpoint import average, convert, llada, nano_llada  # noqa: E402
+from llada_scale.checkpoint import average, convert, llada, llada2, nano_llada  # noqa: E402
 from llada_scale.checkpoint.files import CheckpointError  # noqa: E402
 from llada_scale.training import lora  # noqa: E402
 
@@ -126,6 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=llada.export_llada)
 
+    p = sub.add_parser("import-llada2", help="LLaDA2.x MoE release format -> consolidated",
+                       description="Read a LLaDA2.0/2.1 checkpoint directory (config.json with model_type "
+                                   "llada2_moe, per-expert or dFactory merged-expert safetensors, tokenizer) and write "
+                                   "our consolidated format, one tensor at a time. Every value comes from "
+                                   "config.json; unknown keys and variants outside the release are refused.")
+    p.add_argument("hf_dir", help="LLaDA2 checkpoint directory")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
+    p.add_argument("--mask_token", default=None,
+                   help="mask token string, only when neither config.json nor tokenizer_config.json names one")
+    common(p)
+    p.set_defaults(func=llada2.import_llada2)
+
+    p = sub.add_parser("export-llada2", help="LLaDA2 MoE model -> release format (+ trust_remote_code files)",
+                       description="Write a LLaDA2 MoE model with the release's tensor names (per-expert) and "
+                                   "config keys, the tokenizer and our configuration_llada2_moe.py / "
+                                   "modeling_llada2_moe.py, so that transformers.AutoModelForCausalLM."
+                                   "from_pretrained(OUT_DIR, trust_remote_code=True) loads it offline.")
+    p.add_argument("source", help="tag dir or consolidated dir (streamed) of a LLaDA2 MoE model")
+    p.add_argument("out_dir", help="output directory")
+    common(p)
+    p.set_defaults(func=llada2.export_llada2)
+
     p = sub.add_parser("merge-lora", help="LoRA checkpoint + base -> merged consolidated weights",
                        description="Fold the adapters of a LoRA run (train.lora.rank > 0) into its base weights "
                                    "(W + alpha/rank B A) and write an ordinary consolidated checkpoint (export it "
@@ -149,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per source (normalised to sum 1; default uniform)")
     p.add_argument("--best_k", type=int, default=None, help="average the K checkpoints of RUN_DIR with the lowest "
                    "logged validation loss")
-    common(p, dtype_default="fp32")
+    common(p)
     p.set_defaults(func=_average)
 
     p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",

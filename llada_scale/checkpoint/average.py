@@ -22,7 +22,7 @@ import torch
 
 from llada_scale.checkpoint.convert import _copy_tokenizer, _log, consolidated_config, write_consolidated
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, SAFE_SINGLE, CheckpointError, atomic_save_file,
-                                          atomic_write_text, parse_dtype, parse_size)
+                                          atomic_write_text, dtype_name, parse_dtype, parse_size, resolve_dtype)
 from llada_scale.checkpoint.checkpointer import read_meta
 from llada_scale.checkpoint.streaming import scan_weights, staged_output
 from llada_scale.checkpoint.weights import (consolidated_meta, load_model_state, model_config_from_meta,
@@ -150,7 +150,7 @@ def _stream(tensors: list[dict], weights: list[float], out_dir: str, dtype, max_
 
 
 def average_checkpoints(checkpoints: list[str], out_dir: str, *, weights: list[float] | None = None,
-                        best_k: int | None = None, dtype: str = "fp32", max_shard_size: str = "5GB",
+                        best_k: int | None = None, dtype: str = "auto", max_shard_size: str = "5GB",
                         force: bool = False, quiet: bool = False, tokenizer: str | None = None) -> list[str]:
     """Average checkpoints into a consolidated directory ``out_dir`` (sources: any format we load).
 
@@ -159,7 +159,9 @@ def average_checkpoints(checkpoints: list[str], out_dir: str, *, weights: list[f
         weights: one weight per source (normalised to sum 1; must be >= 0 with a positive sum); None = uniform.
         best_k: pick the ``best_k`` checkpoints of the run with the lowest logged validation loss
             (:func:`best_checkpoints`), averaged uniformly unless ``weights`` (one per picked checkpoint).
-        dtype, max_shard_size, force, quiet, tokenizer: as the other converters.
+        dtype: ``"auto"`` (default) writes the sources' stored dtype (fp32 when they mix dtypes; the mean itself is
+            accumulated in float32), else ``"bf16"|"fp32"|"fp16"``.
+        max_shard_size, force, quiet, tokenizer: as the other converters.
     Returns:
         The averaged sources' resolved paths.
     Raises:
@@ -184,18 +186,22 @@ def average_checkpoints(checkpoints: list[str], out_dir: str, *, weights: list[f
     _check_same(metas, paths)
     cfg = model_config_from_meta(metas[0], paths[0])
     source = {"path": paths[0], "kind": "average", "averaged": paths, "weights": weights}
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=tuple(paths)) as tmp:
         tok = _copy_tokenizer(metas[0], tmp, tokenizer)
         if all(kind == "safetensors" for kind, _, _ in sources):
+            scans = [scan_weights(p) for p in paths]
+            dt, origin = resolve_dtype(dtype, (i.dtype for s in scans for i in s.values()))
+            dtype = dtype_name(dt)
             config = consolidated_config(cfg, dtype, tok, None, metas[0].get("config"), source)
-            files, n = _stream([scan_weights(p) for p in paths], weights, tmp, dtype, max_shard_size,
+            files, n = _stream(scans, weights, tmp, dtype, max_shard_size,
                                {"format": "pt", FORMAT: json.dumps(config)})
             atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
-            _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M averaged parameters")
+            _log(f"wrote {out_dir}: {len(files)} weight file(s), {n / 1e6:.2f}M averaged parameters, dtype {origin}")
         else:
-            acc = None
+            acc, stored = None, []
             for p, w in zip(paths, weights):
-                sd, _ = load_model_state(p, progress=not quiet)
+                sd, m = load_model_state(p, progress=not quiet)
+                stored += m["dtypes"]
                 if acc is None:
                     acc = {k: v.float() * w if v.is_floating_point() else v for k, v in sd.items()}
                     continue
@@ -207,5 +213,6 @@ def average_checkpoints(checkpoints: list[str], out_dir: str, *, weights: list[f
                         acc[k] += v.float() * w
                 del sd
             write_consolidated(acc, cfg, tmp, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tok,
-                               run_config=metas[0].get("config"), source=source, progress=not quiet)
+                               run_config=metas[0].get("config"), source=source, progress=not quiet,
+                               source_dtypes=stored)
     return paths

@@ -300,16 +300,15 @@ def model_config_from_meta(meta: dict, source: str = "checkpoint"):
         CheckpointError: no model config recorded (e.g. a DeepSpeed tag without ``llada_scale.json``) or
             invalid values.
     """
-    from llada_scale.model.transformer import ModelConfig
-
     mc = meta.get("model")
     if not isinstance(mc, dict):
         raise CheckpointError(f"{source} has no model config: a DeepSpeed tag needs {META_FILE} "
                               f"(written by the trainer), a consolidated directory needs {CONFIG_FILE}; "
                               "cannot tell the model shape")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    from llada_scale.model.registry import config_from_dict
+
     try:
-        return ModelConfig(**{k: v for k, v in mc.items() if k in known})
+        return config_from_dict(mc)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid model config ({e})") from None
 
@@ -331,13 +330,14 @@ def build_model_from_checkpoint(path: str, *, dtype: str | torch.dtype | None = 
         CheckpointError: missing metadata (no ``llada_scale.json`` / ``config.json``) or weights that do not
             fit the recorded config (the message names missing/unexpected keys and shape mismatches).
     """
-    from llada_scale.model.transformer import Transformer, load_weights
+    from llada_scale.model.registry import build_model
+    from llada_scale.model.transformer import load_weights
 
     sd, meta = load_model_state(path, progress=progress)
     cfg = model_config_from_meta(meta, meta["path"])
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     try:
         load_weights(model, sd, source=f"checkpoint {meta['path']}")
     except ValueError as e:
@@ -352,10 +352,10 @@ def build_model_from_checkpoint(path: str, *, dtype: str | torch.dtype | None = 
 def expected_shapes(model_config) -> dict[str, tuple]:
     """Parameter name -> shape of ``Transformer(model_config)``, built on the ``meta`` device (no memory, even for
     large configs)."""
-    from llada_scale.model.transformer import Transformer
+    from llada_scale.model.registry import build_model
 
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in build_model(model_config).state_dict().items()}
 
 
 def check_state_dict(state_dict: dict, model_config, source: str = "checkpoint") -> None:

@@ -67,8 +67,8 @@ MODEL_ARGS: dict[str, tuple[type, object, str]] = {
     "gen_length": (int, None, "tokens generated (default: the request's max_gen_toks, rounded up to a block)"),
     "steps": (int, None, "denoising steps for gen_length tokens (default gen_length)"),
     "block_length": (int, None, "block length (default: trained one for block diffusion, else 32)"),
-    "sampler": (str, None, "low_confidence, random, threshold, block or edit (default: from the checkpoint)"),
-    "threshold": (float, None, "confidence threshold of the threshold sampler (default 0.9) and edit (0.7)"),
+    "sampler": (str, None, "low_confidence, random, threshold, block, edit or llada2 (default: from the checkpoint)"),
+    "threshold": (float, None, "confidence threshold of threshold (default 0.9), edit (0.7) and llada2 (0.95)"),
     "editing_threshold": (str, "0.5", "edit sampler: T2T threshold (0 = every changed token; none = no edits)"),
     "max_post_steps": (int, 16, "edit sampler: editing steps after a block has no mask left"),
     "preset": (str, None, "edit sampler: quality (0.7/0.5/16) or speed (0.5/0.0/16), sets the three above"),
@@ -241,9 +241,9 @@ class LladaScaleLM(TemplateLM):
         for i, (_, cont) in enumerate(pairs):
             by_len.setdefault(len(cont), []).append(i)
         for n, idx in by_len.items():
-            block = None if self.m.sampler == "block" else n
+            block = None if self.m.sampler in ("block", "llada2") else n
             res = self._generate_ids([pairs[i][0] for i in idx], gen_length=n, steps=n, block_length=block,
-                                      cfg_scale=self.opts["cfg_scale"] if self.m.sampler != "block" else 0.0,
+                                      cfg_scale=self.opts["cfg_scale"] if self.m.sampler not in ("block", "llada2") else 0.0,
                                       batch_size=self.opts["batch_size"],
                                       allow_extrapolation=self.opts["allow_extrapolation"])
             for i, toks in zip(idx, res.tokens):
@@ -307,7 +307,7 @@ class LladaScaleLM(TemplateLM):
         """model_arg gen_length, else the request's max_gen_toks (lm-eval default 256); the LLaDA samplers need
         a multiple of the block length, so it is rounded up to one."""
         n = self.opts["gen_length"] or int(gen_kwargs.get("max_gen_toks", 256))
-        if self.m.causal or (self.opts["sampler"] or self.m.sampler) in ("block", "edit"):
+        if self.m.causal or (self.opts["sampler"] or self.m.sampler) in ("block", "edit", "llada2"):
             return n
         block = self.opts["block_length"] or min(32, n)
         return -(-n // block) * block

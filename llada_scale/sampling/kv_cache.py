@@ -72,11 +72,14 @@ def key_mask(document_ids: torch.Tensor, kv_len: int | None = None) -> torch.Ten
 
 
 def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)`` [B, 1, L, head_dim] float32 of ``position_ids`` for ``model`` (rotation runs in float32
-    whatever the model's dtype, as in training), to compute once per generation and pass (sliced along dim 2) to
-    :func:`cached_hidden` instead of recomputing them every forward."""
+    """RoPE ``(cos, sin)`` [B, 1, L, rotary dims] float32 of ``position_ids`` for ``model`` (the model's own
+    ``rope()`` tables when it has one, e.g. LLaDA2's partial rotary; rotation runs in float32 whatever the model's
+    dtype, as in training), to compute once per generation and pass (sliced along dim 2) to :func:`cached_hidden`
+    instead of recomputing them every forward."""
     core = core_of(model)
     cfg = core.config
+    if hasattr(core, "rope"):  # a backbone with its own tables (LLaDA2: partial rotary)
+        return core.rope(position_ids, torch.float32)
     return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, torch.float32, cfg.rope_scaling)
 
 

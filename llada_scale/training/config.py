@@ -316,10 +316,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"section {name} must be a mapping of keys to values, not {raw[name]!r}")
     top = {k: v for k, v in raw.items() if k not in sections}
     model_raw = dict(raw.get("model") or {})
-    preset = model_raw.pop("preset", top.pop("model_preset", "tiny"))
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    model = _build(ModelConfig, {**PRESETS[preset], **model_raw}, "model")
+    model_cls, presets = _model_kind(model_raw.get("model_type"))
+    preset = model_raw.pop("preset", top.pop("model_preset", "tiny" if model_cls is ModelConfig else "none"))
+    if preset not in presets and not (preset == "none" and model_cls is not ModelConfig):
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(presets)}")
+    model = _build(model_cls, {**presets.get(preset, {}), **model_raw}, "model")
     cfg = _build(RunConfig, top, "the top level")
     cfg.model_preset = preset
     cfg.model = model
@@ -336,10 +337,23 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
+def _model_kind(model_type) -> tuple[type, dict]:
+    """(config class, presets) of a ``model.model_type`` (absent: the dense ModelConfig; ``llada2_moe``: LLaDA2's
+    MoE config, whose presets are :data:`llada_scale.model.llada2_moe.LLADA2_PRESETS`, default none)."""
+    from llada_scale.model.llada2_moe import LLADA2_PRESETS
+    from llada_scale.model.registry import config_class
+
+    try:
+        cls = config_class(model_type)
+    except ValueError as e:
+        raise ConfigError(f"model.model_type: {e}") from None
+    return cls, (PRESETS if cls is ModelConfig else LLADA2_PRESETS)
+
+
 def config_from_dict(d: dict) -> RunConfig:
     """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (as stored in checkpoints)."""
     d = dict(d)
-    model = _build(ModelConfig, d.pop("model"), "model")
+    model = _build(_model_kind(d["model"].get("model_type"))[0], d.pop("model"), "model")
     parts = {k: d.pop(k) for k in ("data", "objective", "optim", "train")}
     cfg = _build(RunConfig, d, "the top level")
     cfg.model = model

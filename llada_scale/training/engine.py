@@ -222,6 +222,9 @@ def fit_init_source(model_cfg, tokenizer, source: dict | None, where: str) -> No
     model_cfg.mask_token_id = tokenizer.mask_token_id
     if not source:
         return
+    for key in getattr(model_cfg, "INHERITED_FROM_INIT", ()):  # e.g. LLaDA2's release keys kept for export
+        if key in source and getattr(model_cfg, key) in (None, {}):
+            setattr(model_cfg, key, source[key])
     if source.get("vocab_size", 0) > model_cfg.vocab_size:
         model_cfg.vocab_size = source["vocab_size"]
     mask = source.get("mask_token_id")
@@ -241,7 +244,8 @@ def check_init_config(model_cfg, source: dict | None, where: str) -> None:
     if not source:
         return
     mine = model_cfg.to_dict()
-    diff = {k: (source[k], mine[k]) for k in _SAME_AS_INIT if k in source and source[k] != mine[k]
+    keys = _SAME_AS_INIT + tuple(getattr(model_cfg, "SAME_AS_INIT", ()))
+    diff = {k: (source[k], mine[k]) for k in keys if k in source and k in mine and source[k] != mine[k]
             and not (k == "head_dim" and source[k] is None)}
     if diff:
         raise TrainError(f"train.init_from={where} is another model than the recipe's (init_from vs recipe: {diff}); "

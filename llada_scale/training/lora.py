@@ -27,12 +27,17 @@ __all__ = ["LoRAConfig", "apply_lora", "is_lora_key", "merge_lora", "merge_lora_
 
 _ADAPTER = "default"  # peft's adapter name
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our HF-Llama names
+# LLaDA2 MoE: the fused attention projection and "experts", the stacked routed-expert weights [E, out, in] of every
+# MoE layer (peft's target_parameters: one low-rank update per expert); the router is never adapted
+MOE_TARGETS = ("qkv_proj", "experts")
+EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class LoRAConfig:
     """``train.lora``: rank (0 = off), alpha (scale alpha / rank), dropout on the adapter input, and the
-    projection names to adapt (our HF-Llama names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."""
+    projection names to adapt (our HF-Llama names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; for
+    LLaDA2 MoE models also qkv_proj and experts, the latter needing dropout 0)."""
 
     rank: int = 0
     alpha: float = 16.0
@@ -45,7 +50,7 @@ class LoRAConfig:
                              f"alpha={self.alpha}, dropout={self.dropout})")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        known = set(PROJECTIONS)
+        known = set(PROJECTIONS) | set(MOE_TARGETS)
         if "lm_head" in self.target_modules:  # the head runs from its weight in chunks (model/head.py), which
             # would bypass an adapter silently
             raise ValueError("train.lora.target_modules cannot include lm_head: the output head is computed from "
@@ -79,8 +84,17 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
     if not cfg.enabled:
         raise ValueError("apply_lora needs train.lora.rank > 0")
+    modules = [t for t in cfg.target_modules if t != "experts"]
+    params = []
+    if "experts" in cfg.target_modules:
+        if not getattr(model, "moe_layers", lambda: [])():
+            raise ValueError("train.lora.target_modules has 'experts' but the model has no MoE layers")
+        if cfg.dropout:
+            raise ValueError("train.lora.dropout must be 0 when adapting 'experts' (peft adapts those weights "
+                             "directly, where input dropout cannot apply)")
+        params = [f"experts.{p}" for p in EXPERT_PARAMS]
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=list(cfg.target_modules), bias="none")
+                          target_modules=modules or None, target_parameters=params or None, bias="none")
     model = inject_adapter_in_model(peft_cfg, model, adapter_name=_ADAPTER)
     for name, p in model.named_parameters():
         p.requires_grad_(is_lora_key(name))
@@ -94,8 +108,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    names = {name for name, _ in targets}
     for name, module in targets:
         module.merge(safe_merge=True)
+    for name, module in targets:  # peft nests one wrapper per adapted parameter: replace the outermost only
+        if any(name.startswith(other + ".") for other in names):
+            continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     for p in model.parameters():
@@ -153,7 +171,8 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
     from llada_scale.checkpoint import CheckpointError, checkpointer, load_model_state, model_config_from_meta
     from llada_scale.checkpoint.convert import _copy_tokenizer, write_consolidated
     from llada_scale.checkpoint.streaming import check_output_dir, staged_output
-    from llada_scale.model.transformer import Transformer, load_weights, resize_vocab
+    from llada_scale.model.registry import build_model
+    from llada_scale.model.transformer import load_weights, resize_vocab
 
     check_output_dir(out_dir, force, (checkpoint, base))
     adapters, meta = load_model_state(checkpoint, progress=not quiet)
@@ -167,7 +186,7 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
         raise CheckpointError(f"{meta['path']} records no train.init_from; pass --base with the base weights")
     mc = model_config_from_meta(meta, meta["path"])
     base_sd, base_meta = load_model_state(base, progress=not quiet)
-    model = Transformer(mc)
+    model = build_model(mc)
     try:
         load_weights(model, resize_vocab(base_sd, mc.vocab_size), source=f"base {base}")
         if meta["format"] == "deepspeed":
@@ -182,7 +201,8 @@ def merge_lora_checkpoint(checkpoint: str, out_dir: str, *, base: str | None = N
     if own != got:
         raise CheckpointError(f"adapters of {meta['path']} do not fit train.lora (missing {sorted(own - got)[:4]}, "
                               f"unexpected {sorted(got - own)[:4]})")
-    model.load_state_dict({k: adapters[k] for k in got}, strict=False)
+    buffers = {n for n, _ in model.named_buffers()} & set(adapters)  # e.g. MoE expert biases moved in training
+    model.load_state_dict({k: adapters[k] for k in got | buffers}, strict=False)
     merged = merge_lora(model).state_dict()
     with staged_output(out_dir, force, inputs=(checkpoint, base)) as tmp:
         tok = _copy_tokenizer(meta, tmp, tokenizer)

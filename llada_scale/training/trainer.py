@@ -1,8 +1,8 @@
 """The training loop: AR pretraining, LLaDA diffusion continual pretraining and SFT on a DeepSpeed engine.
 
 :class:`Trainer` owns the engine, the loaders, the noise RNG and the loop (train step, validation, samples,
-logging, checkpoints). It knows the model only through ``Transformer(cfg)`` and the objective's
-``compute_loss``; resuming lives in :mod:`llada_scale.training.resume`, the loss guards in
+logging, checkpoints). It knows the model only through ``build_model(cfg)`` (:mod:`llada_scale.model.registry`)
+and the objective's ``compute_loss``; resuming lives in :mod:`llada_scale.training.resume`, the loss guards in
 :mod:`llada_scale.training.guards`, the entry point in :mod:`llada_scale.train`.
 """
 
@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from llada_scale.checkpoint import checkpointer
-from llada_scale.model.transformer import Transformer
+from llada_scale.model.registry import build_model, is_moe
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
 from llada_scale.training import preflight, resume, runlock, signals
+from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
@@ -73,7 +74,7 @@ class Trainer:
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
         fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
         torch.manual_seed(cfg.seed)
-        model = Transformer(cfg.model)
+        model = build_model(cfg.model)  # the dense Transformer or, for model_type llada2_moe, the MoE backbone
         if cfg.train.init_from and (resume_dir is None or lora):
             load_init_weights(model, cfg.train.init_from)
             check_init_config(cfg.model, source, cfg.train.init_from)
@@ -88,8 +89,12 @@ class Trainer:
         if lora:
             model = apply_lora(model, cfg.train.lora)
         self.num_params = model.num_params()
+        self.balancer = MoEBalancer(model, getattr(cfg.model, "moe", None))
         m = cfg.model
-        self.flops = FlopCounter(self.num_params, model.model.embed_tokens.weight.numel(),
+        # FLOPs count the parameters a token is multiplied by: for a MoE model its active ones (top-k + shared)
+        flop_params = m.active_params_per_token() + model.model.embed_tokens.weight.numel() if is_moe(m) \
+            else self.num_params
+        self.flops = FlopCounter(flop_params, model.model.embed_tokens.weight.numel(),
                                  model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
                                  m.tie_embeddings)
 
@@ -203,6 +208,7 @@ class Trainer:
             loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
                                        self.cfg.model.mask_token_id, self.generator, step=self.step, check_data=False,
                                        edit_vocab=self.edit_vocab)
+            loss = self.balancer.aux_loss(loss)  # MoE sequence-wise balance loss (model.moe.aux_loss_coef)
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss], built on
             # the device and read back once
             finite = torch.isfinite(loss.detach())
@@ -232,6 +238,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v.detach().float()
             # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
+        totals.update(self.balancer.after_step(self.device))  # MoE expert-bias update + load statistics
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
         return totals
@@ -293,7 +300,9 @@ class Trainer:
         if "block_length" in sums:
             metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"
-        self.logger.log(self.step, metrics, line)
+        moe_metrics, moe_line = self.balancer.metrics(sums)
+        metrics.update(moe_metrics)
+        self.logger.log(self.step, metrics, line + moe_line)
 
     def fit(self) -> dict:
         """Run until ``train.max_steps`` (or a stop signal); returns the last logged metrics dict."""

@@ -1,0 +1,204 @@
+"""Mixture-of-experts feed-forward of LLaDA2.x: the sigmoid router with its selection bias and group-limited
+top-k, the routed experts as stacked weight tensors computed on tokens grouped by expert, the shared experts,
+and the router statistics the trainer reads (load per expert, entropy, sequence-level auxiliary loss).
+
+Routing follows the released ``modeling_llada2_moe.py`` (inclusionAI LLaDA2.0/2.1, ``LLaDA2MoeGate``), which is
+DeepSeek-V3's scheme (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", arXiv 2412.19437, Sec. 2.1.2):
+scores s = sigmoid(x W_r^T) in float32; the selection uses s + b (b: ``expert_bias``, a buffer, changed only
+by the auxiliary-loss-free balancing update, never by gradients); experts are grouped into ``n_group`` groups,
+a group's score is the sum of its two best biased scores, only the ``topk_group`` best groups are eligible,
+and the ``num_experts_per_tok`` best eligible experts are chosen; their weights are the *unbiased* s,
+normalised to sum 1 (when more than one expert is chosen) and multiplied by ``routed_scaling_factor``.
+
+Expert compute is dropless token choice in grouped form: the (token, expert) pairs are sorted by expert, each
+expert multiplies one contiguous slice of the permuted tokens (``torch._grouped_mm`` in one call on CUDA when
+available, one GEMM per expert with tokens otherwise), and the outputs are un-permuted and combined with the
+routing weights in float32. No tokens x experts dense product is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Router", "Experts", "MoEBlock", "route", "grouped_swiglu"]
+
+
+def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose experts from router logits (the release's ``LLaDA2MoeGate.forward`` after the projection).
+
+    Args:
+        logits: float32 [N, E] router logits.
+        expert_bias: [E] selection bias (added to the sigmoid scores for the choice only).
+        top_k: experts per token; n_group / topk_group: groups and eligible groups per token.
+        routed_scaling_factor: multiplier of the normalised weights.
+    Returns:
+        ``(topk_idx, topk_weight, scores)``: int64 [N, top_k] chosen experts (best biased score first),
+        float32 [N, top_k] their weights, float32 [N, E] the unbiased sigmoid scores.
+    """
+    n, e = logits.shape
+    scores = torch.sigmoid(logits.float())
+    biased = scores + expert_bias.float()
+    group_scores = biased.view(n, n_group, e // n_group).topk(2, dim=-1)[0].sum(-1)  # [N, G]
+    groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    eligible = group_mask[:, :, None].expand(n, n_group, e // n_group).reshape(n, e)
+    topk_idx = torch.topk(biased.masked_fill(~eligible, float("-inf")), k=top_k, dim=-1)[1]
+    w = scores.gather(1, topk_idx)
+    if top_k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx, w * routed_scaling_factor, scores
+
+
+class Router(nn.Module):
+    """The gate: ``weight`` [E, hidden] (a parameter) and ``expert_bias`` [E] (a persistent float32 buffer,
+    kept float32 when the module is cast so that small balancing updates are not rounded away).
+
+    ``forward(x [N, hidden])`` -> ``(topk_idx, topk_weight, scores)`` as :func:`route`; in training mode it also
+    records ``self.last_load`` (float32 [E], (token, expert) pairs per expert in this forward, detached),
+    ``self.last_entropy`` (mean entropy of the normalised scores, nats), their running sums for the trainer
+    (:meth:`take_stats`; forwards recomputed by activation checkpointing inside the backward are not counted) and,
+    when ``aux_loss_coef > 0``, ``self.aux_loss`` (see :meth:`sequence_aux_loss`).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                 routed_scaling_factor: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.aux_loss_coef = 0.0
+        self.last_load = self.last_entropy = self.aux_loss = self.load_sum = self.entropy_sum = None
+        self.forwards = 0
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32 and self.expert_bias.device.type != "meta":
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor, seq_shape: tuple[int, int] | None = None):
+        logits = F.linear(x.float(), self.weight.float())
+        topk_idx, topk_weight, scores = route(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
+                                              self.routed_scaling_factor)
+        if self.training and torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+            with torch.no_grad():  # statistics only
+                self.last_load = torch.bincount(topk_idx.reshape(-1), minlength=scores.shape[1]).float()
+                p = scores / scores.sum(-1, keepdim=True)
+                self.last_entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+                self.load_sum = self.last_load if self.load_sum is None else self.load_sum + self.last_load
+                self.entropy_sum = self.last_entropy + (0 if self.entropy_sum is None else self.entropy_sum)
+                self.forwards += 1
+        if self.training:  # also in a recompute, which must save the same tensors as the forward
+            self.aux_loss = (self.sequence_aux_loss(scores, topk_idx, seq_shape)
+                             if self.aux_loss_coef > 0 and seq_shape is not None else None)
+        return topk_idx, topk_weight, scores
+
+    def take_stats(self):
+        """``(load_sum [E], entropy_sum, forwards)`` accumulated since the last call (training forwards outside
+        backward recomputes), then reset; ``(None, None, 0)`` when there were none."""
+        out = (self.load_sum, self.entropy_sum, self.forwards)
+        self.load_sum = self.entropy_sum = None
+        self.forwards = 0
+        return out
+
+    def sequence_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, seq_shape: tuple[int, int]):
+        """DeepSeek-V3's complementary sequence-wise balance loss (Sec. 2.1.2, eqs. 17-20), unscaled:
+        mean over sequences of sum_e f_e P_e, f_e = E / (K T) * #(tokens of the sequence routed to e),
+        P_e = mean over the sequence's tokens of s_e / sum_j s_j. float32 scalar with gradient to the router."""
+        b, t = seq_shape
+        e = scores.shape[1]
+        counts = torch.zeros(b, e, device=scores.device).scatter_add_(
+            1, topk_idx.view(b, t * self.top_k), torch.ones(b, t * self.top_k, device=scores.device))
+        f = counts * (e / (self.top_k * t))
+        p = (scores / scores.sum(-1, keepdim=True)).view(b, t, e).mean(1)
+        return (f * p).sum(-1).mean()
+
+
+class Experts(nn.Module):
+    """Routed SwiGLU experts as stacked weights (dFactory's merged layout): ``gate_proj``, ``up_proj``
+    [E, moe_intermediate, hidden] and ``down_proj`` [E, hidden, moe_intermediate]; expert e computes
+    down_e(silu(gate_e x) * up_e x) like ``nn.Linear`` weights ``gate_proj[e]`` ...."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(x_sorted, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and w.dtype == x.dtype
+            and x.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0)
+
+
+def grouped_swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of tokens already grouped by expert.
+
+    Args:
+        x_sorted: [M, hidden] rows sorted by expert (expert 0's rows first).
+        counts: int64 [E] rows per expert (sums to M).
+        w_gate, w_up: [E, I, hidden]; w_down: [E, hidden, I].
+    Returns:
+        [M, hidden] in x's dtype. On CUDA with bf16 and aligned shapes one ``torch._grouped_mm`` per projection
+        (offsets = cumulative counts); otherwise one matmul per expert with rows (contiguous slices).
+    """
+    if _grouped_mm_ok(x_sorted, w_gate):
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x_sorted, w_gate.transpose(1, 2), offs=offs)) * \
+            torch._grouped_mm(x_sorted, w_up.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)
+    outs, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        xe = x_sorted[start:start + c]
+        outs.append(F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e]))
+        start += c
+    return torch.cat(outs, 0) if outs else x_sorted.new_zeros(0, w_down.shape[1])
+
+
+class MoEBlock(nn.Module):
+    """LLaDA2's sparse MoE feed-forward: ``gate`` (:class:`Router`), ``experts`` (:class:`Experts`) and
+    ``shared_experts`` (a dense SwiGLU of ``moe_intermediate_size * num_shared_experts``, given as ``shared``).
+
+    ``forward(x [B, L, hidden])`` -> [B, L, hidden] in x's dtype: sum_k w_k expert_{i_k}(x) (combined in
+    float32, then cast, as the release) + shared_experts(x).
+    """
+
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, n_group: int,
+                 topk_group: int, routed_scaling_factor: float, shared: nn.Module):
+        super().__init__()
+        self.gate = Router(hidden_size, num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
+        self.shared_experts = shared
+        self.top_k, self.num_experts = top_k, num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape
+        flat = x.reshape(-1, d)
+        topk_idx, topk_weight, _ = self.gate(flat, (b, l))
+        y = self.routed(flat, topk_idx, topk_weight)
+        return y.view(b, l, d) + self.shared_experts(x)
+
+    def routed(self, flat: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """sum_k topk_weight[:, k] * expert_{topk_idx[:, k]}(flat), [N, hidden] in flat's dtype: (token, expert)
+        pairs sorted by expert (stable), grouped GEMMs, un-permuted, weighted sum in float32."""
+        n, e = flat.shape[0], self.num_experts
+        pairs = topk_idx.reshape(-1)
+        order = torch.argsort(pairs, stable=True)
+        counts = torch.bincount(pairs, minlength=e)
+        out_sorted = self.experts(flat.index_select(0, order // self.top_k), counts)
+        out = out_sorted.new_zeros(out_sorted.shape).index_copy(0, order, out_sorted)  # back to (token, k) order
+        y = (out.view(n, self.top_k, -1).float() * topk_weight.unsqueeze(-1)).sum(1)
+        return y.to(flat.dtype)
