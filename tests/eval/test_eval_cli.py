@@ -40,7 +40,7 @@ def evaluate(*argv) -> int:
 
 def test_checkpoints_side_by_side_all_tasks(ckpts, tmp_path, capsys):
     out = tmp_path / "res.json"
-    assert evaluate("--checkpoint", ckpts["dm"], ckpts["ar"], "--limit", "2", "--output", out, *SMALL) == 0
+    assert evaluate("--checkpoint", ckpts["dm"], "--compare", ckpts["ar"], "--limit", "2", "--output", out, *SMALL) == 0
     assert "| task | metric | diffusion | ar |" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert list(res["results"]) == list(cli.TASKS) and list(res["models"]) == ["diffusion", "ar"]
@@ -117,9 +117,11 @@ def test_block_diffusion_checkpoint_and_sampler_flags(ckpts, tmp_path, capsys):
     assert "sampler block, block_length 4, likelihood block" in capsys.readouterr().out
     d = json.loads(out.read_text())["models"]["diffusion"]
     assert (d["sampler"], d["block_length"], d["likelihood"]) == ("block", 4, "block")
-    assert evaluate("--checkpoint", ckpts["bd"], "--sampler", "llada", "--tasks", "poem", "--limit", "1",
+    assert evaluate("--checkpoint", ckpts["bd"], ckpts["dm"], "--sampler", "llada", "--tasks", "poem", "--limit", "1",
                     "--output", out, *SMALL) == 0
-    assert json.loads(out.read_text())["models"]["diffusion"]["sampler"] == "low_confidence"
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["diffusion", "diffusion_2"]
+    assert models["diffusion"]["sampler"] == models["diffusion_2"]["sampler"] == "low_confidence"
     capsys.readouterr()
     assert evaluate("--checkpoint", ckpts["bd"], "--threshold", "0.5", "--tasks", "gsm8k", *SMALL) == 2
     assert capsys.readouterr().err.startswith("error: the block sampler does not support --threshold")
