@@ -177,3 +177,22 @@ def test_poem_scoring():
     assert first_line("疑是地上霜\n床前") == "疑是地上霜"
     assert poem_match("疑是地上霜", "疑是地上霜。") and poem_match(" 疑是 地上霜", "疑是地上霜")
     assert not poem_match("疑是地上雪", "疑是地上霜") and first_line("，。") == ""
+
+
+def test_sampling_generators_are_created_on_the_model_device(ckpts, monkeypatch, capsys):
+    """Random remasking / temperature > 0 draw from torch.Generators: each must be made for the model's device
+    (a device-less one is a CPU generator, which fails against CUDA tensors; issue 21 finding 11)."""
+    made = []
+    real = torch.Generator
+
+    def recording(*args, **kwargs):
+        made.append(args[0] if args else kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    assert evaluate("--checkpoint", ckpts["dm"], "--watch", "--prompt", "hi", "--gen_length", "8", "--block_length",
+                    "8", "--sampler", "random", "--temperature", "1") == 0
+    assert evaluate("--checkpoint", ckpts["dm"], ckpts["ar"], "--tasks", "gsm8k", "--limit", "2",
+                    "--temperature", "1", *SMALL) == 0
+    capsys.readouterr()
+    assert made and all(d is not None and torch.device(d) == torch.device("cpu") for d in made), made
