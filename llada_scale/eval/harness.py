@@ -138,7 +138,11 @@ def parse_model_args(args: dict) -> dict:
 
 class LladaScaleLM(TemplateLM):
     """lm-evaluation-harness model for llada_scale checkpoints (see the module docstring); construct with the
-    keyword arguments of :data:`MODEL_ARGS` (``lm_eval.simple_evaluate(model="llada_scale", model_args={...})``)."""
+    keyword arguments of :data:`MODEL_ARGS` (``lm_eval.simple_evaluate(model="llada_scale", model_args={...})``).
+
+    Attributes a caller may use between ``simple_evaluate`` calls (``tools/eval_diffusion.py`` does): ``opts``
+    (the parsed model arguments, read at every request), ``stats`` (``seconds`` of model time, ``tokens`` scored
+    or generated, ``nfe`` forwards, accumulated since the caller last reset it) and ``progress`` (our bars)."""
 
     backend = "causal"  # lm-eval's _encode_pair: encode context + continuation together, then split
 

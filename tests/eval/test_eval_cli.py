@@ -40,7 +40,7 @@ def evaluate(*argv) -> int:
 
 def test_checkpoints_side_by_side_all_tasks(ckpts, tmp_path, capsys):
     out = tmp_path / "res.json"
-    assert evaluate("--checkpoint", ckpts["dm"], ckpts["ar"], "--limit", "2", "--output", out, *SMALL) == 0
+    assert evaluate("--checkpoint", ckpts["dm"], "--compare", ckpts["ar"], "--limit", "2", "--output", out, *SMALL) == 0
     assert "| task | metric | diffusion | ar |" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert list(res["results"]) == list(cli.TASKS) and list(res["models"]) == ["diffusion", "ar"]
@@ -117,9 +117,11 @@ def test_block_diffusion_checkpoint_and_sampler_flags(ckpts, tmp_path, capsys):
     assert "sampler block, block_length 4, likelihood block" in capsys.readouterr().out
     d = json.loads(out.read_text())["models"]["diffusion"]
     assert (d["sampler"], d["block_length"], d["likelihood"]) == ("block", 4, "block")
-    assert evaluate("--checkpoint", ckpts["bd"], "--sampler", "llada", "--tasks", "poem", "--limit", "1",
+    assert evaluate("--checkpoint", ckpts["bd"], ckpts["dm"], "--sampler", "llada", "--tasks", "poem", "--limit", "1",
                     "--output", out, *SMALL) == 0
-    assert json.loads(out.read_text())["models"]["diffusion"]["sampler"] == "low_confidence"
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["diffusion", "diffusion_2"]
+    assert models["diffusion"]["sampler"] == models["diffusion_2"]["sampler"] == "low_confidence"
     capsys.readouterr()
     assert evaluate("--checkpoint", ckpts["bd"], "--threshold", "0.5", "--tasks", "gsm8k", *SMALL) == 2
     assert capsys.readouterr().err.startswith("error: the block sampler does not support --threshold")
@@ -175,3 +177,22 @@ def test_poem_scoring():
     assert first_line("疑是地上霜\n床前") == "疑是地上霜"
     assert poem_match("疑是地上霜", "疑是地上霜。") and poem_match(" 疑是 地上霜", "疑是地上霜")
     assert not poem_match("疑是地上雪", "疑是地上霜") and first_line("，。") == ""
+
+
+def test_sampling_generators_are_created_on_the_model_device(ckpts, monkeypatch, capsys):
+    """Random remasking / temperature > 0 draw from torch.Generators: each must be made for the model's device
+    (a device-less one is a CPU generator, which fails against CUDA tensors; issue 21 finding 11)."""
+    made = []
+    real = torch.Generator
+
+    def recording(*args, **kwargs):
+        made.append(args[0] if args else kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    assert evaluate("--checkpoint", ckpts["dm"], "--watch", "--prompt", "hi", "--gen_length", "8", "--block_length",
+                    "8", "--sampler", "random", "--temperature", "1") == 0
+    assert evaluate("--checkpoint", ckpts["dm"], ckpts["ar"], "--tasks", "gsm8k", "--limit", "2",
+                    "--temperature", "1", *SMALL) == 0
+    capsys.readouterr()
+    assert made and all(d is not None and torch.device(d) == torch.device("cpu") for d in made), made
