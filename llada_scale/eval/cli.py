@@ -148,12 +148,12 @@ def sampler_for(args, m: api.Model) -> str | None:
         return None
     s = {"llada": "low_confidence"}.get(args.sampler, args.sampler)
     if s is None:
-        s = "threshold" if args.threshold is not None and m.sampler != "block" else m.sampler
-    if s == "block":
-        bad = [f for f, on in (("--threshold", args.threshold is not None), ("--cfg_scale", args.cfg_scale > 0),
-                               ("--cache", args.cache is not None)) if on]
+        s = "threshold" if args.threshold is not None and m.sampler not in ("block", "llada2") else m.sampler
+    if s in ("block", "llada2"):  # exact KV caches, no CFG; llada2 (the LLaDA2 release's loop) takes --threshold
+        bad = [f for f, on in (("--threshold", args.threshold is not None and s == "block"),
+                               ("--cfg_scale", args.cfg_scale > 0), ("--cache", args.cache is not None)) if on]
         if bad:
-            raise EvalError(f"the block sampler does not support {', '.join(bad)}; use --sampler low_confidence or "
+            raise EvalError(f"the {s} sampler does not support {', '.join(bad)}; use --sampler low_confidence or "
                             "threshold")
     return s
 
@@ -162,7 +162,7 @@ def gen_settings(args, m: api.Model, sampler: str | None, gen_length: int) -> di
     """``gen_length``/``steps``/``block_length`` model args for a generation of ``gen_length`` tokens: the
     tokens-per-step rate of ``--steps`` for ``--gen_length``; the LLaDA samplers need whole blocks and a step count
     divisible by the number of blocks."""
-    block = args.block_length or (m.block_length if sampler == "block" else None) or 32
+    block = args.block_length or (m.block_length if sampler in ("block", "llada2") else None) or 32
     if sampler not in (None, "block"):
         block = min(block, gen_length)
         gen_length = -(-gen_length // block) * block
