@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "func", "no_verify")}
+    out_dir = args.paths[-1] if args.command == "average" else args.out_dir
     saved = os.environ.get("LLADA_SCALE_VERIFY")
     if args.no_verify:
         os.environ["LLADA_SCALE_VERIFY"] = "0"
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished output: nothing was moved into place
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         what = "no space left on device" if full else f"{type(e).__name__}: {e.strerror or e}"
-        print(f"error: {what} writing {args.out_dir} ({e.filename or 'output'}); the previous output is left as "
+        print(f"error: {what} writing {out_dir} ({e.filename or 'output'}); the previous output is left as "
               "it was", file=sys.stderr)
         return 2
     finally:
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("LLADA_SCALE_VERIFY", None)
         else:
             os.environ["LLADA_SCALE_VERIFY"] = saved
-    print(f"output: {os.path.abspath(args.out_dir)}")
+    print(f"output: {os.path.abspath(out_dir)}")
     return 0
 
 

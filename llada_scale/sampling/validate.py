@@ -34,12 +34,15 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
 
 
 def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> float:
-    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``).
+                low_open: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``); None passes through
+    when ``optional``.
 
     Raises:
         ValueError: a non-number, NaN, +-inf or a value outside the range, naming ``name``.
     """
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     v = float(value)
@@ -88,7 +91,7 @@ def check_generation(*, gen_length, steps, block_length, temperature, cfg_scale,
                      seed, batch_size) -> dict:
     """Check the sampling arguments of :meth:`llada_scale.api.Model.generate`; returns them typed.
 
-    ``steps`` and ``block_length`` may be None (their defaults) but not 0; ``steps`` may not exceed
+    ``steps``, ``block_length`` and ``threshold`` may be None (their defaults: the sampler's own) but not 0; ``steps`` may not exceed
     ``gen_length`` (a step commits at least one token: more steps than tokens would be silently capped).
 
     Raises:
@@ -101,7 +104,7 @@ def check_generation(*, gen_length, steps, block_length, temperature, cfg_scale,
         block_length=check_int("block_length", block_length, low=1, optional=True),
         temperature=check_float("temperature", temperature, low=0),
         cfg_scale=check_float("cfg_scale", cfg_scale, low=0),
-        threshold=check_float("threshold", threshold, low=0, high=1, low_open=True),
+        threshold=check_float("threshold", threshold, low=0, high=1, low_open=True, optional=True),
         repetition_penalty=check_float("repetition_penalty", repetition_penalty, low=0, low_open=True),
         seed=check_int("seed", seed),
         batch_size=check_int("batch_size", batch_size, low=1),

@@ -35,7 +35,10 @@ def stored(out: Path) -> dict[str, torch.Tensor]:
 
 
 def last_line(capsys) -> str:
-    return capsys.readouterr().out.strip().splitlines()[-1]
+    """The converter's summary line (the one naming the dtype); the very last line names the output directory."""
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("output: "), lines
+    return lines[-2]
 
 
 def test_resolve_dtype_rule():
