@@ -21,7 +21,7 @@ from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
-from llada_scale.training import preflight, resume, signals
+from llada_scale.training import preflight, resume, sequence_parallel, signals
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
@@ -61,8 +61,11 @@ class Trainer:
         if loader_factory is None:  # before the weights load: both splits, tokenizer, shard kind (index files only)
             preflight.check_data(cfg, self.tokenizer)
         self.diffusion = is_diffusion(cfg.objective, cfg.model.causal)
+        self.sp = sequence_parallel.setup(cfg, self.rank, self.world_size)  # SP 1: dp_rank/size = rank/world
 
         resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
+        if resume_dir is not None:
+            sequence_parallel.check_resume(checkpointer.read_meta(resume_dir), self.sp, self.world_size, resume_dir)
         lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
         source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
@@ -82,10 +85,12 @@ class Trainer:
                                  model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
                                  m.tie_embeddings)
 
-        ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
+        ds_cfg = build_ds_config(ds_config_path, cfg, self.sp.dp_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-        self.parallelized = parallelize(model, cfg.train, self.device, self.zero_stage)
+        self.parallelized = parallelize(model, sequence_parallel.train_config(cfg.train), self.device,
+                                        self.zero_stage)
+        sequence_parallel.install(model, self.sp)
         # world size changed: a universal checkpoint to load instead
         universal_dir = resume.prepare_world_size_change(resume_dir, ds_cfg, self.rank, self.world_size)
         o = cfg.optim
@@ -99,9 +104,10 @@ class Trainer:
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_cfg,
             model_parameters=param_groups(model, o.weight_decay) if optimizer is None else None,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), mpu=self.sp.mpu)
+        self.loss_model = sequence_parallel.model_for_loss(self.engine, self.sp, cfg.model)
 
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.sp.dp_rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
         self.step = 0
         self.guard = LossGuard(cfg.train, self.rank)
@@ -123,8 +129,8 @@ class Trainer:
         d = self.cfg.data
         shard_dir = d.train_shards if split == "train" else d.val_shards  # set: preflight.check_data
         ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
-                           rank=self.rank if rank is None else rank,
-                           world_size=self.world_size if world_size is None else world_size,
+                           rank=self.sp.dp_rank if rank is None else rank,
+                           world_size=self.sp.dp_size if world_size is None else world_size,
                            seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
                            num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
@@ -187,7 +193,7 @@ class Trainer:
         seq_len = model_input_length(self.cfg.objective, self.cfg.model.causal, self.cfg.data.seq_len, self.step)
         while micro < self.grad_accum:
             batch = self._next_batch(it)
-            loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+            loss, stats = compute_loss(self.loss_model, batch, self.cfg.objective, self.cfg.model.causal,
                                        self.cfg.model.mask_token_id, self.generator, step=self.step)
             # one MAX all-reduce: [non-finite anywhere, stop signal anywhere, largest finite loss], built on
             # the device and read back once
@@ -220,7 +226,7 @@ class Trainer:
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
-        return totals
+        return self.sp.scale_stats(totals)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -230,11 +236,11 @@ class Trainer:
         it = iter(loader)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 999_983)
         total = torch.zeros(2, device=self.device)
-        for i in range(self.cfg.train.val_batches * self.world_size):
+        for i in range(self.cfg.train.val_batches * self.sp.dp_size):  # SP: a group's ranks share each batch
             batch = self._next_batch(it)
-            if i % self.world_size != self.rank:
+            if i % self.sp.dp_size != self.sp.dp_rank:
                 continue
-            loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+            loss, _ = compute_loss(self.loss_model, batch, self.cfg.objective, self.cfg.model.causal,
                                    self.cfg.model.mask_token_id, gen, step=self.step)
             total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
         dist.all_reduce(total)
@@ -317,7 +323,8 @@ class Trainer:
             early_stop = None
             if validating:
                 last = self.validate()
-                with torch.compiler.set_stance("force_eager"):  # generation changes lengths: no recompiles
+                # generation changes lengths: no recompiles; under SP each rank generates on its own
+                with torch.compiler.set_stance("force_eager"), self.sp.disabled():
                     samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
                 self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
                 for s in samples:
