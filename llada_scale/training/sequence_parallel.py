@@ -18,9 +18,9 @@ the per-token cross-entropy [B, S/SP] -> [B, S] across the group (:class:`Gather
 rank's own slice only). Every rank therefore computes the SP = 1 loss of its rows (sum of per-token losses and
 counts over the whole row), and the sum over the group of the parameter gradients (each rank's tokens, plus the
 attention terms the all-to-all's backward returns to their owners) is the SP = 1 gradient. DeepSpeed, given the
-``mpu``, reduces gradients over all ranks and divides by world / SP (``sequence_parallel_size`` in its ZeRO
-optimizers and engine), i.e. it sums over the SP group and averages over data parallelism: the update is the
-SP = 1 update. Why DeepSpeed's ALST wrappers (``UlyssesSPAttentionHF``, ``UlyssesSPDataLoaderAdapter``) are not
+``mpu``, reduces gradients over all ranks and divides by world / SP at ZeRO-0/1/2, i.e. it sums over the SP
+group and averages over data parallelism: the update is the SP = 1 update (ZeRO-3 divides by the world size,
+which :func:`grad_scale` makes up for). Why DeepSpeed's ALST wrappers (``UlyssesSPAttentionHF``, ``UlyssesSPDataLoaderAdapter``) are not
 used: docs/LOG.md 2026-12-07 (they assume HF model classes, a causal mask and label shifting).
 """
 
@@ -83,6 +83,7 @@ class Plan:
     dp_size: int = 1  # world // size
     group: object = None
     mpu: object = None
+    grad_scale: float = 1.0  # the loss is multiplied by this before the backward (:func:`grad_scale`)
     enabled: bool = field(default=True, repr=False)  # off: installed attentions run unsplit (generation)
 
     @contextlib.contextmanager
@@ -118,6 +119,30 @@ def setup(cfg, rank: int, world_size: int) -> Plan:
         log.info(f"sequence parallel: {sp} ranks per row (Ulysses all-to-all), data parallel {world_size // sp}")
     return Plan(sp, mpu.get_sequence_parallel_rank(), rank // sp, world_size // sp, mpu.get_sequence_parallel_group(),
                 mpu)
+
+
+def grad_scale(ds_cfg: dict, plan: Plan) -> float:
+    """Factor on the loss before the backward that makes DeepSpeed's gradient reduction sum over the SP group and
+    average over data parallelism, for the DeepSpeed config ``ds_cfg`` (after the trainer filled it in).
+
+    DeepSpeed 0.19.8 (and 0.16.5 in the mirror) is not consistent about it: ZeRO-0 (engine all-reduce), ZeRO-1/2
+    and ZeRO-3's contiguous-bucket path divide the sum over all ranks by world / SP (SP-aware), but ZeRO-3's
+    default reduce-scatter path (``__avg_scatter_grads``) divides by the world size, i.e. averages over SP too
+    (measured: half the SP = 1 gradient norm at SP = 2; hamishivi/tmax#9 traced the same in 0.18.4). So ZeRO-3
+    gets SP, the others 1. ZeRO-3 with ``reduce_scatter: false`` picks the path per bucket (by bucket size), which
+    no single factor fixes, and is refused.
+
+    Raises:
+        TrainError: ZeRO-3 with ``zero_optimization.reduce_scatter: false`` under SP > 1.
+    """
+    zero = ds_cfg.get("zero_optimization") or {}
+    if plan.size == 1 or zero.get("stage", 0) != 3:
+        return 1.0
+    if zero.get("reduce_scatter", True) is False:
+        raise TrainError("train.sequence_parallel_size > 1 at ZeRO-3 needs zero_optimization.reduce_scatter: true "
+                         "(DeepSpeed's default): with false, DeepSpeed scales the gradients of some buckets for "
+                         "sequence parallelism and not others")
+    return float(plan.size)
 
 
 def train_config(train_cfg):
@@ -235,5 +260,5 @@ def check_resume(meta: dict, plan: Plan, world_size: int, where) -> None:
                          "it under sequence parallelism is not supported), or start from it with train.init_from")
 
 
-__all__ = ["check", "Plan", "setup", "train_config", "install", "GatherSequence", "SequenceParallelModel", "model_for_loss",
+__all__ = ["check", "Plan", "setup", "grad_scale", "train_config", "install", "GatherSequence", "SequenceParallelModel", "model_for_loss",
            "check_resume"]

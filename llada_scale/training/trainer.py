@@ -88,6 +88,7 @@ class Trainer:
         ds_cfg = build_ds_config(ds_config_path, cfg, self.sp.dp_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        self.sp.grad_scale = sequence_parallel.grad_scale(ds_cfg, self.sp)
         self.parallelized = parallelize(model, sequence_parallel.train_config(cfg.train), self.device,
                                         self.zero_stage)
         sequence_parallel.install(model, self.sp)
@@ -208,7 +209,7 @@ class Trainer:
             if self.guard.skip(self.step, nonfinite=nonfinite > 0, loss=max_loss):
                 continue  # non-finite on some rank, or a spike: every rank drops this micro batch
             boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.sp.grad_scale)  # 1 unless SP at ZeRO-3 (sequence_parallel.grad_scale)
             skip_update = False
             if self.zero_stage == 0 and boundary:
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
