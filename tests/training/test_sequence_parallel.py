@@ -118,3 +118,13 @@ def test_refused_with_one_line_before_step_1(tmp_path, pretrain_shards):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "does not divide data.seq_len=63" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_long_context_recipe_fits_its_layouts():
+    """configs/sft_llada8b_32k.yaml: SP 8 splits LLaDA-8B's 32 heads and the 32k rows on 1 or 2 nodes of 8."""
+    cfg = load_config("configs/sft_llada8b_32k.yaml")
+    assert (cfg.train.sequence_parallel_size, cfg.data.seq_len, cfg.model.max_seq_len) == (8, 32768, 32768)
+    for world in (8, 16):
+        sp.check(cfg, world)
+    with pytest.raises(TrainError, match="does not divide the world size 4"):
+        sp.check(cfg, 4)
