@@ -288,7 +288,8 @@ class Trainer:
         t = self.cfg.train
         if self.rank == 0:
             log.info(f"model {self.num_params / 1e6:.2f}M params | world {self.world_size} | ZeRO-{self.zero_stage} | "
-                     f"micro {t.micro_batch_size} x accum {self.grad_accum} x world = global {t.global_batch_size} "
+                     f"micro {t.micro_batch_size} x accum {self.grad_accum} x data parallel {self.sp.dp_size} = global "
+                     f"{t.global_batch_size} "
                      f"seqs of {self.cfg.data.seq_len} | bf16 {self.engine.bfloat16_enabled()} | "
                      f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'}) | "
                      f"{self.flops.per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOP/token | "

@@ -47,11 +47,14 @@ def test_trainer_sp2_equals_sp1(tmp_path, pretrain_shards, ds):
     """Real shards, diffusion with random-length cuts, gradient accumulation 2: 2 processes at SP = 2 (data
     parallel 1) see the same rows and noise as 1 process, and the gradient DeepSpeed hands the optimizer is the
     SP = 1 one (the grad norm: Adam alone would hide a gradient scaled by 1/SP, which ZeRO-3 gives without
-    sequence_parallel.grad_scale), so the loss curve is the SP = 1 one. Tolerances: fp32, 4 steps of Adam."""
+    sequence_parallel.grad_scale), so the loss curve is the SP = 1 one; so is the validation loss, and generating
+    samples in between (SP switched off) works. Tolerances: fp32, 4 steps of Adam."""
     one, two = tmp_path / "sp1", tmp_path / "sp2"
-    train(one, pretrain_shards, *COMMON, world=1, ds=ds)
-    train(two, pretrain_shards, *COMMON, SP2, world=2, ds=ds)
+    val = ["train.val_every=2", "train.num_samples=1", "train.sample_tokens=8"]  # SP off while generating
+    train(one, pretrain_shards, *COMMON, *val, world=1, ds=ds)
+    train(two, pretrain_shards, *COMMON, *val, SP2, world=2, ds=ds)
     a, b = metrics(one), metrics(two)
+    assert val_losses(one) == pytest.approx(val_losses(two), rel=1e-5) and sorted(val_losses(one)) == [2, 4]
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert a[step]["data/checksum"] == b[step]["data/checksum"], step
@@ -78,6 +81,11 @@ def test_sp2_resume_equals_uninterrupted(tmp_path, pretrain_shards):
     r = train(full, pretrain_shards, *COMMON, "train.max_steps=5", check=False)
     assert r.returncode == 2 and "sequence_parallel_size=2 on 2 ranks" in r.stderr and "Traceback" not in r.stderr, \
         r.stderr[-2000:]
+
+
+def val_losses(run_dir):
+    rows = (json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
 
 
 def test_grad_scale_per_zero_stage():
