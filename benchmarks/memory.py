@@ -61,6 +61,18 @@ def measure_loss(variant: str, positions: int, hidden: int, vocab: int) -> dict:
             "extra_peak_gb": peak_rss_gb() - before}
 
 
+def _step_inputs(model, micro: int, seq: int) -> dict:
+    """Preallocate ``model``'s gradients (so a step's weight gradients are not counted as activations) and return
+    a random one-document pretraining batch of ``micro`` x ``seq`` minimind tokens."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    g = torch.Generator().manual_seed(1)
+    shape = (micro, seq)
+    return {"input_ids": torch.randint(0, 6400, shape, generator=g), "position_ids": torch.arange(seq).expand(*shape),
+            "document_ids": torch.zeros(shape, dtype=torch.int32), "prompt_mask": torch.zeros(shape, dtype=torch.bool),
+            "padding_mask": torch.zeros(shape, dtype=torch.bool)}
+
+
 def measure_checkpoint(mode: str, preset_name: str, seq: int, micro: int) -> dict:
     from llada_scale.model.transformer import Transformer, preset
     from llada_scale.objectives.config import ObjectiveConfig
@@ -71,12 +83,7 @@ def measure_checkpoint(mode: str, preset_name: str, seq: int, micro: int) -> dic
     cfg = preset(preset_name, causal=False, mask_token_id=6400, max_seq_len=seq, attention_backend="sdpa")
     model = Transformer(cfg)
     layers = apply_activation_checkpointing(model, mode, every=2)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 6400, (micro, seq), generator=g),
-             "position_ids": torch.arange(seq).expand(micro, seq), "document_ids": torch.zeros(micro, seq, dtype=torch.int32),
-             "prompt_mask": torch.zeros(micro, seq, dtype=torch.bool), "padding_mask": torch.zeros(micro, seq, dtype=torch.bool)}
+    batch = _step_inputs(model, micro, seq)
     before = rss_gb()
     loss, _ = compute_loss(model, batch, ObjectiveConfig(random_length_prob=0.0), False, 6400,
                            torch.Generator().manual_seed(2))
@@ -96,8 +103,8 @@ def activation_bytes(cfg, seq: int, micro: int = 1, sp: int = 1, elem: int = 2, 
     all-to-all a rank holds [S, H/SP, D] instead of [S/SP, H, D], the same size); the all-to-all buffers of q, k,
     v and the output (a send and a receive copy each, transient, 0 without SP); the head's selected hidden states
     and their gradient plus three float32 logits chunks (:func:`llada_scale.model.head.default_chunk_size` rows, or
-    the masked positions when fewer). Attention scores are never materialised (FlexAttention on GPU; a tiled kernel on CPU);
-    the [B, S] masks and gathered per-token losses are ignored (< 1 MB).
+    the masked positions when fewer). Attention scores are never materialised (FlexAttention on GPU); the [B, S]
+    masks and gathered per-token losses are ignored (< 1 MB; the CPU path's dense S x S mask is not counted).
     """
     from llada_scale.model.head import default_chunk_size
 
@@ -203,12 +210,7 @@ def measure_sp(preset_name: str, seq: int, micro: int) -> dict:
     run.train.sequence_parallel_size, run.train.micro_batch_size, run.train.global_batch_size = world, micro, micro
     plan = sp.setup(run, rank, world)
     sp.install(model, plan)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 6400, (micro, seq), generator=g),
-             "position_ids": torch.arange(seq).expand(micro, seq), "document_ids": torch.zeros(micro, seq, dtype=torch.int32),
-             "prompt_mask": torch.zeros(micro, seq, dtype=torch.bool), "padding_mask": torch.zeros(micro, seq, dtype=torch.bool)}
+    batch = _step_inputs(model, micro, seq)
     dist.barrier()
     before = rss_gb()
     loss, stats = compute_loss(sp.model_for_loss(model, plan, cfg), batch, ObjectiveConfig(random_length_prob=0.0),
@@ -249,8 +251,8 @@ def main():
     p.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (the head weight is vocab x hidden)")
     p.add_argument("--vocab", type=int, default=126464, help="loss: vocabulary (LLaDA-8B: 126,464)")
     p.add_argument("--preset", help="checkpoint / sp-measure: model preset (default small / 30m)")
-    p.add_argument("--seq", type=int, help="checkpoint / sp / sp-measure: sequence length (default 1024 / 32768 / 4096)")
-    p.add_argument("--micro_batch_size", type=int, help="checkpoint / sp / sp-measure: rows per step (default 4 / 1 / 1)")
+    p.add_argument("--seq", type=int, help="checkpoint / sp / sp-measure: sequence length (1024 / 32768 / 4096)")
+    p.add_argument("--micro_batch_size", type=int, help="checkpoint / sp / sp-measure: rows per step (4 / 1 / 1)")
     args = p.parse_args()
     defaults = {"checkpoint": ("small", 1024, 4), "sp": (None, 32768, 1), "sp-measure": ("30m", 4096, 1)}
     preset_d, seq_d, micro_d = defaults.get(args.table, (None, None, None))

@@ -20,8 +20,9 @@ counts over the whole row), and the sum over the group of the parameter gradient
 attention terms the all-to-all's backward returns to their owners) is the SP = 1 gradient. DeepSpeed, given the
 ``mpu``, reduces gradients over all ranks and divides by world / SP at ZeRO-0/1/2, i.e. it sums over the SP
 group and averages over data parallelism: the update is the SP = 1 update (ZeRO-3 divides by the world size,
-which :func:`grad_scale` makes up for). Why DeepSpeed's ALST wrappers (``UlyssesSPAttentionHF``, ``UlyssesSPDataLoaderAdapter``) are not
-used: docs/LOG.md 2026-12-07 (they assume HF model classes, a causal mask and label shifting).
+which :func:`grad_scale` makes up for). Why DeepSpeed's ALST wrappers (``UlyssesSPAttentionHF``,
+``UlyssesSPDataLoaderAdapter``) are not used: docs/LOG.md 2026-12-07 (they assume HF model classes, a causal mask
+and label shifting).
 """
 
 from __future__ import annotations
@@ -260,5 +261,5 @@ def check_resume(meta: dict, plan: Plan, world_size: int, where) -> None:
                          "it under sequence parallelism is not supported), or start from it with train.init_from")
 
 
-__all__ = ["check", "Plan", "setup", "grad_scale", "train_config", "install", "GatherSequence", "SequenceParallelModel", "model_for_loss",
-           "check_resume"]
+__all__ = ["check", "Plan", "setup", "grad_scale", "train_config", "install", "GatherSequence", "SequenceParallelModel",
+           "model_for_loss", "check_resume"]
