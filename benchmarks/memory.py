@@ -4,6 +4,10 @@
     python benchmarks/memory.py checkpoint  # peak RSS of a training step per activation_checkpointing mode
     python benchmarks/memory.py estimate    # llada-8b on 2 x 8 GPUs, ZeRO-3: DeepSpeed's model-state estimator
                                             # + activations at seq 4096, micro batch 1, full checkpointing
+    python benchmarks/memory.py sp          # llada-8b 32k SFT, 2 x 8 GPUs, ZeRO-3, full checkpointing: memory per
+                                            # GPU for sequence_parallel_size 1, 2, 4, 8 (computed)
+    python benchmarks/memory.py sp-measure  # the same formula against a measured CPU slice: 30m preset, seq 4096,
+                                            # one training step at SP = 1 (1 process) and SP = 2 (2 processes)
 
 Each CPU measurement runs in a fresh process and reports its peak resident memory (``ru_maxrss``) minus the
 resident memory just before the measured step, so what the inputs and weights already hold is not counted.
@@ -57,6 +61,18 @@ def measure_loss(variant: str, positions: int, hidden: int, vocab: int) -> dict:
             "extra_peak_gb": peak_rss_gb() - before}
 
 
+def _step_inputs(model, micro: int, seq: int) -> dict:
+    """Preallocate ``model``'s gradients (so a step's weight gradients are not counted as activations) and return
+    a random one-document pretraining batch of ``micro`` x ``seq`` minimind tokens."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    g = torch.Generator().manual_seed(1)
+    shape = (micro, seq)
+    return {"input_ids": torch.randint(0, 6400, shape, generator=g), "position_ids": torch.arange(seq).expand(*shape),
+            "document_ids": torch.zeros(shape, dtype=torch.int32), "prompt_mask": torch.zeros(shape, dtype=torch.bool),
+            "padding_mask": torch.zeros(shape, dtype=torch.bool)}
+
+
 def measure_checkpoint(mode: str, preset_name: str, seq: int, micro: int) -> dict:
     from llada_scale.model.transformer import Transformer, preset
     from llada_scale.objectives.config import ObjectiveConfig
@@ -67,12 +83,7 @@ def measure_checkpoint(mode: str, preset_name: str, seq: int, micro: int) -> dic
     cfg = preset(preset_name, causal=False, mask_token_id=6400, max_seq_len=seq, attention_backend="sdpa")
     model = Transformer(cfg)
     layers = apply_activation_checkpointing(model, mode, every=2)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 6400, (micro, seq), generator=g),
-             "position_ids": torch.arange(seq).expand(micro, seq), "document_ids": torch.zeros(micro, seq, dtype=torch.int32),
-             "prompt_mask": torch.zeros(micro, seq, dtype=torch.bool), "padding_mask": torch.zeros(micro, seq, dtype=torch.bool)}
+    batch = _step_inputs(model, micro, seq)
     before = rss_gb()
     loss, _ = compute_loss(model, batch, ObjectiveConfig(random_length_prob=0.0), False, 6400,
                            torch.Generator().manual_seed(2))
@@ -81,58 +92,170 @@ def measure_checkpoint(mode: str, preset_name: str, seq: int, micro: int) -> dic
             "micro x seq": f"{micro} x {seq}", "extra_peak_gb": peak_rss_gb() - before}
 
 
-def estimate(nodes: int = 2, gpus_per_node: int = 8, seq: int = 4096, micro: int = 1) -> str:
-    """DeepSpeed's ZeRO-3 model-state estimate for the llada-8b preset + an activation estimate."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+def activation_bytes(cfg, seq: int, micro: int = 1, sp: int = 1, elem: int = 2, masked: float = 0.5) -> dict:
+    """Activation memory per rank of one training step with full activation checkpointing (bytes, computed).
 
+    ``cfg``: a ModelConfig; ``seq`` x ``micro`` tokens per row batch, of which each of the ``sp`` sequence-parallel
+    ranks holds 1/sp; ``elem`` bytes per activation (2 bf16, 4 fp32); ``masked``: share of positions the head runs
+    on (diffusion: t ~ U(0, 1) masks half on average). Terms: the bf16 input of every layer kept for the backward;
+    one layer recomputed with its gradients alive (q, k, v, attention output, o-proj input, 2 norm outputs and the
+    residual: 2 Hd + 2 Hkv D + 3 d; the MLP gate/up/silu/product 4 f; x2 for the gradients; after Ulysses'
+    all-to-all a rank holds [S, H/SP, D] instead of [S/SP, H, D], the same size); the all-to-all buffers of q, k,
+    v and the output (a send and a receive copy each, transient, 0 without SP); the head's selected hidden states
+    and their gradient plus three float32 logits chunks (:func:`llada_scale.model.head.default_chunk_size` rows, or
+    the masked positions when fewer). Attention scores are never materialised (FlexAttention on GPU); the [B, S]
+    masks and gathered per-token losses are ignored (< 1 MB; the CPU path's dense S x S mask is not counted).
+    """
     from llada_scale.model.head import default_chunk_size
+
+    d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    hd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    tokens = seq * micro / sp
+    out = {"layer inputs (full checkpointing)": n * tokens * d * elem,
+           "one layer recomputed (activations + grads)": 2 * tokens * (2 * hd + 2 * kvd + 3 * d + 4 * f) * elem,
+           "all-to-all buffers (q, k, v, out)": 0 if sp == 1 else 2 * tokens * (2 * hd + 2 * kvd) * elem,
+           "head + loss, memory-lean": masked * tokens * d * elem * 2
+           + 3 * min(default_chunk_size(cfg.vocab_size), masked * tokens) * cfg.vocab_size * 4}
+    out["activations"] = sum(out.values())
+    return out
+
+
+def llada8b_states(nodes: int, gpus_per_node: int) -> tuple[float, float]:
+    """(model states, gathered parameters in flight) per GPU in bytes for llada-8b at ZeRO-3, no offload:
+    DeepSpeed's formula (stage3.py ``estimate_zero3_model_states_mem_needs``: 18 bytes per parameter = bf16 weight
+    2 + fp32 gradient 4 + fp32 master, Adam m, v 12, over all GPUs; its + 4 B x the largest layer is the gathered
+    head, counted once, in the second value) and the prefetch of two layers + the gathered head in bf16."""
     from llada_scale.model.transformer import preset
 
     cfg = preset("llada-8b")
     d, f, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     layer = 4 * d * d + 3 * d * f + 2 * d  # q, k, v, o (32 kv heads), gate/up/down, two norms
-    total = n * layer + 2 * v * d + d
-    largest = v * d  # embedding / head
-    estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes)
-    tokens = seq * micro
-    bf16 = 2
-    checkpoints = n * tokens * d * bf16  # full checkpointing: each layer keeps its bf16 input only
-    # one layer recomputed in the backward: q, k, v, attention output, o-proj input, 2 norms (~7 d) and the MLP
-    # gate/up/silu/product (4 f) in bf16, with their gradients alive at the same time (x2)
-    recompute = 2 * tokens * (7 * d + 4 * f) * bf16
-    masked = tokens // 2  # diffusion: t ~ U(0, 1), half the positions masked on average (the head's rows)
-    chunk = default_chunk_size(v)
-    head = masked * d * bf16 * 2 + 3 * chunk * v * 4  # selected hidden states + grad, ~3 float32 logits chunks
-    plain_head = tokens * v * (bf16 + 4 + 4)  # bf16 logits, float32 copy, float32 softmax gradient
-    gathered = 2 * layer * bf16 + largest * bf16  # ZeRO-3: prefetch of the next layer + the gathered head
-    # DeepSpeed's formula (stage3.py), offload none: 18 bytes per parameter = bf16 weight 2 + fp32 gradient 4 +
-    # fp32 master, Adam m, v 12; its extra 4 B x largest layer is the gathered head, counted in `gathered` above
-    # (issue 21: it was counted twice)
-    states = 18 * total / (nodes * gpus_per_node)
-    # issue 21: what the estimate missed. The head's weight gradient is full size before ZeRO-3 reduce-scatters
-    # it: the float32 sum over loss chunks (model/head.py) + one bf16 chunk product, then the bf16 gradient + its
-    # float32 communication copy (communication_data_type fp32): ~3 x 2 bytes x V d at the peak (the embedding's
-    # gradient, later in the backward, peaks the same, not at the same time)
-    head_grad = 3 * bf16 * largest
-    # eager float32 tensors of the recomputed layer (compile is off under ZeRO-3): RMSNorm's x.float() and
-    # normalised copy (2 norms x 2) and RoPE's float32 q, k and rotated copies (4), each [tokens, d] float32
-    eager_fp32 = (2 * 2 + 4) * tokens * d * 4
-    context = 1.5 * 2**30  # CUDA context (~0.5 GB) + NCCL buffers for 16 ranks (~1 GB): outside the allocator
+    total, largest = n * layer + 2 * v * d + d, v * d
+    # DeepSpeed's extra 4 B x largest layer is the gathered head, counted in `gathered` (issue 21: it was counted twice)
+    return 18 * total / (nodes * gpus_per_node), 2 * layer * 2 + largest * 2
+
+
+def llada8b_extras(tokens: float) -> list[tuple[str, float]]:
+    """What DeepSpeed's estimate and the activation terms miss (issue 21), per GPU in bytes, for ``tokens`` tokens
+    on this rank: the head's full-size weight gradient before ZeRO-3 reduce-scatters it (the float32 sum over loss
+    chunks of model/head.py + one bf16 chunk product, then the bf16 gradient and its float32 communication copy:
+    ~3 x 2 bytes x V d at the peak; the embedding's gradient peaks later, not at the same time), the eager float32
+    tensors of the recomputed layer (compile is off under ZeRO-3: RMSNorm's x.float() and normalised copy, 2 norms
+    x 2, RoPE's float32 q, k and rotated copies, 4; each [tokens, d] float32) and the CUDA context (~0.5 GB) + NCCL
+    buffers for 16 ranks (~1 GB), outside the allocator."""
+    from llada_scale.model.transformer import preset
+
+    cfg = preset("llada-8b")
+    d, v = cfg.hidden_size, cfg.vocab_size
+    return [("head weight gradient before reduce-scatter (fp32 sum, bf16, fp32 comm copy)", 3 * 2 * v * d),
+            ("eager float32 norm / RoPE tensors of the recomputed layer", (2 * 2 + 4) * tokens * d * 4),
+            ("CUDA context + NCCL buffers (not in max_memory_allocated)", 1.5 * 2**30)]
+
+
+def sp_table(seq: int = 32768, micro: int = 1, nodes: int = 2, gpus_per_node: int = 8, masked: float = 0.5) -> str:
+    """Per-GPU memory of llada-8b at ``seq`` tokens for sequence_parallel_size 1, 2, 4, 8 (ZeRO-3 over all GPUs,
+    full activation checkpointing, bf16): a markdown table (GB = 2**30 bytes)."""
+    from llada_scale.model.transformer import preset
+
+    cfg = preset("llada-8b", max_seq_len=seq)
+    states, gathered = llada8b_states(nodes, gpus_per_node)
+    sps = [1, 2, 4, 8]
+    rows = {sp: activation_bytes(cfg, seq, micro, sp, 2, masked) for sp in sps}
+    extras = {sp: llada8b_extras(seq * micro / sp) for sp in sps}
+    lines = [f"\nllada-8b, seq {seq}, micro batch {micro}, {nodes} x {gpus_per_node} GPUs, ZeRO-3, full activation "
+             f"checkpointing, bf16, masked share {masked}", "",
+             "| per GPU, GB | " + " | ".join(f"SP {sp}" for sp in sps) + " |", "|---|" + "---:|" * len(sps)]
+    for key in rows[1]:
+        lines.append(f"| {key} | " + " | ".join(f"{rows[sp][key] / 2**30:.2f}" for sp in sps) + " |")
+    lines.append("| model states (DeepSpeed formula) | " + " | ".join(f"{states / 2**30:.2f}" for _ in sps) + " |")
+    lines.append("| gathered parameters in flight | " + " | ".join(f"{gathered / 2**30:.2f}" for _ in sps) + " |")
+    for i, (name, _) in enumerate(extras[1]):
+        lines.append(f"| {name} | " + " | ".join(f"{extras[sp][i][1] / 2**30:.2f}" for sp in sps) + " |")
+    totals = {sp: rows[sp]["activations"] + states + gathered + sum(b for _, b in extras[sp]) for sp in sps}
+    lines.append("| **total** | " + " | ".join(f"**{totals[sp] / 2**30:.2f}**" for sp in sps) + " |")
+    lines.append("| data-parallel size (rows in flight) | " + " | ".join(str(nodes * gpus_per_node // sp) for sp in sps)
+                 + " |")
+    return "\n".join(lines)
+
+
+def estimate(nodes: int = 2, gpus_per_node: int = 8, seq: int = 4096, micro: int = 1) -> str:
+    """DeepSpeed's ZeRO-3 model-state estimate for the llada-8b preset + an activation estimate."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+
+    from llada_scale.model.transformer import preset
+
+    cfg = preset("llada-8b")
+    d, f, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    total = n * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    estimate_zero3_model_states_mem_needs_all_cold(total, v * d, num_gpus_per_node=gpus_per_node, num_nodes=nodes)
+    act = activation_bytes(cfg, seq, micro)
+    plain_head = seq * micro * v * (2 + 4 + 4)  # bf16 logits, float32 copy, float32 softmax gradient
+    states, gathered = llada8b_states(nodes, gpus_per_node)
+    extras = llada8b_extras(seq * micro)
     rows = [("model states (18 B/param / GPUs)", states),
-            ("full-checkpoint layer inputs", checkpoints), ("one layer recomputed (activations + grads)", recompute),
-            ("output head + loss, memory-lean", head), ("(output head + loss, plain full logits)", plain_head),
-            ("gathered parameters in flight (2 layers + head)", gathered),
-            ("head weight gradient before reduce-scatter (fp32 sum, bf16, fp32 comm copy)", head_grad),
-            ("eager float32 norm / RoPE tensors of the recomputed layer", eager_fp32),
-            ("CUDA context + NCCL buffers (not in max_memory_allocated)", context)]
-    lines = [f"\nllada-8b: {total / 1e9:.2f}B params, largest layer {largest / 1e6:.0f}M, seq {seq}, micro batch "
+            ("full-checkpoint layer inputs", act["layer inputs (full checkpointing)"]),
+            ("one layer recomputed (activations + grads)", act["one layer recomputed (activations + grads)"]),
+            ("output head + loss, memory-lean", act["head + loss, memory-lean"]),
+            ("(output head + loss, plain full logits)", plain_head),
+            ("gathered parameters in flight (2 layers + head)", gathered), *extras]
+    lines = [f"\nllada-8b: {total / 1e9:.2f}B params, largest layer {v * d / 1e6:.0f}M, seq {seq}, micro batch "
              f"{micro}, {nodes} x {gpus_per_node} GPUs, ZeRO-3, full activation checkpointing", "",
              "| per GPU | GB |", "|---|---:|"]
     for name, value in rows:
-        lines.append(f"| {name} | {value if isinstance(value, str) else f'{value / 2**30:.2f}'} |")
-    total_gb = (states + checkpoints + recompute + head + gathered + head_grad + eager_fp32 + context) / 2**30
+        lines.append(f"| {name} | {value / 2**30:.2f} |")
+    total_gb = (states + act["activations"] + gathered + sum(b for _, b in extras)) / 2**30
     lines.append(f"| total, memory-lean loss | {total_gb:.2f} |")
     return "\n".join(lines)
+
+
+def measure_sp(preset_name: str, seq: int, micro: int) -> dict:
+    """One diffusion training step of ``preset_name`` (fp32, full activation checkpointing) on this rank of a
+    torch.distributed world whose size is the sequence-parallel size (``llada_scale.testing.run_ranks`` starts
+    it); returns this rank's extra peak RSS and what :func:`activation_bytes` predicts for it (fp32)."""
+    import torch.distributed as dist
+
+    from llada_scale.model.transformer import Transformer, preset
+    from llada_scale.objectives.config import ObjectiveConfig
+    from llada_scale.objectives.losses import compute_loss
+    from llada_scale.training import sequence_parallel as sp
+    from llada_scale.training.config import RunConfig
+    from llada_scale.training.engine import init_distributed
+    from llada_scale.training.parallelize import apply_activation_checkpointing
+
+    rank, _, world = init_distributed()
+    torch.manual_seed(0)
+    cfg = preset(preset_name, causal=False, vocab_size=6464, mask_token_id=6400, max_seq_len=seq,
+                 attention_backend="sdpa")
+    model = Transformer(cfg)
+    apply_activation_checkpointing(model, "full")
+    run = RunConfig()
+    run.model, run.data.seq_len = cfg, seq
+    run.train.sequence_parallel_size, run.train.micro_batch_size, run.train.global_batch_size = world, micro, micro
+    plan = sp.setup(run, rank, world)
+    sp.install(model, plan)
+    batch = _step_inputs(model, micro, seq)
+    dist.barrier()
+    before = rss_gb()
+    loss, stats = compute_loss(sp.model_for_loss(model, plan, cfg), batch, ObjectiveConfig(random_length_prob=0.0),
+                               False, 6400, torch.Generator().manual_seed(2))
+    loss.backward()
+    peak = peak_rss_gb() - before
+    masked = float(stats["head_tokens"]) / (seq * micro)
+    predicted = activation_bytes(cfg, seq, micro, world, elem=4, masked=masked)["activations"] / 2**30
+    return {"sp": world, "rank": rank, "preset": preset_name, "micro x seq": f"{micro} x {seq}",
+            "masked share": masked, "measured_gb": peak, "formula_gb": predicted}
+
+
+def sp_measure(preset_name: str, seq: int, micro: int) -> list[dict]:
+    """:func:`measure_sp` at SP = 1 (one process) and SP = 2 (two processes), one row per rank."""
+    from llada_scale.testing import run_ranks
+
+    rows = []
+    for world in (1, 2):
+        arg = json.dumps(dict(preset_name=preset_name, seq=seq, micro=micro))
+        for r in run_ranks([__file__, "--child", "sp", arg], world, timeout=1800):
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return rows
 
 
 def _child(kind: str, arg: dict) -> dict:
@@ -143,25 +266,36 @@ def _child(kind: str, arg: dict) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", nargs="?", choices=["loss", "checkpoint", "estimate"], default="estimate",
+    p.add_argument("table", nargs="?", choices=["loss", "checkpoint", "estimate", "sp", "sp-measure"],
+                   default="estimate",
                    help="which table (default estimate)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--positions", type=int, default=2048, help="loss: positions (seq x micro batch)")
     p.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (the head weight is vocab x hidden)")
     p.add_argument("--vocab", type=int, default=126464, help="loss: vocabulary (LLaDA-8B: 126,464)")
-    p.add_argument("--preset", default="small", help="checkpoint: model preset")
-    p.add_argument("--seq", type=int, default=1024, help="checkpoint: sequence length")
-    p.add_argument("--micro_batch_size", type=int, default=4, help="checkpoint: rows per step")
+    p.add_argument("--preset", help="checkpoint / sp-measure: model preset (default small / 30m)")
+    p.add_argument("--seq", type=int, help="checkpoint / sp / sp-measure: sequence length (1024 / 32768 / 4096)")
+    p.add_argument("--micro_batch_size", type=int, help="checkpoint / sp / sp-measure: rows per step (4 / 1 / 1)")
     args = p.parse_args()
+    defaults = {"checkpoint": ("small", 1024, 4), "sp": (None, 32768, 1), "sp-measure": ("30m", 4096, 1)}
+    preset_d, seq_d, micro_d = defaults.get(args.table, (None, None, None))
+    args.preset, args.seq = args.preset or preset_d, args.seq or seq_d
+    args.micro_batch_size = args.micro_batch_size or micro_d
     torch.set_num_threads(1)
     if args.child:
         kind, arg = args.child[0], json.loads(args.child[1])
-        print(json.dumps(measure_loss(**arg) if kind == "loss" else measure_checkpoint(**arg)))
+        run = {"loss": measure_loss, "checkpoint": measure_checkpoint, "sp": measure_sp}[kind]
+        print(json.dumps(run(**arg)))
         return
     if args.table == "estimate":
         print(estimate())
         return
-    if args.table == "loss":
+    if args.table == "sp":
+        print(sp_table(seq=args.seq, micro=args.micro_batch_size))
+        return
+    if args.table == "sp-measure":
+        rows = sp_measure(args.preset, args.seq, args.micro_batch_size)
+    elif args.table == "loss":
         rows = [_child("loss", dict(variant=v, positions=args.positions, hidden=args.hidden, vocab=args.vocab))
                 for v in ("plain", "lean")]
     else:

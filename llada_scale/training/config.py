@@ -65,7 +65,8 @@ class OptimConfig:
 class TrainLoopConfig:
     """Batch sizes (sequences), step counts, checkpointing, logging.
 
-    global_batch_size = micro_batch_size x gradient accumulation steps x world size (checked at start).
+    global_batch_size = micro_batch_size x gradient accumulation steps x data-parallel size (world size /
+    sequence_parallel_size; checked at start).
     resume: ``auto`` (latest complete checkpoint in run_dir, if any), ``none``, or a checkpoint tag directory.
     init_from: a checkpoint tag directory (ours, any ZeRO stage) or consolidated ``.safetensors`` whose
     weights initialise the model (AR -> diffusion); the mask-token rows are added when missing.
@@ -109,6 +110,9 @@ class TrainLoopConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
     compile: str | bool = "auto"
+    # Ulysses sequence parallelism (llada_scale.training.sequence_parallel): ranks per row, 1 = off; data
+    # parallel size = world / sequence_parallel_size (checked at start with the heads and seq_len it must divide)
+    sequence_parallel_size: int = 1
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 
@@ -248,6 +252,7 @@ _RULES = [
     ("train", "stop_at_step", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "early_stop_patience", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "early_stop_min_delta", lambda v: v >= 0, ">= 0"),
+    ("train", "sequence_parallel_size", lambda v: v >= 1, ">= 1 (1 = off)"),
 ]
 
 

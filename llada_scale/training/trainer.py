@@ -22,7 +22,7 @@ from llada_scale.model.registry import build_model, is_moe
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
-from llada_scale.training import preflight, resume, runlock, signals
+from llada_scale.training import preflight, resume, runlock, sequence_parallel, signals
 from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
@@ -67,8 +67,11 @@ class Trainer:
         if cfg.objective.edit_prob > 0 and cfg.objective.edit_source == "random":
             self.edit_vocab = replacement_vocab(self.tokenizer.vocab_size, tokenizer_special_ids(self.tokenizer),
                                                 self.device)
+        self.sp = sequence_parallel.setup(cfg, self.rank, self.world_size)  # SP 1: dp_rank/size = rank/world
 
         resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
+        if resume_dir is not None:
+            sequence_parallel.check_resume(checkpointer.read_meta(resume_dir), self.sp, self.world_size, resume_dir)
         lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
         source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
@@ -98,10 +101,13 @@ class Trainer:
                                  model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
                                  m.tie_embeddings)
 
-        ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
+        ds_cfg = build_ds_config(ds_config_path, cfg, self.sp.dp_size, self.device)
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-        self.parallelized = parallelize(model, cfg.train, self.device, self.zero_stage)
+        self.sp.grad_scale = sequence_parallel.grad_scale(ds_cfg, self.sp)
+        self.parallelized = parallelize(model, sequence_parallel.train_config(cfg.train), self.device,
+                                        self.zero_stage)
+        sequence_parallel.install(model, self.sp)
         # world size changed: a universal checkpoint to load instead
         universal_dir = resume.prepare_world_size_change(resume_dir, ds_cfg, self.rank, self.world_size)
         o = cfg.optim
@@ -115,9 +121,10 @@ class Trainer:
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_cfg,
             model_parameters=param_groups(model, o.weight_decay) if optimizer is None else None,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), mpu=self.sp.mpu)
+        self.loss_model = sequence_parallel.model_for_loss(self.engine, self.sp, cfg.model)
 
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.sp.dp_rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
         self.step = 0
         self.guard = LossGuard(cfg.train, self.rank)
@@ -139,8 +146,8 @@ class Trainer:
         d = self.cfg.data
         shard_dir = d.train_shards if split == "train" else d.val_shards  # set: preflight.check_data
         ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
-                           rank=self.rank if rank is None else rank,
-                           world_size=self.world_size if world_size is None else world_size,
+                           rank=self.sp.dp_rank if rank is None else rank,
+                           world_size=self.sp.dp_size if world_size is None else world_size,
                            seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
                            num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
@@ -205,7 +212,7 @@ class Trainer:
         seq_len = model_input_length(self.cfg.objective, self.cfg.model.causal, self.cfg.data.seq_len, self.step)
         while micro < self.grad_accum:
             batch = self._next_batch(it)
-            loss, stats = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+            loss, stats = compute_loss(self.loss_model, batch, self.cfg.objective, self.cfg.model.causal,
                                        self.cfg.model.mask_token_id, self.generator, step=self.step, check_data=False,
                                        edit_vocab=self.edit_vocab)
             loss = self.balancer.aux_loss(loss)  # MoE sequence-wise balance loss (model.moe.aux_loss_coef)
@@ -222,7 +229,7 @@ class Trainer:
             if self.guard.skip(self.step, nonfinite=nonfinite > 0, loss=max_loss):
                 continue  # non-finite on some rank, or a spike: every rank drops this micro batch
             boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.sp.grad_scale)  # 1 unless SP at ZeRO-3 (sequence_parallel.grad_scale)
             skip_update = False
             if self.zero_stage == 0 and boundary:
                 # DeepSpeed records the global grad norm only in its ZeRO/bf16 optimizers.
@@ -241,7 +248,7 @@ class Trainer:
         totals.update(self.balancer.after_step(self.device))  # MoE expert-bias update + load statistics
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
-        return totals
+        return self.sp.scale_stats(totals)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -251,11 +258,11 @@ class Trainer:
         it = iter(loader)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 999_983)
         total = torch.zeros(2, device=self.device)
-        for i in range(self.cfg.train.val_batches * self.world_size):
+        for i in range(self.cfg.train.val_batches * self.sp.dp_size):  # SP: a group's ranks share each batch
             batch = self._next_batch(it)
-            if i % self.world_size != self.rank:
+            if i % self.sp.dp_size != self.sp.dp_rank:
                 continue
-            loss, _ = compute_loss(self.engine, batch, self.cfg.objective, self.cfg.model.causal,
+            loss, _ = compute_loss(self.loss_model, batch, self.cfg.objective, self.cfg.model.causal,
                                    self.cfg.model.mask_token_id, gen, step=self.step, check_data=False,
                                    edit_vocab=self.edit_vocab)
             total += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
@@ -309,7 +316,8 @@ class Trainer:
         t = self.cfg.train
         if self.rank == 0:
             log.info(f"model {self.num_params / 1e6:.2f}M params | world {self.world_size} | ZeRO-{self.zero_stage} | "
-                     f"micro {t.micro_batch_size} x accum {self.grad_accum} x world = global {t.global_batch_size} "
+                     f"micro {t.micro_batch_size} x accum {self.grad_accum} x data parallel {self.sp.dp_size} = global "
+                     f"{t.global_batch_size} "
                      f"seqs of {self.cfg.data.seq_len} | bf16 {self.engine.bfloat16_enabled()} | "
                      f"objective {self.cfg.objective.name} ({'diffusion' if self.diffusion else 'AR'}) | "
                      f"{self.flops.per_token(self.cfg.data.seq_len) / 1e6:.1f} MFLOP/token | "
@@ -345,7 +353,8 @@ class Trainer:
             early_stop = None
             if validating:
                 last = self.validate()
-                with torch.compiler.set_stance("force_eager"):  # generation changes lengths: no recompiles
+                # generation changes lengths: no recompiles; under SP each rank generates on its own
+                with torch.compiler.set_stance("force_eager"), self.sp.disabled():
                     samples = generate_samples(self.engine.module, self.cfg, self.tokenizer, self.step)
                 self.logger.log(self.step, last, f"step {self.step:>6} | val loss {last['val/loss']:.4f}")
                 for s in samples:
