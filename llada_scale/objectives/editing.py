@@ -15,8 +15,9 @@ LLaDA 2.0's SFT additions (Bie et al. 2025, arXiv 2512.15745, and inclusionAI/dF
 * block-aligned SFT padding: the trained EOS padding of a row stops at the first block boundary after the
   conversation (the row is as if padded to a multiple of the block length; :func:`block_pad_keep`);
 * the CAP confidence loss: ``confidence_weight`` x the mean entropy of the predictive distribution on the
-  masked positions the model already predicts correctly (:func:`confidence_loss`; Chen et al. 2025, "dParallel",
-  certainty-forcing / confidence-aware training, as LLaDA 2.0 uses it to sharpen parallel decoding).
+  masked positions the model already predicts correctly (:func:`confidence_loss`; LLaDA 2.0 report, "CAP":
+  confidence-aware parallel training, an entropy-minimisation term that sharpens correct predictions so that
+  more of them pass a parallel-decoding threshold).
 
 Everything here works on token ids, masks and logits only, so it is model-agnostic: any model with the
 ``model(input_ids, position_ids=, document_ids=, attention_mask=, labels=)`` interface.

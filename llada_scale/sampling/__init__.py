@@ -4,6 +4,8 @@
   decoding and its approximate prefix / dual KV caches (:func:`diffusion_generate`);
 * :mod:`~llada_scale.sampling.block`: block-by-block decoding of block-diffusion models with an exact KV cache
   (:func:`generate_blocks_batch`);
+* :mod:`~llada_scale.sampling.edit`: LLaDA 2.1's editing decoder (threshold commits + token-to-token edits,
+  :func:`edit_generate`);
 * :mod:`~llada_scale.sampling.ar`: autoregressive decoding with an exact KV cache (:func:`ar_generate`);
 * :mod:`~llada_scale.sampling.kv_cache`: the per-layer cache and the one cached forward all of them share;
 * :mod:`~llada_scale.sampling.likelihood`: exact AR, Monte Carlo diffusion (optionally CFG) and block-NELBO
