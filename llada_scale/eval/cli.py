@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threshold", type=float, default=None,
       help="confidence threshold of the threshold sampler (implies --sampler threshold when no sampler is given; "
            "default 0.9 with --sampler threshold)")
+    a("--editing_threshold", default=None,
+      help="--sampler edit (LLaDA 2.1's editing decoder): rewrite a committed token whose argmax changed with at least "
+           "this probability (0 = every changed token; none = no edits; default 0.5); see docs/EVAL.md section 9")
+    a("--max_post_steps", type=int, default=None,
+      help="--sampler edit: editing steps after a block has no mask left (default 16)")
+    a("--preset", default=None, choices=["quality", "speed"],
+      help="--sampler edit: LLaDA 2.1's presets, threshold / editing_threshold / max_post_steps = quality 0.7 / 0.5 / "
+           "16, speed 0.5 / 0.0 / 16")
+    a("--top_k", type=int, default=None, help="--sampler edit: top-k filtering at temperature > 0")
+    a("--top_p", type=float, default=None, help="--sampler edit: nucleus filtering at temperature > 0")
     a("--cache", default=None, choices=["prefix", "dual"],
       help="Fast-dLLM's approximate KV cache for the LLaDA samplers (default off: exact); see docs/EVAL.md")
     a("--cfg_scale", type=float, default=0.0,
@@ -142,6 +152,21 @@ def check_args(args) -> list[str]:
     return tasks
 
 
+EDIT_FLAGS = ("editing_threshold", "max_post_steps", "preset", "top_k", "top_p")
+
+
+def edit_kwargs(args) -> dict:
+    """The edit sampler's flags that were given, as :meth:`llada_scale.api.Model.generate_ids` takes them."""
+    out = {k: getattr(args, k) for k in EDIT_FLAGS if getattr(args, k) is not None}
+    if "editing_threshold" in out:
+        et = str(out["editing_threshold"]).strip().lower()
+        try:
+            out["editing_threshold"] = None if et == "none" else float(et)
+        except ValueError:
+            raise EvalError(f"--editing_threshold must be a number or none, got {et!r}") from None
+    return out
+
+
 def sampler_for(args, m: api.Model) -> str | None:
     """The diffusion sampler of ``m`` (None for AR models). Raises :class:`EvalError` for flags it does not take."""
     if m.causal:
@@ -149,12 +174,15 @@ def sampler_for(args, m: api.Model) -> str | None:
     s = {"llada": "low_confidence"}.get(args.sampler, args.sampler)
     if s is None:
         s = "threshold" if args.threshold is not None and m.sampler not in ("block", "llada2") else m.sampler
-    if s in ("block", "llada2"):  # exact KV caches, no CFG; llada2 (the LLaDA2 release's loop) takes --threshold
+    if s in ("block", "llada2", "edit"):  # exact KV caches, no CFG; llada2 and edit take --threshold
         bad = [f for f, on in (("--threshold", args.threshold is not None and s == "block"),
                                ("--cfg_scale", args.cfg_scale > 0), ("--cache", args.cache is not None)) if on]
         if bad:
             raise EvalError(f"the {s} sampler does not support {', '.join(bad)}; use --sampler low_confidence or "
                             "threshold")
+    edit_flags = [f"--{k}" for k in EDIT_FLAGS if getattr(args, k) is not None]
+    if edit_flags and s != "edit":
+        raise EvalError(f"{', '.join(edit_flags)} only apply to --sampler edit (the sampler here is {s})")
     return s
 
 
@@ -162,12 +190,12 @@ def gen_settings(args, m: api.Model, sampler: str | None, gen_length: int) -> di
     """``gen_length``/``steps``/``block_length`` model args for a generation of ``gen_length`` tokens: the
     tokens-per-step rate of ``--steps`` for ``--gen_length``; the LLaDA samplers need whole blocks and a step count
     divisible by the number of blocks."""
-    block = args.block_length or (m.block_length if sampler in ("block", "llada2") else None) or 32
-    if sampler not in (None, "block"):
+    block = args.block_length or (m.block_length if sampler in ("block", "llada2", "edit") else None) or 32
+    if sampler not in (None, "block", "edit"):
         block = min(block, gen_length)
         gen_length = -(-gen_length // block) * block
     steps = gen_length if args.steps is None else max(1, round(gen_length * args.steps / args.gen_length))
-    if sampler not in (None, "block"):
+    if sampler not in (None, "block", "edit"):
         nb = gen_length // block
         steps = -(-steps // nb) * nb
     return {"gen_length": gen_length, "steps": steps, "block_length": block}
@@ -185,10 +213,12 @@ def watch(m: api.Model, args) -> dict:
     live = sys.stdout.isatty()
     frames = []
 
-    def show(step, tokens, committed):
+    def show(step, tokens, committed, edited=None):  # edited: the edit sampler's rewritten positions
         s = api.render_partial(m.tokenizer, tokens[0].tolist(), m.mask_token_id, args.mask_symbol)
         frames.append(s)
         header = f"step {step + 1}: +{int(committed[0].sum())} token(s)"
+        if edited is not None:
+            header += f", {int(edited[0].sum())} edited"
         if live:
             sys.stdout.write("\x1b[2J\x1b[H" + f"prompt: {text}\n{header}\n\n{s}\n")
             sys.stdout.flush()
@@ -198,8 +228,9 @@ def watch(m: api.Model, args) -> dict:
             time.sleep(args.watch_delay)
 
     res = m.generate_ids([prompt], **g, sampler=sampler, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                         threshold=args.threshold or 0.9, cache=args.cache, repetition_penalty=args.repetition_penalty,
-                         seed=args.seed, allow_extrapolation=args.allow_extrapolation, callback=show)
+                         threshold=args.threshold, cache=args.cache, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed, allow_extrapolation=args.allow_extrapolation, callback=show,
+                         **(edit_kwargs(args) if sampler == "edit" else {}))
     final = m.decode(res.tokens[0])
     print(f"\nfinal ({res.steps} steps, {res.nfe} forwards, {res.seconds:.2f}s): {final}", flush=True)
     return {"prompt": text, "frames": frames, "final": final, "steps": res.steps, "nfe": res.nfe,
@@ -282,7 +313,7 @@ def model_args(args, path: str) -> dict:
     sampler = {"llada": "low_confidence"}.get(args.sampler, args.sampler)  # None: per model, by sampler_for
     return {"pretrained": path, "tokenizer": args.tokenizer, "dtype": args.dtype, "device": args.device,
             "batch_size": args.batch_size, "mc_samples": args.mc_samples, "cfg_scale": args.cfg_scale,
-            "likelihood": args.likelihood, "sampler": sampler, "threshold": args.threshold or 0.9,
+            "likelihood": args.likelihood, "sampler": sampler, "threshold": args.threshold, **edit_kwargs(args),
             "cache": args.cache, "temperature": args.temperature, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed, "allow_extrapolation": args.allow_extrapolation, "data": args.data}
 

@@ -196,3 +196,20 @@ def test_sampling_generators_are_created_on_the_model_device(ckpts, monkeypatch,
                     "--temperature", "1", *SMALL) == 0
     capsys.readouterr()
     assert made and all(d is not None and torch.device(d) == torch.device("cpu") for d in made), made
+
+
+def test_edit_sampler_flags_reach_the_decoder(ckpts, tmp_path, capsys):
+    """LLaDA 2.1's editing decoder through the front end: its flags reach the model args, --watch shows edits, and
+    its flags without --sampler edit are refused in one line."""
+    out = tmp_path / "res.json"
+    assert evaluate("--checkpoint", ckpts["bd"], "--tasks", "gsm8k", "--limit", "2", "--sampler", "edit",
+                    "--preset", "speed", "--output", out, *SMALL) == 0
+    res = json.loads(out.read_text())
+    (info,) = res["models"].values()
+    assert info["sampler"] == "edit" and res["results"]["gsm8k"][next(iter(res["models"]))]["nfe"] > 0
+    assert evaluate("--checkpoint", ckpts["bd"], "--watch", "--sampler", "edit", "--editing_threshold", "0",
+                    *SMALL) == 0
+    assert "edited" in capsys.readouterr().out
+    assert evaluate("--checkpoint", ckpts["dm"], "--tasks", "gsm8k", "--preset", "speed", *SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only apply to --sampler edit" in err[0], err
