@@ -109,6 +109,9 @@ class TrainLoopConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
     compile: str | bool = "auto"
+    # ZeRO-3 only: build the model partitioned (deepspeed.zero.Init) and stream init_from into the partitions, so
+    # no rank holds the whole model (llada_scale.training.zero_init); false = every rank builds it in full first.
+    zero3_init: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 

@@ -21,7 +21,7 @@ from llada_scale.checkpoint import checkpointer
 from llada_scale.model.transformer import Transformer
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.losses import compute_loss, model_input_length
-from llada_scale.training import preflight, resume, signals
+from llada_scale.training import preflight, resume, signals, zero_init
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
                                          fit_init_source, load_init_weights, param_groups)
@@ -67,24 +67,29 @@ class Trainer:
         source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
         fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
-        torch.manual_seed(cfg.seed)
-        model = Transformer(cfg.model)
-        if cfg.train.init_from and (resume_dir is None or lora):
-            load_init_weights(model, cfg.train.init_from)
+        ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
+        self.grad_accum = ds_cfg["gradient_accumulation_steps"]
+        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        init_from = cfg.train.init_from and (resume_dir is None or lora)
+        partitioned = zero_init.enabled(self.zero_stage, cfg.train)  # ZeRO-3: no full model per rank
+        if partitioned:
+            model = zero_init.build_partitioned(cfg.model, ds_cfg, cfg.seed, random_init=not (init_from or resume_dir))
+        else:
+            torch.manual_seed(cfg.seed)
+            model = Transformer(cfg.model)
+        if init_from:
+            (zero_init.load_init_weights_partitioned if partitioned else load_init_weights)(model, cfg.train.init_from)
             check_init_config(cfg.model, source, cfg.train.init_from)
         elif lora:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
         if lora:
             model = apply_lora(model, cfg.train.lora)
-        self.num_params = model.num_params()
+        self.num_params = sum(zero_init.numel(p) for p in model.parameters())
         m = cfg.model
-        self.flops = FlopCounter(self.num_params, model.model.embed_tokens.weight.numel(),
-                                 model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
+        self.flops = FlopCounter(self.num_params, zero_init.numel(model.model.embed_tokens.weight),
+                                 zero_init.numel(model.output_weight()), m.num_layers, m.num_heads * m.head_dim,
                                  m.tie_embeddings)
 
-        ds_cfg = build_ds_config(ds_config_path, cfg, self.world_size, self.device)
-        self.grad_accum = ds_cfg["gradient_accumulation_steps"]
-        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         self.parallelized = parallelize(model, cfg.train, self.device, self.zero_stage)
         # world size changed: a universal checkpoint to load instead
         universal_dir = resume.prepare_world_size_change(resume_dir, ds_cfg, self.rank, self.world_size)
