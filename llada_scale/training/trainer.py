@@ -109,6 +109,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
         self.step = 0
+        self.source_tokens = [0.0] * (0 if isinstance(cfg.data.train_shards, str) else len(cfg.data.train_shards))
         self.guard = LossGuard(cfg.train, self.rank)
         self._grad_norm = None
         if resume_dir is not None:
@@ -116,6 +117,7 @@ class Trainer:
                                     model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
                                     strict=not lora)
             self.step = client["step"]
+            self.source_tokens = client.get("source_tokens", self.source_tokens)
             self.guard.load_state_dict(client)
         self.peak_flops, self.peak_source = device_peak_flops(cfg.train.peak_flops, self.device)
         self.logger = Logger(cfg, self.rank)
@@ -124,14 +126,16 @@ class Trainer:
     # -- data
     def _build_loader(self, split: str, rank: int | None = None, world_size: int | None = None):
         from llada_scale.data.loader import PackedDataset, build_dataloader
+        from llada_scale.data.mixture import MixtureDataset
 
         d = self.cfg.data
         shard_dir = d.train_shards if split == "train" else d.val_shards  # set: preflight.check_data
-        ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
-                           rank=self.rank if rank is None else rank,
-                           world_size=self.world_size if world_size is None else world_size,
-                           seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
-                           num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
+        kind = PackedDataset if isinstance(shard_dir, str) else MixtureDataset  # a list of weighted sources
+        ds = kind(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
+                  rank=self.rank if rank is None else rank,
+                  world_size=self.world_size if world_size is None else world_size,
+                  seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
+                  num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
 
     def _next_batch(self, it):
@@ -150,6 +154,7 @@ class Trainer:
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
         client = {"step": self.step, "loader": loader_states, "rng": rng_states, **self.guard.state_dict(),
+                  "source_tokens": self.source_tokens,
                   "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last,
@@ -223,6 +228,9 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v.detach().float()
             # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
+            if "source" in batch:  # a data mixture: tokens fed per source (rows x seq_len)
+                per_source = torch.bincount(batch["source"], minlength=len(self.cfg.data.train_shards))
+                totals["source_tokens"] = totals.get("source_tokens", 0) + per_source.double() * batch["input_ids"].shape[1]
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
         return totals
@@ -269,6 +277,10 @@ class Trainer:
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
                    "train/skipped_batches": self.guard.skipped, "train/skipped_steps": self.guard.skipped_steps,
                    "data/checksum": sums["data_checksum"]}
+        if "source_tokens" in sums:  # cumulative tokens per mixture source (kept in checkpoints)
+            window = sums["source_tokens"] if isinstance(sums["source_tokens"], list) else [sums["source_tokens"]]
+            self.source_tokens = [a + b for a, b in zip(self.source_tokens, window)]
+            metrics.update({f"data/tokens/{s['name']}": v for s, v in zip(self.cfg.data.train_shards, self.source_tokens)})
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
@@ -276,6 +288,9 @@ class Trainer:
             bucket_metrics, bucket_line = t_bucket_metrics(sums["t_bucket_ce_sum"], sums["t_bucket_count"])
             metrics.update(bucket_metrics)
             line += " | ce by t " + bucket_line
+        if "source_tokens" in sums:
+            line += " | tokens " + " ".join(f"{s['name']} {v / 1e6:.2f}M" for s, v in
+                                            zip(self.cfg.data.train_shards, self.source_tokens))
         if "block_length" in sums:
             metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"
