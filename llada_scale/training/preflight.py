@@ -40,7 +40,7 @@ def check_data(cfg, tokenizer) -> None:
             index = load_index(shard_dir)
             if mixture and key != "data.val_shards":
                 shard_paths(shard_dir, "train", index)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # ShardError, ShardIndexNotFoundError
             raise TrainError(f"{key}: {e}") from None
         ident = index.get("tokenizer", {})
         if ident.get("sha256") and ident.get("sha256") != mine.get("sha256"):
