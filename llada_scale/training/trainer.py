@@ -230,7 +230,8 @@ class Trainer:
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
             if "source" in batch:  # a data mixture: tokens fed per source (rows x seq_len)
                 per_source = torch.bincount(batch["source"], minlength=len(self.cfg.data.train_shards))
-                totals["source_tokens"] = totals.get("source_tokens", 0) + per_source.double() * batch["input_ids"].shape[1]
+                tokens = per_source.double() * batch["input_ids"].shape[1]
+                totals["source_tokens"] = totals.get("source_tokens", 0) + tokens
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
         return totals
@@ -280,7 +281,8 @@ class Trainer:
         if "source_tokens" in sums:  # cumulative tokens per mixture source (kept in checkpoints)
             window = sums["source_tokens"] if isinstance(sums["source_tokens"], list) else [sums["source_tokens"]]
             self.source_tokens = [a + b for a, b in zip(self.source_tokens, window)]
-            metrics.update({f"data/tokens/{s['name']}": v for s, v in zip(self.cfg.data.train_shards, self.source_tokens)})
+            metrics.update({f"data/tokens/{s['name']}": v
+                            for s, v in zip(self.cfg.data.train_shards, self.source_tokens)})
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
@@ -331,7 +333,8 @@ class Trainer:
             # a step the run may stop at: log the steps since the last line (log_every would hide them)
             stopping = bool(self._stop_signal) or self.step == t.stop_at_step or \
                 (validating and t.early_stop_patience > 0)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or stopping:
+            saving = bool(t.save_every) and self.step % t.save_every == 0  # the checkpoint holds what is logged
+            if self.step % t.log_every == 0 or self.step == t.max_steps or stopping or saving:
                 self._log_step(window, window_time, step_time)
                 window, window_time = {}, 0.0
             early_stop = None

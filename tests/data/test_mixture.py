@@ -148,6 +148,7 @@ def test_bad_mixture_config(value, message):
 
 
 def test_default_names():
-    srcs = normalize_sources([{"path": "/d/web/"}, {"path": "s3://b/code", "weight": 2}, {"path": "pipe:cat /x/math/{}"}])
+    srcs = normalize_sources([{"path": "/d/web/"}, {"path": "s3://b/code", "weight": 2},
+                              {"path": "pipe:cat /x/math/{}"}])
     assert [s["name"] for s in srcs] == ["web", "code", "math"] and [s["weight"] for s in srcs] == [1.0, 2.0, 1.0]
     assert np.isclose(sum(s["weight"] for s in srcs), 4.0)

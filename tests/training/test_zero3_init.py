@@ -20,8 +20,8 @@ def test_partitioned_start_equals_full_model_start(tmp_path, pretrain_shards):
     runs = {}
     for name, flag in (("part", "true"), ("full", "false")):
         runs[name] = tmp_path / f"ar_{name}"
-        train(runs[name], pretrain_shards, *COMMON, "train.max_steps=1", "train.init_from=", f"train.zero3_init={flag}", world=2,
-              ds="ds_configs/zero3.json", recipe="configs/ar_pretrain_tiny.yaml")
+        train(runs[name], pretrain_shards, *COMMON, "train.max_steps=1", "train.init_from=", f"train.zero3_init={flag}",
+              world=2, ds="ds_configs/zero3.json", recipe="configs/ar_pretrain_tiny.yaml")
     assert train_losses(runs["part"]) == train_losses(runs["full"]) and len(train_losses(runs["part"])) == 1
     # The start-up weights are the same numbers; after the step they agree to a tenth of one update (lr at
     # step 1 = 3e-3 / 30 warmup steps = 1e-4; a wrong init would differ by ~0.02): the partitions are laid out in
