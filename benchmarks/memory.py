@@ -8,6 +8,8 @@
                                             # GPU for sequence_parallel_size 1, 2, 4, 8 (computed)
     python benchmarks/memory.py sp-measure  # the same formula against a measured CPU slice: 30m preset, seq 4096,
                                             # one training step at SP = 1 (1 process) and SP = 2 (2 processes)
+    python benchmarks/memory.py startup     # host and GPU memory per rank at ZeRO-3 start-up with init_from:
+                                            # full model per rank (train.zero3_init=false) vs partitioned (issue 19)
 
 Each CPU measurement runs in a fresh process and reports its peak resident memory (``ru_maxrss``) minus the
 resident memory just before the measured step, so what the inputs and weights already hold is not counted.
@@ -258,6 +260,53 @@ def sp_measure(preset_name: str, seq: int, micro: int) -> list[dict]:
     return rows
 
 
+def startup(model: str = "llada-8b", nodes: int = 2, gpus_per_node: int = 8) -> str:
+    """Host RAM and GPU memory per rank at the ZeRO-3 start-up (bf16, init_from a bf16 consolidated directory),
+    computed from the parameter counts of a meta-device build of the preset.
+
+    Full model per rank (``train.zero3_init=false``): every rank builds the fp32 model on the host (4 B/param),
+    then reads each init_from tensor (bf16, 2 B) and its fp32 copy (4 B); ``deepspeed.initialize`` moves the
+    module to bf16 and moves it whole to the GPU (``module.to(device)`` for a model not built under zero.Init,
+    DeepSpeed 0.19 engine.py), then keeps the bf16 partition (2 B/param / world) and the fp32 master partition
+    (4 B/param / world). Partitioned (``true``): ``deepspeed.zero.Init`` creates each module on the GPU
+    and partitions it when its constructor returns (one full module at a time, at most the largest tensor in
+    fp32 from its default init); rank 0 reads one bf16 tensor at a time (2 B x largest) and every rank holds
+    the gathered bf16 copy of that tensor on the GPU (2 B x largest) while it is scattered. Not counted: the
+    Python/CUDA runtime (~2-4 GB host per process), page cache of the memory-mapped checkpoint (the OS may
+    drop it), and Adam's m and v (8 B/param / world), which DeepSpeed allocates at the first step.
+    """
+    from llada_scale.model.registry import build_model, llada2_preset
+    from llada_scale.model.transformer import preset
+
+    with torch.device("meta"):
+        m = build_model(llada2_preset(model) if model.startswith("llada2") else preset(model))
+    total = sum(p.numel() for p in m.parameters())
+    largest = max(p.numel() for p in m.parameters())
+    world = nodes * gpus_per_node
+    gib = 2**30
+    rows = [  # (what, full model per rank, partitioned), bytes per rank
+        ("host: model built by every rank (fp32)", 4 * total, 0),
+        ("host: one init_from tensor being copied (bf16 read + fp32 copy / bf16 read, rank 0)",
+         6 * largest, 2 * largest),
+        ("GPU: bf16 parameter partition", 2 * total / world, 2 * total / world),
+        ("GPU: fp32 master partition (deepspeed.initialize)", 4 * total / world, 4 * total / world),
+        ("GPU: transient: the whole bf16 model (deepspeed.initialize moves the module, then partitions) / "
+         "one full tensor (module init in fp32, gathered init_from tensor)", 2 * total, 4 * largest),
+    ]
+    host = [sum(r[i] for r in rows if r[0].startswith("host")) for i in (1, 2)]
+    gpu = [sum(r[i] for r in rows if r[0].startswith("GPU")) for i in (1, 2)]
+    lines = [f"\n{model}: {total / 1e9:.2f}B params, largest tensor {largest / 1e6:.0f}M, {nodes} x {gpus_per_node} "
+             "GPUs, ZeRO-3, bf16, init_from a bf16 consolidated directory", "",
+             "| per rank at start-up | full model per rank (GB) | partitioned, zero.Init (GB) |", "|---|---:|---:|"]
+    lines += [f"| {what} | {a / gib:.2f} | {b / gib:.2f} |" for what, a, b in rows]
+    lines += [f"| **host total per rank** (x {gpus_per_node} per node) | {host[0] / gib:.2f} "
+              f"({gpus_per_node * host[0] / gib:.0f}) | {host[1] / gib:.2f} on rank 0, ~0 on the others "
+              f"({host[1] / gib:.0f}) |",
+              f"| **GPU total per rank** | {gpu[0] / gib:.2f} | {gpu[1] / gib:.2f} |",
+              f"| (+ Adam m, v at step 1) | {8 * total / world / gib:.2f} | {8 * total / world / gib:.2f} |"]
+    return "\n".join(lines)
+
+
 def _child(kind: str, arg: dict) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(arg)], capture_output=True, text=True,
                        check=True)
@@ -266,7 +315,7 @@ def _child(kind: str, arg: dict) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", nargs="?", choices=["loss", "checkpoint", "estimate", "sp", "sp-measure"],
+    p.add_argument("table", nargs="?", choices=["loss", "checkpoint", "estimate", "sp", "sp-measure", "startup"],
                    default="estimate",
                    help="which table (default estimate)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -292,6 +341,9 @@ def main():
         return
     if args.table == "sp":
         print(sp_table(seq=args.seq, micro=args.micro_batch_size))
+        return
+    if args.table == "startup":
+        print("\n".join(startup(m) for m in ("llada-8b", "llada2-mini", "llada2-flash")))
         return
     if args.table == "sp-measure":
         rows = sp_measure(args.preset, args.seq, args.micro_batch_size)

@@ -465,8 +465,8 @@ def build_dataloader(dataset: PackedDataset, num_workers: int):
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    if not isinstance(dataset, PackedDataset):
-        raise LoaderError(f"build_dataloader needs a PackedDataset, got {type(dataset).__name__}")
+    if not isinstance(dataset, IterableDataset) or not hasattr(dataset, "load_resharded"):
+        raise LoaderError(f"build_dataloader needs a PackedDataset or MixtureDataset, got {type(dataset).__name__}")
     if int(num_workers) != dataset.num_workers:
         raise LoaderError(f"build_dataloader(num_workers={num_workers}) but the dataset was built with "
                           f"num_workers={dataset.num_workers}; they must match (it fixes the shard split)")

@@ -30,7 +30,9 @@ def doc_lengths(ds, shard_idx: int) -> np.ndarray:
 
     path, docs, tokens = ds.shards[shard_idx]
     itemsize = np.dtype(ds.index.get("dtype", "uint16")).itemsize
-    with tarfile.open(path) as tf:
+    from llada_scale.data import remote
+
+    with remote.open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:  # also pipe: / URLs
         sizes = np.array([m.size for m in tf if m.name.endswith(".input_ids.npy")], dtype=np.int64)
     lengths = (sizes - 128) // itemsize  # np.save v1.0 header of a 1-D array: 128 bytes
     if len(lengths) != docs or int(lengths.sum()) != tokens:  # another header size: decode for real

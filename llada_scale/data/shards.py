@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from llada_scale.data import remote
+
 __all__ = [
     "FORMAT", "SPLITS", "ShardError", "ShardIndexNotFoundError", "BuildError", "Document",
     "dtype_for_vocab", "encode_npy", "decode_npy", "write_shard", "write_shard_dir", "load_index",
@@ -253,6 +255,8 @@ def load_index(shard_dir: str) -> dict:
         ShardIndexNotFoundError: no index.json (the directory was never built, or the build did not finish).
         ShardError: unreadable JSON, a ``format`` other than ``llada_scale.shards.v1``, or missing fields.
     """
+    if not remote.is_local(shard_dir):
+        return _check_index(json_loads_index(shard_dir), remote.join(shard_dir, "index.json"))
     path = os.path.join(shard_dir, "index.json")
     if not os.path.isfile(path):
         why = "directory does not exist" if not os.path.isdir(shard_dir) else "no index.json"
@@ -262,6 +266,28 @@ def load_index(shard_dir: str) -> dict:
             index = json.load(f)
     except (OSError, ValueError) as exc:
         raise ShardError(f"{path}: cannot parse shard index ({exc}); {REBUILD_HINT} --overwrite") from exc
+    return _check_index(index, path)
+
+
+def _index_bytes(shard_dir: str) -> bytes:
+    """The bytes of ``index.json`` of a remote location (``pipe:`` or URL, see :mod:`llada_scale.data.remote`)."""
+    url = remote.join(shard_dir, "index.json")
+    try:
+        return remote.read_bytes(url)
+    except OSError as exc:
+        raise ShardIndexNotFoundError(f"{url}: cannot read the shard index ({exc}); check the location and its "
+                                      "credentials, or build shards with tools/build_shards.py") from None
+
+
+def json_loads_index(shard_dir: str) -> dict:
+    """Parse the ``index.json`` of a remote location. Raises ShardIndexNotFoundError / ShardError."""
+    try:
+        return json.loads(_index_bytes(shard_dir))
+    except ValueError as exc:
+        raise ShardError(f"{remote.join(shard_dir, 'index.json')}: cannot parse shard index ({exc})") from None
+
+
+def _check_index(index, path: str) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         got = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise ShardError(f"{path}: format {got!r} is not {FORMAT!r}; {REBUILD_HINT} --overwrite")
@@ -278,6 +304,8 @@ def load_index(shard_dir: str) -> dict:
 def index_sha256(shard_dir: str) -> str:
     """sha256 hex digest of ``shard_dir/index.json`` bytes (identifies a build). Raises like load_index."""
     load_index(shard_dir)
+    if not remote.is_local(shard_dir):
+        return hashlib.sha256(_index_bytes(shard_dir)).hexdigest()
     with open(os.path.join(shard_dir, "index.json"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -297,8 +325,8 @@ def shard_paths(shard_dir: str, split: str, index: dict | None = None) -> list[t
         raise ShardError(f"{shard_dir}: split {split!r} has no shards (index has: {have})")
     out = []
     for entry in splits[split]:
-        path = os.path.abspath(os.path.join(shard_dir, entry["shard"]))
-        if not os.path.isfile(path):
+        path = remote.join(shard_dir, entry["shard"])
+        if remote.exists(path) is False:  # a pipe: command is checked when it runs
             raise ShardError(f"{path}: shard listed in index.json is missing; {REBUILD_HINT}")
         out.append((path, int(entry["documents"]), int(entry["tokens"])))
     return out
@@ -319,6 +347,7 @@ def iter_shard(path: str) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]
     def reraise(exn):
         raise exn
 
+    remote.register(path)
     pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples(handler=reraise))
     try:
         for sample in pipeline:

@@ -11,7 +11,9 @@ This module knows nothing about distribution, objectives or data; attention mask
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable, ContextManager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -232,16 +234,32 @@ class Transformer(nn.Module):
         is where DeepSpeed ZeRO-3 gathers it.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2 / OLMo style: scale residual output projections by 1/sqrt(2 * num_layers).
+        if init_weights:  # False: the caller runs init_weights() itself (partitioned parameters) or loads weights
+            self.init_weights()
+
+    def init_weights(self, materialize: Callable[[list], ContextManager] | None = None) -> None:
+        """Random initialisation: N(0, init_std^2) for every Linear/Embedding weight, zero biases, and the
+        residual output projections (``o_proj``, ``down_proj``) N(0, (init_std / sqrt(2 * num_layers))^2)
+        (GPT-2 / OLMo). Draws from torch's global RNG in module order, so the same seed gives the same weights.
+
+        ``materialize(params)``: a context manager inside which ``params`` hold their full tensors and whose
+        changes persist (for partitioned parameters, e.g. DeepSpeed ZeRO-3's ``GatheredParameters(params,
+        modifier_rank=0)``); default: none needed.
+        """
+        ctx = materialize or (lambda params: contextlib.nullcontext())
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with ctx(list(module.parameters(recurse=False))):
+                    self._init_weights(module)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+                with ctx([p]):
+                    nn.init.normal_(p, std=self.config.init_std / math.sqrt(2 * self.config.num_layers))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

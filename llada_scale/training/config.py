@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from llada_scale.data import DEFAULT_DATA
+from llada_scale.data.mixture import normalize_sources
 from llada_scale.model.transformer import PRESETS, ModelConfig
 from llada_scale.objectives.config import ObjectiveConfig
 from llada_scale.training.lora import LoRAConfig
@@ -37,10 +38,12 @@ class DataConfig:
     """Where the shards are and how batches are cut.
 
     train_shards / val_shards: directories written by ``tools/build_shards.py`` (``val_shards`` defaults to
-    ``train_shards``; its ``val`` split is used). seq_len: tokens per packed row.
+    ``train_shards``; its ``val`` split is used). seq_len: tokens per packed row. Locations may be local paths,
+    ``pipe:`` commands or fsspec URLs (:mod:`llada_scale.data.remote`); ``train_shards`` may be a weighted
+    mixture, a list of ``{path, weight[, name]}`` (:mod:`llada_scale.data.mixture`; ``val_shards`` must then be set).
     """
 
-    train_shards: str = ""
+    train_shards: str | list = ""
     val_shards: str = ""
     seq_len: int = 256
     num_workers: int = 1
@@ -113,6 +116,9 @@ class TrainLoopConfig:
     # Ulysses sequence parallelism (llada_scale.training.sequence_parallel): ranks per row, 1 = off; data
     # parallel size = world / sequence_parallel_size (checked at start with the heads and seq_len it must divide)
     sequence_parallel_size: int = 1
+    # ZeRO-3 only: build the model partitioned (deepspeed.zero.Init) and stream init_from into the partitions, so
+    # no rank holds the whole model (llada_scale.training.zero_init); false = every rank builds it in full first.
+    zero3_init: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # train.lora.rank > 0: LoRA (llada_scale.training.lora)
 
 
@@ -336,7 +342,13 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     cfg.tokenizer = expand_env(cfg.tokenizer)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.run_name)
-    if not cfg.data.val_shards:
+    try:  # a location string (environment expanded), or a list of weighted sources
+        shards = normalize_sources(cfg.data.train_shards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg.data.train_shards = expand_env(shards) if isinstance(shards, str) else \
+        [{**s, "path": expand_env(s["path"])} for s in shards]
+    if not cfg.data.val_shards and isinstance(cfg.data.train_shards, str):  # a mixture: preflight asks for it
         cfg.data.val_shards = cfg.data.train_shards
     validate(cfg)
     return cfg

@@ -20,18 +20,28 @@ def check_data(cfg, tokenizer) -> None:
         TrainError: naming the directory, what is wrong and how to fix it.
     """
     from llada_scale.data.loader import PackedDataset
-    from llada_scale.data.shards import load_index
+    from llada_scale.data.shards import load_index, shard_paths
 
     d, t = cfg.data, cfg.train
     if not d.train_shards:
         raise TrainError("data.train_shards is not set; build shards with tools/build_shards.py first")
-    used = [("data.train_shards", d.train_shards)]
+    mixture = not isinstance(d.train_shards, str)
+    if mixture and t.val_every and not d.val_shards:
+        raise TrainError("data.train_shards is a mixture of sources: set data.val_shards to the shard location "
+                         "to validate on, or train.val_every=0")
+    used = [(f"data.train_shards[{s['name']}]", s["path"]) for s in d.train_shards] if mixture else \
+        [("data.train_shards", d.train_shards)]
     if t.val_every and d.val_shards != d.train_shards:  # the default: one directory, one index to check
         used.append(("data.val_shards", d.val_shards))
     want = "sft" if cfg.objective.name == "sft" else "pretrain"
     mine = tokenizer.identity()
     for key, shard_dir in used:
-        index = load_index(shard_dir)
+        try:  # a missing or unreadable location (local, pipe:, URL): one line before step 1
+            index = load_index(shard_dir)
+            if mixture and key != "data.val_shards":
+                shard_paths(shard_dir, "train", index)
+        except (ValueError, OSError) as e:  # ShardError, ShardIndexNotFoundError
+            raise TrainError(f"{key}: {e}") from None
         ident = index.get("tokenizer", {})
         if ident.get("sha256") and ident.get("sha256") != mine.get("sha256"):
             raise TrainError(f"shards in {shard_dir} were built with another tokenizer ({ident.get('path')}) than "

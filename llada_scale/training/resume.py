@@ -225,12 +225,12 @@ def load_loader_state(loader, saved: list, rank: int, world_size: int) -> bool:
     Raises:
         TrainError: the saved states are of other data or mixed layouts.
     """
-    from llada_scale.data.loader import LoaderStateError, PackedDataset, loader_dataset_states
+    from llada_scale.data.loader import LoaderStateError, loader_dataset_states
 
     dataset = getattr(loader, "dataset", None)
     old = [s for st in saved for s in loader_dataset_states(st)]
     same = len(saved) == world_size and all(dataset.same_layout(s) for s in old) \
-        if isinstance(dataset, PackedDataset) else True
+        if hasattr(dataset, "same_layout") else True  # PackedDataset or MixtureDataset
     try:
         if same:
             loader.load_state_dict(saved[rank])

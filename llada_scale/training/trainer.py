@@ -22,7 +22,7 @@ from llada_scale.model.registry import build_model, is_moe
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
-from llada_scale.training import preflight, resume, runlock, sequence_parallel, signals
+from llada_scale.training import preflight, resume, runlock, sequence_parallel, signals, zero_init
 from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
@@ -76,10 +76,19 @@ class Trainer:
         source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
         fit_init_source(cfg.model, self.tokenizer, source, str(resume_dir or cfg.train.init_from))
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)  # the dense Transformer or, for model_type llada2_moe, the MoE backbone
-        if cfg.train.init_from and (resume_dir is None or lora):
-            load_init_weights(model, cfg.train.init_from)
+        ds_cfg = build_ds_config(ds_config_path, cfg, self.sp.dp_size, self.device)
+        self.grad_accum = ds_cfg["gradient_accumulation_steps"]
+        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        init_from = cfg.train.init_from and (resume_dir is None or lora)
+        # ZeRO-3: no full model per rank (dense backbone without sequence parallelism; see zero_init.enabled)
+        partitioned = zero_init.enabled(self.zero_stage, cfg.train) and not is_moe(cfg.model) and self.sp.size == 1
+        if partitioned:
+            model = zero_init.build_partitioned(cfg.model, ds_cfg, cfg.seed, random_init=not (init_from or resume_dir))
+        else:
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model)  # the dense Transformer or, for model_type llada2_moe, the MoE backbone
+        if init_from:
+            (zero_init.load_init_weights_partitioned if partitioned else load_init_weights)(model, cfg.train.init_from)
             check_init_config(cfg.model, source, cfg.train.init_from)
         elif lora:
             raise TrainError("train.lora needs train.init_from (the frozen base weights)")
@@ -91,19 +100,15 @@ class Trainer:
                 raise TrainError(f"{e} (train.init_from)") from None
         if lora:
             model = apply_lora(model, cfg.train.lora)
-        self.num_params = model.num_params()
+        self.num_params = sum(zero_init.numel(p) for p in model.parameters())
         self.balancer = MoEBalancer(model, getattr(cfg.model, "moe", None))
         m = cfg.model
+        embed = zero_init.numel(model.model.embed_tokens.weight)
         # FLOPs count the parameters a token is multiplied by: for a MoE model its active ones (top-k + shared)
-        flop_params = m.active_params_per_token() + model.model.embed_tokens.weight.numel() if is_moe(m) \
-            else self.num_params
-        self.flops = FlopCounter(flop_params, model.model.embed_tokens.weight.numel(),
-                                 model.output_weight().numel(), m.num_layers, m.num_heads * m.head_dim,
-                                 m.tie_embeddings)
+        flop_params = m.active_params_per_token() + embed if is_moe(m) else self.num_params
+        self.flops = FlopCounter(flop_params, embed, zero_init.numel(model.output_weight()), m.num_layers,
+                                 m.num_heads * m.head_dim, m.tie_embeddings)
 
-        ds_cfg = build_ds_config(ds_config_path, cfg, self.sp.dp_size, self.device)
-        self.grad_accum = ds_cfg["gradient_accumulation_steps"]
-        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         self.sp.grad_scale = sequence_parallel.grad_scale(ds_cfg, self.sp)
         self.parallelized = parallelize(model, sequence_parallel.train_config(cfg.train), self.device,
                                         self.zero_stage)
@@ -127,6 +132,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.sp.dp_rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
         self.step = 0
+        self.source_tokens = [0.0] * (0 if isinstance(cfg.data.train_shards, str) else len(cfg.data.train_shards))
         self.guard = LossGuard(cfg.train, self.rank)
         self._grad_norm = None
         if resume_dir is not None:
@@ -134,6 +140,7 @@ class Trainer:
                                     model_cfg=cfg.model, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
                                     strict=not lora)
             self.step = client["step"]
+            self.source_tokens = client.get("source_tokens", self.source_tokens)
             self.guard.load_state_dict(client)
         self.peak_flops, self.peak_source = device_peak_flops(cfg.train.peak_flops, self.device)
         self.logger = Logger(cfg, self.rank)
@@ -142,14 +149,16 @@ class Trainer:
     # -- data
     def _build_loader(self, split: str, rank: int | None = None, world_size: int | None = None):
         from llada_scale.data.loader import PackedDataset, build_dataloader
+        from llada_scale.data.mixture import MixtureDataset
 
         d = self.cfg.data
         shard_dir = d.train_shards if split == "train" else d.val_shards  # set: preflight.check_data
-        ds = PackedDataset(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
-                           rank=self.sp.dp_rank if rank is None else rank,
-                           world_size=self.sp.dp_size if world_size is None else world_size,
-                           seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
-                           num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
+        kind = PackedDataset if isinstance(shard_dir, str) else MixtureDataset  # a list of weighted sources
+        ds = kind(shard_dir, split, d.seq_len, self.cfg.train.micro_batch_size,
+                  rank=self.sp.dp_rank if rank is None else rank,
+                  world_size=self.sp.dp_size if world_size is None else world_size,
+                  seed=self.cfg.seed, eos_token_id=self.tokenizer.eos_token_id,
+                  num_workers=d.num_workers if split == "train" else 0, vocab_size=self.cfg.model.vocab_size)
         return build_dataloader(ds, d.num_workers if split == "train" else 0)
 
     def _next_batch(self, it):
@@ -170,6 +179,7 @@ class Trainer:
         dist.all_gather_object(loader_states, self.loader.state_dict())
         dist.all_gather_object(rng_states, self.generator.get_state().cpu())
         client = {"step": self.step, "loader": loader_states, "rng": rng_states, **self.guard.state_dict(),
+                  "source_tokens": self.source_tokens,
                   "world_size": self.world_size, "config": self.cfg.to_dict(),
                   "tokenizer": self.tokenizer.identity()}  # config/tokenizer also in llada_scale.json
         path = checkpointer.save(self.engine, self.ckpt_dir, self.step, client, self._meta(), self.cfg.train.keep_last,
@@ -245,6 +255,10 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v.detach().float()
             # order-insensitive fingerprint of the data seen (resume tests compare it step by step)
             totals["data_checksum"] = totals.get("data_checksum", 0) + batch["input_ids"].sum().float()
+            if "source" in batch:  # a data mixture: tokens fed per source (rows x seq_len)
+                per_source = torch.bincount(batch["source"], minlength=len(self.cfg.data.train_shards))
+                tokens = per_source.double() * batch["input_ids"].shape[1]
+                totals["source_tokens"] = totals.get("source_tokens", 0) + tokens
         totals.update(self.balancer.after_step(self.device))  # MoE expert-bias update + load statistics
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
         self.step += 1
@@ -293,6 +307,11 @@ class Trainer:
                    speed["tokens_per_s_per_device"], "perf/mfu": speed["mfu"], "perf/step_time_s": step_time,
                    "train/skipped_batches": self.guard.skipped, "train/skipped_steps": self.guard.skipped_steps,
                    "data/checksum": sums["data_checksum"]}
+        if "source_tokens" in sums:  # cumulative tokens per mixture source (kept in checkpoints)
+            window = sums["source_tokens"] if isinstance(sums["source_tokens"], list) else [sums["source_tokens"]]
+            self.source_tokens = [a + b for a, b in zip(self.source_tokens, window)]
+            metrics.update({f"data/tokens/{s['name']}": v
+                            for s, v in zip(self.cfg.data.train_shards, self.source_tokens)})
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
@@ -304,6 +323,9 @@ class Trainer:
             if f"{part}_loss_sum" in sums and ("t2t_loss_sum" in sums or "cap_loss_sum" in sums):
                 metrics[f"train/loss_{part}"] = sums[f"{part}_loss_sum"] / sums["loss_count"]
                 line += f" | {part} {metrics[f'train/loss_{part}']:.4f}"
+        if "source_tokens" in sums:
+            line += " | tokens " + " ".join(f"{s['name']} {v / 1e6:.2f}M" for s, v in
+                                            zip(self.cfg.data.train_shards, self.source_tokens))
         if "block_length" in sums:
             metrics["train/block_length"] = sums["block_length"] / sums["loss_count"]
             line += f" | block {metrics['train/block_length']:.0f}"
@@ -347,7 +369,8 @@ class Trainer:
             # a step the run may stop at: log the steps since the last line (log_every would hide them)
             stopping = bool(self._stop_signal) or self.step == t.stop_at_step or \
                 (validating and t.early_stop_patience > 0)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or stopping:
+            saving = bool(t.save_every) and self.step % t.save_every == 0  # the checkpoint holds what is logged
+            if self.step % t.log_every == 0 or self.step == t.max_steps or stopping or saving:
                 self._log_step(window, window_time, step_time)
                 window, window_time = {}, 0.0
             early_stop = None
