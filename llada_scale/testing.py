@@ -155,3 +155,11 @@ def read_pty_until(master: int, out: bytearray, token: bytes, timeout: float = 1
             except OSError:
                 break
     return token in out
+
+
+def vector_kernels() -> bool:
+    """False when ``ATEN_CPU_CAPABILITY=default`` turns off the CPU's vector kernels (the portability run of the
+    suite, tests/README.md). torch's CPU FlexAttention lowering in inductor needs a vector ISA (``NotImplementedError:
+    torch.compile on current platform is not supported for CPU``), so the flex CPU twins skip there."""
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() != "default"
+

@@ -15,6 +15,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llada_scale_torch_extensions"))
 
+if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() == "default":
+    # inductor still emits AVX C++ for CPU, which does not compile against the default-capability headers
+    # ('at::vec' has not been declared); scalar code (simdlen 1) does. The flex twins skip: testing.vector_kernels
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.cpp.simdlen = 1
+
 DATA = Path(os.environ.get("LLADA_DATA", DEFAULT_DATA))
 TOKENIZER = DATA / "tokenizer" / "minimind"
 

@@ -15,9 +15,13 @@ from llada_scale.model import block_attention as ba
 from llada_scale.model.transformer import ModelConfig, Transformer
 from llada_scale.objectives.config import ObjectiveConfig
 from llada_scale.objectives.losses import compute_loss
+from llada_scale.testing import vector_kernels
 from llada_scale.training import parallelize as par
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+needs_vector_isa = pytest.mark.skipif(not vector_kernels(), reason="torch's CPU FlexAttention lowering needs AVX2/AVX-512 "
+                                      "kernels; ATEN_CPU_CAPABILITY=default turns them off")
 
 L = 80  # 2L = 160: two 128-tiles, the second partial, with a document boundary inside the first
 
@@ -57,6 +61,7 @@ def test_cpu_twin_switch(monkeypatch):
     assert par.resolve_compile("auto", torch.device("cpu"), zero_stage=3) is False
 
 
+@needs_vector_isa
 def test_twin_block_diffusion_flex_forward_matches_sdpa(monkeypatch):
     """The training block-diffusion mask through the CUDA path (compiled mask, compiled flex forward) on CPU
     inductor equals SDPA with the dense mask in fp32 (rounding of the two softmax orders only: ~1e-6)."""
@@ -81,6 +86,7 @@ def _fresh_counters():
     counters.clear()  # reset() keeps them
 
 
+@needs_vector_isa
 def test_twin_compile_checkpointing_flex_has_no_graph_break(monkeypatch):
     """Finding 3: per-layer compile of fully checkpointed layers with the flex path. The compiled flex function
     used to be created lazily on the first call, inside the checkpoint region: dynamo graph-broke on that side
