@@ -37,6 +37,24 @@ def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len:
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
 
 
+def block_diffusion_attention_density(seq_len: int, block_length: int) -> float:
+    """Share of the ``[2L x 2L]`` attention scores the block-diffusion mask keeps for one document of ``seq_len``
+    (L) tokens in blocks of ``block_length`` (the last may be shorter); documents only lower it.
+
+    Block k (size s_k, P_k clean tokens before it): its noisy queries see their own noisy block and the clean
+    prefix (s_k + P_k keys), its clean queries the clean prefix and their own clean block (P_k + s_k), so
+    kept = sum_k 2 s_k (s_k + P_k) of (2L)^2: (n + 1) / (4 n) for n equal blocks (BD3-LM's vectorised training
+    mask, Arriola et al. 2025, Sec. 3.2). 0.254 at L 2048 and block 32; FlexAttention runs whole 128 x 128 tiles, so
+    the kernel executes a little more (28% of the tiles there, docs/LOG.md issue 21).
+    """
+    kept, prefix = 0, 0
+    for start in range(0, seq_len, block_length):
+        size = min(block_length, seq_len - start)
+        kept += 2 * size * (size + prefix)
+        prefix += size
+    return kept / (2 * seq_len) ** 2
+
+
 class FlopCounter:
     """Model FLOPs of one micro batch from the positions it actually processed (PaLM App. B accounting).
 
@@ -62,10 +80,12 @@ class FlopCounter:
         """FLOPs of one position that runs through the decoder and the head (for the start-up log line)."""
         return flops_per_token(self.body_params + self.head_params, self.num_layers, self.hidden_size, seq_len)
 
-    def __call__(self, model_tokens, seq_len: int, head_tokens):
+    def __call__(self, model_tokens, seq_len: int, head_tokens, attention_density: float = 1.0):
         """FLOPs of micro batches of input length ``seq_len`` (linear in the token counts, so a sum over micro
-        batches may be passed); ``model_tokens`` / ``head_tokens`` may be floats or device tensors."""
-        body = flops_per_token(self.body_params, self.num_layers, self.hidden_size, seq_len)
+        batches may be passed); ``model_tokens`` / ``head_tokens`` may be floats or device tensors.
+        ``attention_density`` < 1 counts only the attention scores a mask keeps (the executed FLOPs of block
+        diffusion: :func:`block_diffusion_attention_density`); 1 = PaLM's convention, every score of seq_len."""
+        body = 6.0 * self.body_params + 12.0 * self.num_layers * self.hidden_size * seq_len * attention_density
         return model_tokens * body + head_tokens * (6.0 * self.head_params)
 
 

@@ -30,7 +30,8 @@ from llada_scale.training.engine import (TrainError, build_ds_config, check_init
 from llada_scale.training.lora import apply_lora
 from llada_scale.training.lora import base_identity as lora_base_identity, check_base as check_lora_base
 from llada_scale.training.guards import DivergedError, LossGuard
-from llada_scale.training.metrics import FlopCounter, Logger, device_peak_flops, t_bucket_metrics, throughput
+from llada_scale.training.metrics import (FlopCounter, Logger, block_diffusion_attention_density, device_peak_flops,
+                                          t_bucket_metrics, throughput)
 from llada_scale.training.parallelize import parallelize
 from llada_scale.training.samples import generate_samples
 from llada_scale.training.schedule import lr_multiplier
@@ -261,6 +262,11 @@ class Trainer:
                 totals["source_tokens"] = totals.get("source_tokens", 0) + tokens
         totals.update(self.balancer.after_step(self.device))  # MoE expert-bias update + load statistics
         totals["flops"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"])  # seq_len fixed per step
+        if "block_length" in totals:  # block diffusion: also the FLOPs of the scores its mask keeps
+            block = self.cfg.objective.block_length_at(self.step)
+            density = block_diffusion_attention_density(self.cfg.data.seq_len, block) \
+                if block < self.cfg.data.seq_len else 1.0
+            totals["flops_executed"] = self.flops(totals["model_tokens"], seq_len, totals["head_tokens"], density)
         self.step += 1
         return self.sp.scale_stats(totals)
 
@@ -313,6 +319,11 @@ class Trainer:
             metrics.update({f"data/tokens/{s['name']}": v
                             for s, v in zip(self.cfg.data.train_shards, self.source_tokens)})
         mfu = "-" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"
+        if "flops_executed" in sums:  # block diffusion: MFU of the attention scores the mask keeps (PaLM: all)
+            executed = throughput(sums["tokens"], sums["flops_executed"], seconds, self.world_size, self.peak_flops)
+            metrics["perf/mfu_executed"] = executed["mfu"]
+            if executed["mfu"] is not None:
+                mfu += f" (executed {100 * executed['mfu']:.1f}%)"
         line = (f"step {self.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
                 f"tok/s {speed['tokens_per_s']:,.0f} | tok/s/dev {speed['tokens_per_s_per_device']:,.0f} | mfu {mfu}")
         if "t_bucket_ce_sum" in sums:

@@ -64,3 +64,23 @@ def test_empty_t_buckets_are_missing_not_zero():
     metrics, line = t_bucket_metrics([4.0, 0.0, 3.0, 0.0, 1.0], [2, 0, 3, 0, 4])
     assert metrics == {"train/ce_t0.0-0.2": 2.0, "train/ce_t0.4-0.6": 1.0, "train/ce_t0.8-1.0": 0.25}
     assert line == "2.00/-/1.00/-/0.25"
+
+
+@pytest.mark.parametrize("length,block", [(32, 8), (30, 8), (64, 1), (40, 40)])
+def test_block_diffusion_attention_density_counts_the_mask(length, block):
+    """The executed-FLOP share of block diffusion (issue 21 finding 14) equals the kept share of the dense
+    [x_t ; x_0] mask built by the model's own mask_mod (one document; a shorter last block included)."""
+    from llada_scale.model import block_attention as ba
+    from llada_scale.training.metrics import FlopCounter, block_diffusion_attention_density
+
+    pos, doc = torch.arange(length)[None], torch.zeros(1, length, dtype=torch.int32)
+    mask = ba.block_diffusion_mask(ba.block_ids(pos, doc, block), doc, backend="sdpa")
+    density = block_diffusion_attention_density(length, block)
+    assert density == pytest.approx(int(mask.sum()) / mask.numel(), rel=1e-12)  # exact integer count
+    n = -(-length // block)
+    if length % block == 0:
+        assert density == pytest.approx((n + 1) / (4 * n), rel=1e-12)
+    fc = FlopCounter(1000, 100, 100, num_layers=2, hidden_size=16)
+    attention = 12 * 2 * 16 * 2 * length  # per model token at input length 2L
+    assert fc(10.0, 2 * length, 0.0) - fc(10.0, 2 * length, 0.0, density) == pytest.approx(
+        10 * attention * (1 - density), rel=1e-12)

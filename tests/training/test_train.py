@@ -100,3 +100,13 @@ def test_missing_deepspeed_config(tmp_path, pretrain_shards):
     r = train(tmp_path / "run", pretrain_shards, "train.max_steps=1", "train.init_from=", ds="ds_configs/nope.json",
               check=False)
     assert r.returncode == 2 and "ds_configs/nope.json does not exist" in r.stderr, r.stderr[-2000:]
+
+
+def test_block_diffusion_logs_executed_mfu(tmp_path, pretrain_shards):
+    """Block diffusion logs a second MFU from the attention scores its mask keeps (issue 21 finding 14): below
+    the PaLM-convention MFU, which counts every score of the 2L input."""
+    run = tmp_path / "bd"
+    train(run, pretrain_shards, "train.max_steps=2", "train.micro_batch_size=2", "train.global_batch_size=2",
+          "train.save_every=0", "train.init_from=", "objective.block_length=8", "train.peak_flops=1e12")
+    row = metrics(run)[2]
+    assert 0 < row["perf/mfu_executed"] < row["perf/mfu"], row
