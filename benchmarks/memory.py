@@ -273,7 +273,9 @@ def startup(model: str = "llada-8b", nodes: int = 2, gpus_per_node: int = 8) -> 
     fp32 from its default init); rank 0 reads one bf16 tensor at a time (2 B x largest) and every rank holds
     the gathered bf16 copy of that tensor on the GPU (2 B x largest) while it is scattered. Not counted: the
     Python/CUDA runtime (~2-4 GB host per process), page cache of the memory-mapped checkpoint (the OS may
-    drop it), and Adam's m and v (8 B/param / world), which DeepSpeed allocates at the first step.
+    drop it), and Adam's m and v (8 B/param / world), which DeepSpeed allocates at the first step. Both columns
+    apply to the dense and the LLaDA2 MoE presets (both build partitioned; the MoE's expert_bias buffers, a few KB,
+    are held in full by every rank and not counted).
     """
     from llada_scale.model.registry import build_model, llada2_preset
     from llada_scale.model.transformer import preset

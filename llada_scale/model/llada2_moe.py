@@ -20,8 +20,9 @@ query_key_value``, ``attention.dense``, ``query_layernorm``, ``key_layernorm``, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -231,25 +232,34 @@ class LLaDA2MoeModel(nn.Module):
     bidirectional within documents; a prebuilt dense/Flex mask for block diffusion ``[x_t ; x_0]``).
     """
 
-    def __init__(self, cfg: LLaDA2Config):
+    def __init__(self, cfg: LLaDA2Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg
         self.model = LLaDA2Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if init_weights:  # False: the caller runs init_weights() itself (partitioned parameters) or loads weights
+            self.init_weights()
 
     @torch.no_grad()
-    def reset_parameters(self):
+    def init_weights(self, materialize: Callable[[list], ContextManager] | None = None) -> None:
         """N(0, init_std^2) for every projection, embedding and expert (the release's ``_init_weights`` with
-        ``initializer_range``), zero biases, unit norms, zero expert bias."""
+        ``initializer_range``), zero biases, unit norms; the float32 ``expert_bias`` buffers start at zero
+        (set in the router's constructor). Draws from torch's global RNG in parameter order, so the same seed
+        gives the same weights.
+
+        ``materialize(params)``: a context manager inside which ``params`` hold their full tensors and whose
+        changes persist (DeepSpeed ZeRO-3's ``GatheredParameters(params, modifier_rank=0)``); default: none.
+        """
+        ctx = materialize or (lambda params: contextlib.nullcontext())
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
+            with ctx([p]):
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
 
     def moe_layers(self) -> list[tuple[int, MoEBlock]]:
         """``(layer index, MoEBlock)`` of every MoE layer."""

@@ -19,6 +19,7 @@ routing weights in float32. No tokens x experts dense product is ever formed.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,10 @@ class Router(nn.Module):
     (:meth:`take_stats`; forwards recomputed by activation checkpointing inside the backward are not counted) and,
     when ``aux_loss_coef > 0``, ``self.aux_loss`` (see :meth:`sequence_aux_loss`).
     """
+
+    # DeepSpeed's zero.Init casts every floating tensor made in a constructor to the training dtype; DeepSpeed
+    # builds that honour transformers' list (deepspeed/runtime/keep_in_fp32.py) put this buffer back to float32
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["expert_bias"]
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
                  routed_scaling_factor: float):

@@ -55,9 +55,11 @@ def llada2_preset(name: str, **overrides) -> LLaDA2Config:
     return LLaDA2Config(**{**LLADA2_PRESETS[name], **overrides})
 
 
-def build_model(cfg):
-    """The backbone module for ``cfg`` (weights initialised)."""
-    return LLaDA2MoeModel(cfg) if isinstance(cfg, LLaDA2Config) else Transformer(cfg)
+def build_model(cfg, init_weights: bool = True):
+    """The backbone module for ``cfg``; ``init_weights=False`` skips the random initialisation (the caller runs
+    the model's ``init_weights(materialize=...)`` itself, e.g. on ZeRO-3 partitions, or loads weights)."""
+    cls = LLaDA2MoeModel if isinstance(cfg, LLaDA2Config) else Transformer
+    return cls(cfg, init_weights=init_weights)
 
 
 def is_moe(cfg) -> bool:

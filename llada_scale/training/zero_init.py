@@ -6,7 +6,10 @@ model (LLaDA-8B in fp32: 32 GB per rank, 8 ranks a node): every module's paramet
 their own constructor (DeepSpeed partitions them when it returns), and each ``init_from`` tensor is read by
 rank 0 alone, copied into the gathered parameter (``GatheredParameters(p, modifier_rank=0)``) and scattered
 back to the partitions before the next one is read. Fresh runs initialise each parameter the same way
-(:meth:`Transformer.init_weights` under the same gather), drawing the same numbers as the unpartitioned path.
+(the backbone's ``init_weights`` under the same gather), drawing the same numbers as the unpartitioned path.
+Both backbones of :func:`llada_scale.model.registry.build_model` (dense and the LLaDA2 MoE) build this way;
+buffers (the MoE routers' float32 ``expert_bias``) are not partitioned: every rank holds them in full and
+``init_from`` broadcasts them from rank 0.
 Measurements and the 8B table: docs/LOG.md (2026-12-07, issue 19).
 """
 
@@ -15,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from llada_scale.model.transformer import Transformer, resize_vocab, state_dict_mismatch
+from llada_scale.model.registry import build_model
+from llada_scale.model.transformer import resize_vocab, state_dict_mismatch
 from llada_scale.training.engine import _VOCAB_ROWS, TrainError
 
 __all__ = ["enabled", "build_partitioned", "numel", "full_shapes", "load_init_weights_partitioned"]
@@ -33,19 +37,19 @@ def _gathered(params: list):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def build_partitioned(model_cfg, ds_cfg: dict, seed: int, random_init: bool) -> Transformer:
-    """``Transformer(model_cfg)`` with ZeRO-3 partitioned parameters (``deepspeed.zero.Init`` with the run's
-    DeepSpeed config: its bf16 and ``offload_param`` settings apply).
+def build_partitioned(model_cfg, ds_cfg: dict, seed: int, random_init: bool) -> torch.nn.Module:
+    """``build_model(model_cfg)`` (dense Transformer or LLaDA2 MoE) with ZeRO-3 partitioned parameters
+    (``deepspeed.zero.Init`` with the run's DeepSpeed config: its bf16 and ``offload_param`` settings apply).
 
     ``random_init``: initialise every parameter exactly as the unpartitioned ``torch.manual_seed(seed);
-    Transformer(cfg)`` does (one gathered parameter at a time); False when the weights are loaded next
+    build_model(cfg)`` does (one gathered parameter at a time); False when the weights are loaded next
     (``init_from`` or a resumed checkpoint), which skips that work.
     """
     import deepspeed
 
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-        model = Transformer(model_cfg, init_weights=False)
+        model = build_model(model_cfg, init_weights=False)
     if random_init:
         model.init_weights(materialize=_gathered)
     return model
@@ -61,6 +65,16 @@ def full_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in model.named_parameters()}
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffer name -> buffer, for the buffers that ``model.state_dict()`` holds (not partitioned by ZeRO-3)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 def _same_everywhere(problem: str | None) -> str | None:
     box = [problem]
     dist.broadcast_object_list(box, src=0)
@@ -68,7 +82,7 @@ def _same_everywhere(problem: str | None) -> str | None:
 
 
 @torch.no_grad()
-def load_init_weights_partitioned(model: Transformer, path: str) -> None:
+def load_init_weights_partitioned(model: torch.nn.Module, path: str) -> None:
     """Initialise a partitioned ``model`` from ``train.init_from``; collective (every rank calls it).
 
     A consolidated directory (safetensors, what import-llada / import-hf / convert-checkpoint write) is checked
@@ -77,7 +91,8 @@ def load_init_weights_partitioned(model: Transformer, path: str) -> None:
     DeepSpeed checkpoint directory, an HF directory with ``.bin`` files) is consolidated in full on rank 0 only
     (:func:`llada_scale.checkpoint.load_model_state`) and scattered the same way. Rows are added to the
     embedding/head when the source vocabulary is smaller (the new rows get the mean of the old ones, as
-    :func:`resize_vocab` does), exactly as the unpartitioned path.
+    :func:`resize_vocab` does), exactly as the unpartitioned path. Buffers (LLaDA2's float32 ``expert_bias``)
+    are copied on rank 0 in their own dtype and broadcast to the other ranks.
 
     Raises:
         TrainError: the source cannot be read or does not fit the model (the same line on every rank).
@@ -88,7 +103,8 @@ def load_init_weights_partitioned(model: Transformer, path: str) -> None:
     rank = dist.get_rank()
     state = None
     params = dict(model.named_parameters())
-    expected = full_shapes(model)
+    buffers = persistent_buffers(model)
+    expected = {**full_shapes(model), **{k: tuple(b.shape) for k, b in buffers.items()}}
     vocab = model.config.vocab_size
     try:
         kind, resolved = resolve_checkpoint(path)
@@ -113,12 +129,20 @@ def load_init_weights_partitioned(model: Transformer, path: str) -> None:
             except (ValueError, FileNotFoundError, OSError) as e:
                 problem = f"cannot read it: {e}"
         problem = _same_everywhere(problem)
-        order = list(params)
+        order = [*params, *buffers]
         source = ((k, state[k]) for k in order) if rank == 0 and not problem else None
     if problem:
         raise TrainError(f"init_from checkpoint {path} does not fit the model ({problem}); check the model "
                          "preset/overrides match the checkpoint's config")
     for name in order:
+        if name in buffers:
+            buf = buffers[name]
+            if rank == 0:
+                key, t = next(source)
+                assert key == name, (key, name)
+                buf.copy_(t.to(buf.dtype))
+            dist.broadcast(buf, src=0)
+            continue
         p = params[name]
         with _gathered([p]):
             if rank == 0:
