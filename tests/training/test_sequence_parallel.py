@@ -155,3 +155,15 @@ def test_long_context_recipe_fits_its_layouts():
         sp.check(cfg, world)
     with pytest.raises(TrainError, match="does not divide the world size 4"):
         sp.check(cfg, 4)
+
+
+def test_llada2_long_context_recipe_fits_its_layouts():
+    """configs/sft_llada2_mini_32k.yaml: SP 4 splits LLaDA2-mini's 16 query / 4 key-value heads and the 32k rows on
+    8 GPUs; SP 8 cannot (4 key-value heads) and is refused in one line."""
+    cfg = load_config("configs/sft_llada2_mini_32k.yaml")
+    assert (cfg.model.model_type, cfg.train.sequence_parallel_size, cfg.data.seq_len) == ("llada2_moe", 4, 32768)
+    assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.train.activation_checkpointing) == (16, 4, "full")
+    sp.check(cfg, 8)
+    cfg.train.sequence_parallel_size = 8
+    with pytest.raises(TrainError, match="does not divide model.num_kv_heads=4"):
+        sp.check(cfg, 8)
