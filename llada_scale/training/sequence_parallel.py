@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 from llada_scale.model import attention
+from llada_scale.model.llada2_moe import LLaDA2Attention
+from llada_scale.model.moe import Router
 from llada_scale.model.transformer import Attention
 from llada_scale.training.engine import TrainError
 
@@ -170,17 +172,47 @@ def _ulysses_forward(self, x, cos, sin, mask):
     return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
 
 
+def _sp_sequence_aux_loss(self, scores, topk_idx, seq_shape):
+    # Router.sequence_aux_loss of the whole row from this rank's S/SP tokens: the expert counts f_e (no gradient)
+    # are summed over the group; P_e is linear in the tokens, so each rank returns its tokens' share and the
+    # group's sum (what the summed gradients see) is the SP = 1 loss
+    plan = self.__dict__["_sp_plan"]
+    if not plan.enabled:
+        return type(self).sequence_aux_loss(self, scores, topk_idx, seq_shape)
+    b, t = seq_shape
+    e, full = scores.shape[1], t * plan.size
+    counts = torch.zeros(b, e, device=scores.device).scatter_add_(
+        1, topk_idx.view(b, t * self.top_k), torch.ones(b, t * self.top_k, device=scores.device))
+    dist.all_reduce(counts, group=plan.group)
+    f = counts * (e / (self.top_k * full))
+    p = (scores / scores.sum(-1, keepdim=True)).view(b, t, e).sum(1) / full
+    return (f * p).sum(-1).mean()
+
+
 def install(model: torch.nn.Module, plan: Plan) -> int:
-    """Bind the Ulysses attention to every :class:`llada_scale.model.transformer.Attention` of ``model`` (any
-    wrapping, LoRA included); returns how many. No-op for SP = 1. The module tree and parameter names do not
-    change (the DeepSpeed wrapper is kept outside ``_modules``), so checkpoints are the same with any SP."""
+    """Bind the Ulysses attention to every :class:`llada_scale.model.transformer.Attention` and
+    :class:`llada_scale.model.llada2_moe.LLaDA2Attention` of ``model`` (any wrapping, LoRA included); returns how
+    many. No-op for SP = 1. The module tree and parameter names do not change (the DeepSpeed wrapper is kept
+    outside ``_modules``), so checkpoints are the same with any SP. Both classes have the same
+    ``qkv(x, cos, sin)`` -> q, k, v [B, heads, S/SP, D] (fused QKV, QK norm and partial rotary included for
+    LLaDA2) and ``o_proj``, so one forward serves both; cos/sin are of this rank's positions (the
+    ``position_ids`` slice :class:`SequenceParallelModel` passes).
+
+    MoE routers (:class:`llada_scale.model.moe.Router`) route per token and need nothing, except the
+    sequence-wise aux loss, whose expert counts are over the whole row: it is rebound to sum them over the
+    group (:func:`_sp_sequence_aux_loss`), so the group's summed gradient is the SP = 1 one. The load statistics
+    are per-rank counts of the rank's own tokens; the slices partition the rows, so their all-reduce over all
+    ranks (:mod:`llada_scale.training.moe_balance`) is the SP = 1 count."""
     if plan.size == 1:
         return 0
     from deepspeed.sequence.layer import DistributedAttention
 
     n = 0
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, Router):
+            module.__dict__["_sp_plan"] = plan
+            module.sequence_aux_loss = types.MethodType(_sp_sequence_aux_loss, module)
+        if isinstance(module, (Attention, LLaDA2Attention)):
             module.__dict__["_sp_plan"] = plan
             module.__dict__["_sp_attention"] = DistributedAttention(_local_attention, plan.group, scatter_idx=2,
                                                                     gather_idx=1)

@@ -35,6 +35,25 @@ def test_sp2_equals_sp1_loss_and_gradients(tmp_path):
         assert r["grad_norm"] > 0.1, (name, r)  # the gradients compared are not all zero
 
 
+@pytest.mark.distributed
+def test_sp2_equals_sp1_llada2_moe(tmp_path):
+    """The LLaDA2 MoE backbone (fused QKV, QK norm, partial rotary of the local positions, MoE routing with an
+    expert bias) under SP = 2: SFT block diffusion on packed documents, with and without full activation
+    checkpointing, and the sequence-wise aux loss (coef 0.1) on. Loss 1e-6 relative; the group's summed aux
+    loss equals the row's (1e-5: counts exact, P_e summed in another order); the per-expert loads summed over
+    the group are the same integers; gradients (router included) 1e-5 of each parameter's largest."""
+    out = tmp_path / "sp_llada2.json"
+    run_ranks([str(REPO / "tests" / "training" / "sequence_parallel_llada2_worker.py"), str(out)], 2)
+    res = json.loads(out.read_text())
+    assert sorted(res) == ["sft_block_diffusion", "sft_block_diffusion_ckpt"]
+    for name, r in res.items():
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6), name
+        assert r["aux"] == pytest.approx(r["ref_aux"], rel=1e-5), (name, r["aux"], r["ref_aux"])
+        assert r["loads"] == r["ref_loads"], name
+        assert r["grad_rel"] < 1e-5, (name, r["grad_rel"])
+        assert r["grad_norm"] > 0.1 and r["router_grad"] > 0, (name, r["grad_norm"], r["router_grad"])
+
+
 COMMON = ["train.max_steps=4", "train.micro_batch_size=2", "train.global_batch_size=4", "train.save_every=0",
           "train.init_from=", "objective.random_length_prob=0.5", "data.seq_len=32"]
 SP2 = "train.sequence_parallel_size=2"
@@ -136,3 +155,15 @@ def test_long_context_recipe_fits_its_layouts():
         sp.check(cfg, world)
     with pytest.raises(TrainError, match="does not divide the world size 4"):
         sp.check(cfg, 4)
+
+
+def test_llada2_long_context_recipe_fits_its_layouts():
+    """configs/sft_llada2_mini_32k.yaml: SP 4 splits LLaDA2-mini's 16 query / 4 key-value heads and the 32k rows on
+    8 GPUs; SP 8 cannot (4 key-value heads) and is refused in one line."""
+    cfg = load_config("configs/sft_llada2_mini_32k.yaml")
+    assert (cfg.model.model_type, cfg.train.sequence_parallel_size, cfg.data.seq_len) == ("llada2_moe", 4, 32768)
+    assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.train.activation_checkpointing) == (16, 4, "full")
+    sp.check(cfg, 8)
+    cfg.train.sequence_parallel_size = 8
+    with pytest.raises(TrainError, match="does not divide model.num_kv_heads=4"):
+        sp.check(cfg, 8)
