@@ -20,6 +20,13 @@ are in :mod:`gpu_check_rows`:
 * ``trainer``: the 1b diffusion row through the real Trainer (DeepSpeed ZeRO-1, bf16 with fp32 master weights).
 * ``loss_memory``: peak memory of the output head + loss at vocab 126,464, seq 2048 (hidden 4096): full
   logits + cross-entropy vs the memory-lean loss (masked positions only, chunked).
+* ``llada2`` (rows in :mod:`gpu_check_llada2`): the LLaDA2 MoE backbone. Checks: a tiny LLaDA2's
+  block-diffusion loss and gradients in bf16 vs float32 (loss 1e-2 relative, gradients 5e-2 relative L2), and
+  one MoE layer at LLaDA2-mini's widths through ``torch._grouped_mm`` vs the per-expert loop (bf16, 1e-2).
+  Speed: a LLaDA2-mini-shaped slice (real widths, vocab 157,184, 2 layers: 1 dense + 1 MoE), block-diffusion
+  training steps at 4 x 2048: tokens/s, MFU on ACTIVE parameters (the trainer's count: top-8 + shared experts,
+  not all 256), peak memory; eager with the grouped path and with the per-expert loop, compiled (grouped)
+  without and with full checkpointing. Its checks count in the exit status like ``correctness``'s.
 
 Every row records its seconds and what dynamo did around it (graphs compiled, graph breaks, frames compiled;
 speed rows also the frames compiled after warm-up, i.e. recompiles). A row that raises is recorded with its error
@@ -47,11 +54,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+import gpu_check_llada2 as l2  # noqa: E402
 import gpu_check_rows as rows  # noqa: E402
 from llada_scale.model import attention  # noqa: E402
 
-SECTIONS = ("correctness", "speed", "trainer", "loss_memory")
-BUDGETS = {"correctness": 180.0, "speed": 210.0, "trainer": 90.0, "loss_memory": 30.0}  # seconds, on a GPU
+SECTIONS = ("correctness", "speed", "trainer", "loss_memory", "llada2")
+# seconds, on a GPU: 510 in all (~8.5 min with the overrun of each section's last row), as before llada2 came
+CHECKS = ("correctness", "llada2_correctness")  # result keys whose rows are ok / not ok checks (exit status)
+BUDGETS = {"correctness": 160.0, "speed": 165.0, "trainer": 75.0, "loss_memory": 15.0, "llada2": 95.0}
 
 
 def _dynamo_counts() -> tuple[int, int, int]:
@@ -68,11 +78,13 @@ class Recorder:
         self.out, self.result, self.budgets, self.started = out, result, budgets, {}
         out.mkdir(parents=True, exist_ok=True)
 
-    def row(self, section: str, label: str, fn) -> dict | None:
-        self.result.setdefault(section, [])
+    def row(self, section: str, label: str, fn, key: str | None = None) -> dict | None:
+        """Run ``fn`` unless ``section``'s budget is spent; the row goes to ``result[key or section]``."""
+        key = key or section
+        self.result.setdefault(key, [])
         t_section = self.started.setdefault(section, time.perf_counter())
         if time.perf_counter() - t_section > self.budgets[section]:
-            self.result["skipped"].append(f"{section}: {label} (time budget)")
+            self.result["skipped"].append(f"{key}: {label} (time budget)")
             self.write()
             return None
         graphs, breaks, frames = _dynamo_counts()
@@ -88,9 +100,9 @@ class Recorder:
         g2, b2, f2 = _dynamo_counts()
         row.update(seconds=time.perf_counter() - t0, graphs=row.get("graphs", g2 - graphs), graph_breaks=b2 - breaks,
                    frames_compiled=f2 - frames)
-        self.result[section].append(row)
+        self.result[key].append(row)
         self.write()
-        print(f"[{time.perf_counter() - self.result['_t0']:.0f} s] {section}: {label}: "
+        print(f"[{time.perf_counter() - self.result['_t0']:.0f} s] {key}: {label}: "
               f"{row['error'] or 'done'}", flush=True)
         return row
 
@@ -118,14 +130,15 @@ def markdown(result: dict) -> str:
 
     out = [f"# gpu_check: {result['device']} ({'CPU dry run' if result['dry_run'] else 'GPU'}), "
            f"{result['seconds']:.0f} s\n"]
-    if result.get("correctness"):
+    checks = [r for key in CHECKS for r in result.get(key, [])]
+    if checks:
         out += ["| check | length | max rel. diff | grad rel. L2 | graphs / breaks | s | ok |",
                 "|---|---:|---:|---:|---|---:|---|"]
         out += [f"| {r.get('check', r['label'])} | {r.get('length', '-')} | {fmt(r.get('max_rel_diff'), '.2e')} | "
                 f"{fmt(r.get('grad_rel_l2'), '.2e')} | {r['graphs']} / {r['graph_breaks']} | {r['seconds']:.0f} | "
-                f"{'yes' if r['ok'] else 'NO: ' + (r['error'] or 'over tolerance')} |" for r in result["correctness"]]
+                f"{'yes' if r['ok'] else 'NO: ' + (r['error'] or 'over tolerance')} |" for r in checks]
         out.append("")
-    speed = [r for key in ("speed", "trainer") for r in result.get(key, [])]
+    speed = [r for key in ("speed", "trainer", "llada2_speed") for r in result.get(key, [])]
     if speed:
         out += ["| model | params (M) | objective | act. ckpt | micro x seq | step (s) | tokens/s/GPU | MFU | "
                 "MFU executed | attn. tiles | peak mem (GB) | warm-up (s) | graphs / breaks / recompiles |",
@@ -134,12 +147,14 @@ def markdown(result: dict) -> str:
             if r["error"]:
                 out.append(f"| {r['label']} | FAILED: {r['error']} |")
                 continue
-            out.append(f"| {r['model']} | {r['params_M']} | {r['objective']} | {r['activation_checkpointing']} | "
+            params = r["params_M"] if "active_params_M" not in r else f"{r['params_M']} ({r['active_params_M']} act.)"
+            out.append(f"| {r['model']} | {params} | {r['objective']} | {r['activation_checkpointing']} | "
                        f"{r['micro_batch']} x {r['seq']} | {fmt(r['step_s'])} | {r['tokens_per_s_per_gpu']:,.0f} | "
                        f"{pct(r['mfu'])} | {pct(r.get('mfu_executed'))} | {pct(r.get('attention_tile_density'))} | "
                        f"{fmt(r['peak_memory_gb'])} | {fmt(r['warmup_s'])} | {dyn(r)} |")
         out += ["", "MFU counts attention dense (12 n_layer d s per position, s = 2L for block diffusion); MFU executed "
-                "scales that term by the share of 128-tiles the mask leaves (attn. tiles).", ""]
+                "scales that term by the share of 128-tiles the mask leaves (attn. tiles). MoE (LLaDA2) rows count "
+                "active parameters (act.: per token, incl. the head), as the trainer does.", ""]
     if result.get("skipped"):
         out += [f"skipped: {', '.join(result['skipped'])}", ""]
     if result.get("loss_memory"):
@@ -176,6 +191,17 @@ def speed(rec: Recorder, device, dtype, dry: bool, compile_backend: str, steps: 
         rec.row("speed", f"{name} {objective} ac={ac}",
                 lambda: rows.train_speed(name, cfg, objective, ac, micro, seq, steps, warmup, device, dtype,
                                          compile_backend))
+
+
+def llada2(rec: Recorder, device, dry: bool, compile_backend: str, steps: int, warmup: int):
+    """The LLaDA2 checks (into ``llada2_correctness``), then the mini-slice speed rows (``llada2_speed``); one
+    budget for both."""
+    rec.row("llada2", "llada2 bf16 vs fp32", lambda: l2.bf16_row(device, dry), key="llada2_correctness")
+    rec.row("llada2", "llada2 grouped_mm vs loop", lambda: l2.grouped_row(device, dry), key="llada2_correctness")
+    torch._dynamo.reset()  # a fresh compile cache for the slice; its compiled rows share compiled layers
+    for label, ac, path, backend in l2.speed_plan(dry, compile_backend):
+        rec.row("llada2", f"llada2-mini slice {label} ac={ac}",
+                lambda: l2.speed_row(label, ac, path, backend, dry, steps, warmup, device), key="llada2_speed")
 
 
 def main(argv=None) -> int:
@@ -227,11 +253,14 @@ def main(argv=None) -> int:
         positions, hidden, vocab = (256, 64, 4096) if dry else (2048, 4096, 126464)
         for variant in ("full logits + cross_entropy", "lean: masked positions, chunked"):
             rec.row("loss_memory", variant, lambda: rows.loss_memory(device, dtype, positions, hidden, vocab, variant))
+    if "llada2" in sections:
+        llada2(rec, device, dry, backend, steps, warmup)
     rec.write()
     print(markdown({**{k: v for k, v in result.items() if not k.startswith("_")},
                     "seconds": time.perf_counter() - result["_t0"]}))
-    bad = [r["label"] for r in result.get("correctness", []) if not r["ok"]]
-    failed = [f"{sec}: {r['label']}" for sec in SECTIONS[1:] for r in result.get(sec, []) if r.get("error")]
+    bad = [r["label"] for key in CHECKS for r in result.get(key, []) if not r["ok"]]
+    failed = [f"{key}: {r['label']}" for key in ("speed", "trainer", "loss_memory", "llada2_speed")
+              for r in result.get(key, []) if r.get("error")]
     if failed:
         print(f"rows that raised: {failed}", file=sys.stderr)
     if bad:

@@ -6,7 +6,9 @@ row and writes the JSON after it).
   with the dense mask of the same ``mask_mod``, in float32 at 1e-4 (max |diff| / max |SDPA|), for every mask the
   package builds; bf16 losses and gradients of a model flex vs SDPA as a second row; compiled vs eager loss; per
   layer compile x full activation checkpointing with its graph and graph-break counts.
-* speed: a training step (forward, backward, AdamW) timed after warm-up, without and through the real Trainer.
+* speed: a training step (forward, backward, AdamW) timed after warm-up, without and through the real Trainer;
+  the model comes from the registry (dense Transformer or LLaDA2 MoE: :mod:`gpu_check_llada2` uses
+  :func:`train_speed` too), FLOPs are counted as the trainer counts them (active parameters for MoE).
 * loss memory: peak memory of the head + loss at vocab 126,464.
 
 On CPU (``--cpu-dry-run``) FlexAttention has no backward (torch 2.13): flex rows are forward only.
@@ -24,10 +26,12 @@ import torch.nn.functional as F
 from llada_scale.model import attention
 from llada_scale.model import block_attention as ba
 from llada_scale.model.head import linear_cross_entropy
+from llada_scale.model.registry import build_model, is_moe
 from llada_scale.model.transformer import ModelConfig, Transformer
 from llada_scale.objectives.config import ObjectiveConfig
 from llada_scale.objectives.losses import compute_loss, model_input_length
 from llada_scale.training.metrics import FlopCounter, peak_flops_for
+from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.parallelize import apply_activation_checkpointing, apply_compile
 
 VOCAB, MASK = 6464, 6400  # minimind's vocabulary + mask token, padded to 64 (the presets' default)
@@ -185,21 +189,35 @@ def _frames() -> int:
     return counters["frames"]["total"]
 
 
+def flop_counter(model, cfg) -> FlopCounter:
+    """The trainer's model-FLOP counter (``Trainer.__init__``): every parameter of a dense model; for a MoE
+    backbone the active ones (``LLaDA2Config.active_params_per_token``: attention, dense FFNs, router, top-k
+    routed and shared experts, head) plus the input embedding, which the counter then leaves out as a lookup."""
+    embed = model.model.embed_tokens.weight.numel()
+    counted = cfg.active_params_per_token() + embed if is_moe(cfg) else model.num_params()
+    return FlopCounter(counted, embed, model.output_weight().numel(), cfg.num_layers, cfg.num_heads * cfg.head_dim,
+                       cfg.tie_embeddings)
+
+
 def train_speed(name, cfg: ModelConfig, objective: str, ac: str, micro: int, seq: int, steps: int, warmup: int,
-                device, dtype, compile_backend) -> dict:
+                device, dtype, compile_backend: str | None) -> dict:
     """Time ``steps`` training steps after ``warmup`` (compilation included in warm-up); frames dynamo compiles
-    during the timed steps are recompiles (``recompiles_after_warmup``, 0 expected: static shapes)."""
+    during the timed steps are recompiles (``recompiles_after_warmup``, 0 expected: static shapes). The model is
+    built by the registry (dense Transformer or LLaDA2 MoE, from ``cfg``'s type); ``compile_backend`` None runs
+    eager. A MoE model's router statistics are taken and its expert biases updated after every step, as the
+    trainer does (:class:`MoEBalancer`); MFU counts active parameters (:func:`flop_counter`)."""
     reset_peak(device)
     torch.manual_seed(0)
     cfg = copy.deepcopy(cfg)
     cfg.causal = objective == "ar"
-    model = Transformer(cfg).to(device, dtype)
+    model = build_model(cfg).to(device, dtype)
     layers = apply_activation_checkpointing(model, ac)
-    apply_compile(model, backend=compile_backend)
+    if compile_backend:
+        apply_compile(model, backend=compile_backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    balancer = MoEBalancer(model, getattr(cfg, "moe", None))
     ocfg = ObjectiveConfig(**OBJECTIVES[objective])
-    flops = FlopCounter(model.num_params(), model.model.embed_tokens.weight.numel(), model.output_weight().numel(),
-                        cfg.num_layers, cfg.num_heads * cfg.head_dim, cfg.tie_embeddings)
+    flops = flop_counter(model, cfg)
     model_len = model_input_length(ocfg, cfg.causal, seq)
     gen = torch.Generator().manual_seed(1)
     noise = torch.Generator(device=device).manual_seed(2)
@@ -215,15 +233,18 @@ def train_speed(name, cfg: ModelConfig, objective: str, ac: str, micro: int, seq
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        balancer.after_step(device)
         total_flops += flops(stats["model_tokens"], model_len, stats["head_tokens"])
     sync(device)
     seconds = time.perf_counter() - t0
     # executed FLOPs: the dense attention term (12 n_layer d s per position) scaled by the tiles flex computes
     density = sum(attention_density(b, objective) for b in batches) / len(batches)
     dense_attention = steps * micro * model_len * 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * model_len
+    moe = {"active_params_M": round(cfg.active_params_per_token() / 1e6, 1)} if is_moe(cfg) else {}
     row = _speed_row(name, model.num_params(), objective, f"{ac} ({len(layers)}/{cfg.num_layers})", micro, seq,
                      seconds, steps, float(total_flops), device, compile_s, float(loss),
-                     recompiles_after_warmup=_frames() - frames, attention_tile_density=density)
+                     recompiles_after_warmup=_frames() - frames, attention_tile_density=density,
+                     compiled=compile_backend is not None, **moe)
     if row["mfu"] is not None:
         row["mfu_executed"] = row["mfu"] * (1 - dense_attention * (1 - density) / float(total_flops))
     return row
