@@ -41,12 +41,14 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     md = (tmp_path / "gc" / "gpu_check.md").read_text()
     assert "| attention fp32 flex vs sdpa, block diffusion (training) |" in md
     # LLaDA2 (issue 17): both checks pass; the mini-slice rows train with both expert paths, eager and compiled
-    assert [row["label"] for row in result["llada2_correctness"]] == ["llada2 bf16 vs fp32", "llada2 grouped_mm vs loop"]
+    assert [row["label"] for row in result["llada2_correctness"]] == ["llada2 bf16 vs fp32",
+                                                                      "llada2 grouped_mm vs loop"]
     assert all(row["ok"] and not row["error"] for row in result["llada2_correctness"])
     moe = result["llada2_speed"]
     assert len(moe) == 4 and not any(row["error"] for row in moe)
-    assert [(row["expert_path"], row["compiled"], row["activation_checkpointing"].split()[0]) for row in moe] == \
-        [("grouped_mm", False, "none"), ("loop", False, "none"), ("grouped_mm", True, "none"), ("grouped_mm", True, "full")]
+    assert [(row["expert_path"], row["compiled"], row["activation_checkpointing"].split()[0]) for row in moe] == [
+        ("grouped_mm", False, "none"), ("loop", False, "none"), ("grouped_mm", True, "none"),
+        ("grouped_mm", True, "full")]
     assert all(row["objective"] == "block" and row["tokens_per_s"] > 0 and row["recompiles_after_warmup"] == 0
                and 0 < row["active_params_M"] < row["params_M"] for row in moe)
     assert moe[2]["graphs"] > 0 and all(isinstance(row["graph_breaks"], int) for row in moe)
