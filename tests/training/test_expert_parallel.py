@@ -1,25 +1,60 @@
-"""Expert parallelism on DeepSpeed's expert-parallel groups (gloo all-to-all, 2 CPU processes): EP=2 gives the
-same loss and the same (fp32) gradients as EP=1 for every parameter, expert slices included."""
+"""Expert parallelism through DeepSpeed AutoEP (llada_scale.training.expert_parallel) on 2 CPU processes (gloo
+all-to-all): EP=2 trains exactly as EP=1 (loss, gradient norm, balancing statistics and biases per step, fp32;
+gradients of every parameter in ep_grad_worker.py), an EP=2 checkpoint resumes exactly and consolidates to the
+model's own names, and what EP cannot do is refused with one line."""
 
 import pytest
 import torch
 
-from llada_scale.testing import run_ranks
+from llada_scale.testing import run_ranks, train_metrics as metrics
+from tests.training.test_llada2_train import MOE, sft
+
+BALANCE = ["model.moe.bias_update_rate=0.01", "model.moe.aux_loss_coef=0.01", "train.max_steps=4"]
+SAME = ("train/loss", "train/grad_norm", "moe/layer1/load_imbalance", "moe/layer1/router_entropy",
+        "moe/layer1/bias_range")
 
 
 @pytest.mark.distributed
-def test_ep2_equals_ep1_loss_and_gradients(tmp_path):
-    run_ranks(["tests/training/ep_worker.py", str(tmp_path), "2"], 2)
+def test_ep2_gradients_equal_ep1(tmp_path):
+    run_ranks(["tests/training/ep_grad_worker.py", str(tmp_path)], 2)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
-        assert r["sharded"] == [1, 2]
+        assert r["replaced"] == [1, 2]
         assert r["ep"]["loss"] == pytest.approx(r["ep1"]["loss"], rel=1e-6)
-        lo, hi = r["expert_slice"]
-        assert (lo, hi) == ((0, 4) if rank == 0 else (4, 8))
         ref, got = r["ep1"]["grads"], r["ep"]["grads"]
         assert set(ref) == set(got)
+        lo, hi = (0, 4) if rank == 0 else (4, 8)
         for name, g in got.items():
             want = ref[name][lo:hi] if ".mlp.experts." in name else ref[name]
-            assert g.shape == want.shape, name
             torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7, msg=name)
         assert any(".mlp.experts." in n and got[n].abs().sum() > 0 for n in got)
+
+
+@pytest.mark.distributed
+def test_ep2_trains_as_ep1_with_balancing(tmp_path, sft_shards):
+    extra = [*BALANCE, "train.activation_checkpointing=full"]
+    sft(tmp_path / "ep1", sft_shards, *extra)
+    sft(tmp_path / "ep2", sft_shards, *extra, "train.expert_parallel_size=2")
+    a, b = metrics(tmp_path / "ep1"), metrics(tmp_path / "ep2")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in SAME:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert a[4]["moe/layer1/bias_range"] > 0  # the biases moved, identically
+
+
+@pytest.mark.distributed
+def test_ep2_resume_is_exact_and_other_ep_size_is_refused(tmp_path, sft_shards):
+    ep2 = [*BALANCE, "train.expert_parallel_size=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    sft(full, sft_shards, *ep2)
+    sft(split, sft_shards, *ep2, "train.stop_at_step=2")
+    sft(split, sft_shards, *ep2)
+    a, b = metrics(full), metrics(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step]["data/checksum"] == b[step]["data/checksum"], step
+        for key in SAME:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-8), (step, key)
+    with pytest.raises(RuntimeError, match="was written with train.expert_parallel_size=2, this run has 1"):
+        sft(split, sft_shards, *BALANCE, "train.max_steps=6")
