@@ -22,13 +22,11 @@ What AutoEP lacks and this module adds (docs/LOG.md, 2026-12-08, issue 17):
   hooks, so :mod:`llada_scale.training.moe_balance` serves both.
 
 Checkpoint parameter names under AutoEP are DeepSpeed's (``mlp.router.gate.weight``, ``mlp.experts.w1|w2|w3``,
-``mlp.router.e_score_correction_bias``); :data:`TO_MODEL_NAMES` maps them back to the model's (the consolidating
-reader uses it). Resuming with another expert-parallel size is refused (:func:`check_resume`).
+``mlp.router.e_score_correction_bias``), experts in per-expert files; :mod:`llada_scale.checkpoint.autoep` reads
+them back under the model's names. Resuming with another expert-parallel size is refused (:func:`check_resume`).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -37,24 +35,7 @@ from torch import nn
 from llada_scale.model.moe import MoEBlock, RouterStats
 from llada_scale.training.config import ConfigError
 
-__all__ = ["ds_section", "check", "prepare", "moe_optimizer", "attach", "AutoEPRouter", "check_resume", "to_model_names",
-           "TO_MODEL_NAMES"]
-
-# AutoEP's names of an MoE layer's tensors -> ours (llada_scale.model.moe: MoEBlock.gate / .experts)
-TO_MODEL_NAMES = ((r"\.mlp\.router\.gate\.weight$", ".mlp.gate.weight"),
-                  (r"\.mlp\.router\.e_score_correction_bias$", ".mlp.gate.expert_bias"),
-                  (r"\.mlp\.experts\.w1$", ".mlp.experts.gate_proj"),
-                  (r"\.mlp\.experts\.w3$", ".mlp.experts.up_proj"),
-                  (r"\.mlp\.experts\.w2$", ".mlp.experts.down_proj"))
-
-
-def to_model_names(name: str) -> str:
-    """A parameter/buffer name of an AutoEP model -> the name in :class:`llada_scale.model.llada2_moe.LLaDA2MoeModel`
-    (other names unchanged)."""
-    for pattern, repl in TO_MODEL_NAMES:
-        name = re.sub(pattern, repl, name)
-    return name
-
+__all__ = ["ds_section", "check", "prepare", "moe_optimizer", "attach", "AutoEPRouter", "check_resume"]
 
 def ds_section(model_cfg, ep_size: int, device: torch.device) -> dict:
     """The DeepSpeed ``expert_parallel`` (AutoEP) section for a LLaDA2 config: module patterns of

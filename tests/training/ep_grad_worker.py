@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from llada_scale.model.llada2_moe import LLaDA2Config, LLaDA2MoeModel  # noqa: E402
+from llada_scale.checkpoint.autoep import to_model_names  # noqa: E402
 from llada_scale.training import expert_parallel  # noqa: E402
 from llada_scale.training.moe_balance import MoEBalancer  # noqa: E402
 
@@ -53,7 +54,7 @@ def main():
         engine.backward(balancer.aux_loss(loss))
         if ep > 1:
             result["replaced"] = [i for i, _ in routers]
-        grads = {expert_parallel.to_model_names(n): p.grad.clone() for n, p in engine.module.named_parameters()}
+        grads = {to_model_names(n): p.grad.clone() for n, p in engine.module.named_parameters()}
         result[name] = {"loss": loss.item(), "grads": grads}
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
