@@ -135,7 +135,7 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
     optim_files = glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))
     zero3_model = os.path.isfile(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
     info: dict[str, Any] = {}
-    if autoep.is_autoep(tag_dir):  # expert parallelism: per-expert files, merged through a universal checkpoint
+    if autoep.is_autoep(tag_dir, raw_meta):  # expert parallelism: merged through a universal checkpoint
         sd = autoep.load_state(tag_dir)
         info.update(dtypes={"float32"}, zero_stage=raw_meta.get("zero_stage"), world_size=raw_meta.get("world_size"))
     elif optim_files or zero3_model:

@@ -109,6 +109,9 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if t.expert_parallel_size > 1:  # DeepSpeed AutoEP replaces the MoE blocks inside deepspeed.initialize
         from llada_scale.training.expert_parallel import ds_section
 
+        if zero.get("stage", 0) == 0:  # its checkpoints cannot be merged (no ZeRO fragments for ds_to_universal)
+            raise TrainError(f"{path or 'the default DeepSpeed config'}: expert parallelism needs ZeRO stage 1-3; "
+                             "use ds_configs/zero2.json or zero3.json")
         if zero.get("stage", 0) == 2 and not zero.get("contiguous_gradients", True):
             raise TrainError(f"{path}: expert parallelism at ZeRO-2 needs zero_optimization.contiguous_gradients "
                              "true (DeepSpeed's MoE gradient path); set it to true or \"auto\"")

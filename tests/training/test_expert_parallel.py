@@ -1,7 +1,7 @@
 """Expert parallelism through DeepSpeed AutoEP (llada_scale.training.expert_parallel) on 2 CPU processes (gloo
 all-to-all): EP=2 trains exactly as EP=1 (loss, gradient norm, balancing statistics and biases per step, fp32;
 gradients of every parameter in ep_grad_worker.py), an EP=2 checkpoint resumes exactly and consolidates to the
-model's own names, and what EP cannot do is refused with one line."""
+model's own names (ZeRO-2 per-expert files, ZeRO-3 shards), and what EP cannot do is refused with one line."""
 
 import pytest
 import torch
@@ -54,17 +54,22 @@ def test_ep2_trains_as_ep1_with_balancing(tmp_path, sft_shards):
 
 
 @pytest.mark.distributed
-def test_ep2_resume_is_exact_and_other_ep_size_is_refused(tmp_path, sft_shards):
-    ep2 = [*BALANCE, "train.expert_parallel_size=2"]
+def test_ep2_zero3_resume_is_exact_and_other_ep_size_is_refused(tmp_path, sft_shards):
+    ep2, z3 = [*BALANCE, "train.expert_parallel_size=2"], "ds_configs/zero3.json"
     full, split = tmp_path / "full", tmp_path / "split"
-    sft(full, sft_shards, *ep2)
-    sft(split, sft_shards, *ep2, "train.stop_at_step=2")
-    sft(split, sft_shards, *ep2)
+    sft(full, sft_shards, *ep2, ds=z3)
+    sft(split, sft_shards, *ep2, "train.stop_at_step=2", ds=z3)
+    sft(split, sft_shards, *ep2, ds=z3)
     a, b = metrics(full), metrics(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert a[step]["data/checksum"] == b[step]["data/checksum"], step
         for key in SAME:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-8), (step, key)
+    want, _ = load_model_state(str(full / "checkpoints"), progress=False)  # ZeRO-3 shards of the experts
+    got, _ = load_model_state(str(split / "checkpoints"), progress=False)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-8, msg=name)
     with pytest.raises(RuntimeError, match="was written with train.expert_parallel_size=2, this run has 1"):
-        sft(split, sft_shards, *BALANCE, "train.max_steps=6")
+        sft(split, sft_shards, *BALANCE, "train.max_steps=6", ds=z3)
