@@ -73,3 +73,43 @@ def test_ep2_zero3_resume_is_exact_and_other_ep_size_is_refused(tmp_path, sft_sh
         torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-8, msg=name)
     with pytest.raises(RuntimeError, match="was written with train.expert_parallel_size=2, this run has 1"):
         sft(split, sft_shards, *BALANCE, "train.max_steps=6", ds=z3)
+
+
+LLADA2 = "configs/llada2_bd_sft_tiny.yaml"
+
+
+@pytest.mark.parametrize("recipe,overrides,world,message", [
+    ("configs/diffusion_pretrain_tiny.yaml", [], 2, "needs a mixture-of-experts model"),
+    (LLADA2, MOE, 3, "does not divide the world size 3"),
+    (LLADA2, [*MOE, "model.num_experts=9", "model.n_group=3", "model.topk_group=1"], 2,
+     "does not divide model.num_experts=9"),
+    (LLADA2, [*MOE, "train.sequence_parallel_size=2"], 2, "with train.sequence_parallel_size=2 is not supported"),
+    (LLADA2, [*MOE, "train.lora.rank=4", "train.init_from=x"], 2, "with train.lora is not supported"),
+])
+def test_what_expert_parallelism_cannot_do_is_refused(recipe, overrides, world, message):
+    from llada_scale.training import expert_parallel
+    from llada_scale.training.config import ConfigError, load_config
+
+    cfg = load_config(recipe, [*overrides, "train.expert_parallel_size=2"])
+    with pytest.raises(ConfigError, match=message) as e:
+        expert_parallel.check(cfg, world)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("zero,message", [
+    ({"stage": 0}, "expert parallelism needs ZeRO stage 1-3"),
+    ({"stage": 2, "contiguous_gradients": False}, "needs zero_optimization.contiguous_gradients true"),
+])
+def test_deepspeed_configs_expert_parallelism_cannot_use_are_refused(tmp_path, zero, message):
+    import json
+
+    from llada_scale.training.config import load_config
+    from llada_scale.training.engine import TrainError, build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    cfg = load_config(LLADA2, [*MOE, "train.expert_parallel_size=2"])
+    with pytest.raises(TrainError, match=message):
+        build_ds_config(str(path), cfg, 2, torch.device("cpu"))
+    ok = build_ds_config("ds_configs/zero2.json", cfg, 2, torch.device("cpu"))
+    assert ok["expert_parallel"]["autoep_size"] == 2 and ok["zero_optimization"]["contiguous_gradients"] is True
