@@ -56,13 +56,21 @@ def check(cfg, world_size: int) -> None:
     """One-line refusals before anything is built.
 
     Raises:
-        ConfigError: expert parallelism asked of a dense model, with LoRA or sequence parallelism (not supported
-            together), or a size that does not divide the world size or the number of experts.
+        ConfigError: expert parallelism asked of a DeepSpeed without AutoEP, of a dense model, with LoRA or
+            sequence parallelism (not supported together), or a size that divides neither the world size nor the
+            number of experts.
     """
     ep = cfg.train.expert_parallel_size
     if ep == 1:
         return
     where = f"train.expert_parallel_size={ep}"
+    try:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer  # noqa: F401
+    except ImportError:
+        import deepspeed
+
+        raise ConfigError(f"{where} needs DeepSpeed's AutoEP (tested with 0.19.8), this is DeepSpeed "
+                          f"{deepspeed.__version__}; upgrade it") from None
     if not hasattr(cfg.model, "num_experts"):
         raise ConfigError(f"{where} needs a mixture-of-experts model (model.model_type: llada2_moe); "
                           "set it to 1 for a dense model")
