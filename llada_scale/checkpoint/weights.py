@@ -8,6 +8,7 @@ Three on-disk layouts are understood by :func:`load_model_state`:
   Stages 1-3 are merged with DeepSpeed's own ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``
   (exact fp32 master weights); stage 0 reads ``mp_rank_00_model_states.pt`` (with bf16 the fp32 master
   copies kept by DeepSpeed's bf16 optimizer wrapper are used when present, so the result is exact too).
+  Checkpoints of expert-parallel runs are merged by :mod:`llada_scale.checkpoint.autoep`.
   The checkpoints directory itself (holding ``latest``) or the run directory may be given instead of a tag.
 * **Consolidated safetensors** (written by :func:`llada_scale.checkpoint.files.save_safetensors` / ``tools/convert_checkpoint.py
   consolidate``): a directory with ``config.json`` (``{"format": "llada_scale", "model": ModelConfig dict,
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from llada_scale.checkpoint import autoep
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, META_FILE, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
                                           dtype_name, parse_dtype, read_json, read_safetensors,
                                           safetensors_files)
@@ -133,7 +135,10 @@ def _load_deepspeed(tag_dir: str, progress: bool) -> tuple[dict, dict]:
     optim_files = glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))
     zero3_model = os.path.isfile(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
     info: dict[str, Any] = {}
-    if optim_files or zero3_model:
+    if autoep.is_autoep(tag_dir, raw_meta):  # expert parallelism: merged through a universal checkpoint
+        sd = autoep.load_state(tag_dir)
+        info.update(dtypes={"float32"}, zero_stage=raw_meta.get("zero_stage"), world_size=raw_meta.get("world_size"))
+    elif optim_files or zero3_model:
         if not optim_files:
             raise CheckpointError(f"{tag_dir}: ZeRO-3 model states but no *_optim_states.pt files (incomplete save?)")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Router", "Experts", "MoEBlock", "route", "grouped_swiglu"]
+__all__ = ["RouterStats", "Router", "Experts", "MoEBlock", "route", "grouped_swiglu"]
 
 
 def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -55,44 +55,24 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: 
     return topk_idx, w * routed_scaling_factor, scores
 
 
-class Router(nn.Module):
-    """The gate: ``weight`` [E, hidden] (a parameter) and ``expert_bias`` [E] (a persistent float32 buffer,
-    kept float32 when the module is cast so that small balancing updates are not rounded away).
+class RouterStats:
+    """Training-time statistics of a router, kept on the router object for the trainer
+    (:mod:`llada_scale.training.moe_balance`): after :meth:`observe` of a training forward, ``last_load``
+    (float32 [E], (token, expert) pairs per expert, detached), ``last_entropy`` (mean entropy of the normalised
+    scores, nats), their running sums (:meth:`take_stats`; forwards recomputed by activation checkpointing inside
+    the backward are not counted) and, when ``aux_loss_coef > 0``, ``aux_loss`` (:meth:`sequence_aux_loss`).
+    Shared by :class:`Router` and the routers of DeepSpeed's expert-parallel layers
+    (:mod:`llada_scale.training.expert_parallel`)."""
 
-    ``forward(x [N, hidden])`` -> ``(topk_idx, topk_weight, scores)`` as :func:`route`; in training mode it also
-    records ``self.last_load`` (float32 [E], (token, expert) pairs per expert in this forward, detached),
-    ``self.last_entropy`` (mean entropy of the normalised scores, nats), their running sums for the trainer
-    (:meth:`take_stats`; forwards recomputed by activation checkpointing inside the backward are not counted) and,
-    when ``aux_loss_coef > 0``, ``self.aux_loss`` (see :meth:`sequence_aux_loss`).
-    """
-
-    # DeepSpeed's zero.Init casts every floating tensor made in a constructor to the training dtype; DeepSpeed
-    # builds that honour transformers' list (deepspeed/runtime/keep_in_fp32.py) put this buffer back to float32
-    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["expert_bias"]
-
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
-                 routed_scaling_factor: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-        self.routed_scaling_factor = routed_scaling_factor
-        self.aux_loss_coef = 0.0
+    def init_stats(self, top_k: int) -> None:
+        self.top_k, self.aux_loss_coef = top_k, 0.0
         self.last_load = self.last_entropy = self.aux_loss = self.load_sum = self.entropy_sum = None
         self.forwards = 0
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32 and self.expert_bias.device.type != "meta":
-            self.expert_bias = self.expert_bias.float()
-        return self
-
-    def forward(self, x: torch.Tensor, seq_shape: tuple[int, int] | None = None):
-        logits = F.linear(x.float(), self.weight.float())
-        topk_idx, topk_weight, scores = route(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
-                                              self.routed_scaling_factor)
-        if self.training and torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+    def observe(self, scores: torch.Tensor, topk_idx: torch.Tensor, seq_shape: tuple[int, int] | None) -> None:
+        """Record a training forward: ``scores`` float32 [N, E] unbiased sigmoid scores (with gradient),
+        ``topk_idx`` int64 [N, top_k] the chosen experts, ``seq_shape`` (B, L) with N = B L (None: no aux loss)."""
+        if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
             with torch.no_grad():  # statistics only
                 self.last_load = torch.bincount(topk_idx.reshape(-1), minlength=scores.shape[1]).float()
                 p = scores / scores.sum(-1, keepdim=True)
@@ -100,10 +80,9 @@ class Router(nn.Module):
                 self.load_sum = self.last_load if self.load_sum is None else self.load_sum + self.last_load
                 self.entropy_sum = self.last_entropy + (0 if self.entropy_sum is None else self.entropy_sum)
                 self.forwards += 1
-        if self.training:  # also in a recompute, which must save the same tensors as the forward
-            self.aux_loss = (self.sequence_aux_loss(scores, topk_idx, seq_shape)
-                             if self.aux_loss_coef > 0 and seq_shape is not None else None)
-        return topk_idx, topk_weight, scores
+        # also in a recompute, which must save the same tensors as the forward
+        self.aux_loss = (self.sequence_aux_loss(scores, topk_idx, seq_shape)
+                         if self.aux_loss_coef > 0 and seq_shape is not None else None)
 
     def take_stats(self):
         """``(load_sum [E], entropy_sum, forwards)`` accumulated since the last call (training forwards outside
@@ -124,6 +103,43 @@ class Router(nn.Module):
         f = counts * (e / (self.top_k * t))
         p = (scores / scores.sum(-1, keepdim=True)).view(b, t, e).mean(1)
         return (f * p).sum(-1).mean()
+
+
+class Router(RouterStats, nn.Module):
+    """The gate: ``weight`` [E, hidden] (a parameter) and ``expert_bias`` [E] (a persistent float32 buffer,
+    kept float32 when the module is cast so that small balancing updates are not rounded away).
+
+    ``forward(x [N, hidden], seq_shape=None)`` -> ``(topk_idx, topk_weight, scores)`` as :func:`route`; in
+    training mode it records the statistics of :class:`RouterStats`.
+    """
+
+    # DeepSpeed's zero.Init casts every floating tensor made in a constructor to the training dtype; DeepSpeed
+    # builds that honour transformers' list (deepspeed/runtime/keep_in_fp32.py) put this buffer back to float32
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["expert_bias"]
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                 routed_scaling_factor: float):
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.init_stats(top_k)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32 and self.expert_bias.device.type != "meta":
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor, seq_shape: tuple[int, int] | None = None):
+        logits = F.linear(x.float(), self.weight.float())
+        topk_idx, topk_weight, scores = route(logits, self.expert_bias, self.top_k, self.n_group, self.topk_group,
+                                              self.routed_scaling_factor)
+        if self.training:
+            self.observe(scores, topk_idx, seq_shape)
+        return topk_idx, topk_weight, scores
 
 
 class Experts(nn.Module):

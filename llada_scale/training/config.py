@@ -116,6 +116,9 @@ class TrainLoopConfig:
     # Ulysses sequence parallelism (llada_scale.training.sequence_parallel): ranks per row, 1 = off; data
     # parallel size = world / sequence_parallel_size (checked at start with the heads and seq_len it must divide)
     sequence_parallel_size: int = 1
+    # Expert parallelism of MoE models (llada_scale.training.expert_parallel, DeepSpeed AutoEP): ranks that split
+    # every MoE layer's routed experts, 1 = off; must divide the world size and model.num_experts
+    expert_parallel_size: int = 1
     # ZeRO-3 only: build the model partitioned (deepspeed.zero.Init) and stream init_from into the partitions, so
     # no rank holds the whole model (llada_scale.training.zero_init); false = every rank builds it in full first.
     zero3_init: bool = True
@@ -259,6 +262,7 @@ _RULES = [
     ("train", "early_stop_patience", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train", "early_stop_min_delta", lambda v: v >= 0, ">= 0"),
     ("train", "sequence_parallel_size", lambda v: v >= 1, ">= 1 (1 = off)"),
+    ("train", "expert_parallel_size", lambda v: v >= 1, ">= 1 (1 = off)"),
 ]
 
 

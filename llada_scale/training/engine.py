@@ -91,8 +91,8 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
         ds["gradient_clipping"] = cfg.optim.grad_clip
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     for key in ("overlap_comm", "contiguous_gradients"):  # on CPU both cost throughput (docs/LOG.md)
-        if isinstance(zero, dict) and zero.get(key) == "auto":
-            zero[key] = device.type == "cuda"
+        if isinstance(zero, dict) and zero.get(key) == "auto":  # DeepSpeed's MoE ZeRO-2 needs contiguous ones
+            zero[key] = device.type == "cuda" or (key == "contiguous_gradients" and t.expert_parallel_size > 1)
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         bf16["enabled"] = _bf16_auto(device)
@@ -106,6 +106,18 @@ def build_ds_config(path: str | None, cfg: RunConfig, world_size: int, device: t
     if "optimizer" in ds:  # DeepSpeed builds it (needed for CPU offload: DeepSpeedCPUAdam)
         ds["optimizer"]["params"] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                                      "weight_decay": cfg.optim.weight_decay, **ds["optimizer"].get("params", {})}
+    if t.expert_parallel_size > 1:  # DeepSpeed AutoEP replaces the MoE blocks inside deepspeed.initialize
+        from llada_scale.training.expert_parallel import ds_section
+
+        if zero.get("stage", 0) == 0:  # its checkpoints cannot be merged (no ZeRO fragments for ds_to_universal)
+            raise TrainError(f"{path or 'the default DeepSpeed config'}: expert parallelism needs ZeRO stage 1-3; "
+                             "use ds_configs/zero2.json or zero3.json")
+        if zero.get("stage", 0) == 2 and not zero.get("contiguous_gradients", True):
+            raise TrainError(f"{path}: expert parallelism at ZeRO-2 needs zero_optimization.contiguous_gradients "
+                             "true (DeepSpeed's MoE gradient path); set it to true or \"auto\"")
+        if "expert_parallel" in ds:
+            raise TrainError(f"{path}: remove the expert_parallel section; train.expert_parallel_size writes it")
+        ds["expert_parallel"] = ds_section(cfg.model, t.expert_parallel_size, device)
     return ds
 
 

@@ -27,10 +27,15 @@ class MoEBalancer:
     Args:
         model: the unwrapped backbone (has ``moe_layers()`` when it is a MoE model).
         moe_cfg: ``{"bias_update_rate": r, "aux_loss_coef": c}`` (``LLaDA2Config.moe``).
+        routers: ``(layer index, router)`` pairs to use instead of the model's own
+            (:class:`llada_scale.model.moe.RouterStats` with an ``expert_bias``; expert parallelism's
+            :func:`llada_scale.training.expert_parallel.attach`).
     """
 
-    def __init__(self, model, moe_cfg: dict | None):
-        self.layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    def __init__(self, model, moe_cfg: dict | None, routers: list | None = None):
+        if routers is None:
+            routers = [(i, block.gate) for i, block in model.moe_layers()] if hasattr(model, "moe_layers") else []
+        self.layers = routers
         self.enabled = bool(self.layers)
         cfg = moe_cfg or {}
         self.rate = float(cfg.get("bias_update_rate", 0.0))
@@ -40,7 +45,7 @@ class MoEBalancer:
         """``loss`` + aux_loss_coef x sum of the layers' sequence-wise balance losses of the last forward."""
         if not self.enabled or self.aux_coef <= 0:
             return loss
-        terms = [block.gate.aux_loss for _, block in self.layers if block.gate.aux_loss is not None]
+        terms = [router.aux_loss for _, router in self.layers if router.aux_loss is not None]
         return loss + self.aux_coef * torch.stack(terms).sum() if terms else loss
 
     @torch.no_grad()
@@ -51,12 +56,12 @@ class MoEBalancer:
         [layers] and ``moe_forwards`` (this rank's)."""
         if not self.enabled:
             return {}
-        e = self.layers[0][1].gate.expert_bias.numel()
+        e = self.layers[0][1].expert_bias.numel()
         loads = torch.zeros(len(self.layers), e, device=device)
         ent = torch.zeros(len(self.layers), device=device)
         forwards = 0
-        for j, (_, block) in enumerate(self.layers):
-            load, entropy, n = block.gate.take_stats()
+        for j, (_, router) in enumerate(self.layers):
+            load, entropy, n = router.take_stats()
             if n:
                 loads[j] = load.to(device)
                 ent[j] = entropy.to(device)
@@ -65,8 +70,8 @@ class MoEBalancer:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loads)
         if self.rate > 0:
-            for j, (_, block) in enumerate(self.layers):
-                b = block.gate.expert_bias
+            for j, (_, router) in enumerate(self.layers):
+                b = router.expert_bias
                 b.add_(self.rate * torch.sign(loads[j].mean() - loads[j]).to(b.device, b.dtype))
         return {"moe_load": local, "moe_entropy_sum": ent, "moe_forwards": torch.tensor(float(forwards),
                                                                                        device=device)}
@@ -75,12 +80,12 @@ class MoEBalancer:
         """Per-layer metrics and a console fragment from the log window's all-reduced sums."""
         if not self.enabled or "moe_load" not in sums:
             return {}, ""
-        e = self.layers[0][1].gate.expert_bias.numel()
+        e = self.layers[0][1].expert_bias.numel()
         load = torch.tensor(sums["moe_load"]).view(len(self.layers), e)
         ent = torch.tensor(sums["moe_entropy_sum"]).view(len(self.layers)) / max(sums["moe_forwards"], 1)
         out = {}
-        for j, (i, block) in enumerate(self.layers):
-            bias = block.gate.expert_bias
+        for j, (i, router) in enumerate(self.layers):
+            bias = router.expert_bias
             out[f"moe/layer{i}/load_imbalance"] = float(load[j].max() / load[j].mean().clamp_min(1e-9))
             out[f"moe/layer{i}/router_entropy"] = float(ent[j])
             out[f"moe/layer{i}/bias_range"] = float(bias.max() - bias.min())

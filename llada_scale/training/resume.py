@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from llada_scale.checkpoint import checkpointer
+from llada_scale.checkpoint.autoep import universal_command
 from llada_scale.training.engine import TrainError
 
 # minutes the other ranks wait for rank 0's universal-checkpoint conversion (LLADA_CONVERT_TIMEOUT_MIN)
@@ -168,10 +168,7 @@ def prepare_world_size_change(tag_dir: Path | None, ds_cfg: dict, rank: int, wor
         tmp = uni.with_name(uni.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        workers = str(conversion_workers())
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
-               "--num_merge_workers", workers]
+        cmd = universal_command(str(tag_dir), str(tmp), conversion_workers())
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -22,7 +22,7 @@ from llada_scale.model.registry import build_model, is_moe
 from llada_scale.objectives.config import is_diffusion
 from llada_scale.objectives.editing import replacement_vocab, tokenizer_special_ids
 from llada_scale.objectives.losses import check_objective_data, compute_loss, model_input_length
-from llada_scale.training import preflight, resume, runlock, sequence_parallel, signals, zero_init
+from llada_scale.training import expert_parallel, preflight, resume, runlock, sequence_parallel, signals, zero_init
 from llada_scale.training.moe_balance import MoEBalancer
 from llada_scale.training.config import RunConfig
 from llada_scale.training.engine import (TrainError, build_ds_config, check_init_config, checkpoint_model_config,
@@ -69,10 +69,13 @@ class Trainer:
             self.edit_vocab = replacement_vocab(self.tokenizer.vocab_size, tokenizer_special_ids(self.tokenizer),
                                                 self.device)
         self.sp = sequence_parallel.setup(cfg, self.rank, self.world_size)  # SP 1: dp_rank/size = rank/world
+        expert_parallel.check(cfg, self.world_size)
 
         resume_dir = resume.choose_resume_dir(cfg.train, self.ckpt_dir, self.rank)
         if resume_dir is not None:
             sequence_parallel.check_resume(checkpointer.read_meta(resume_dir), self.sp, self.world_size, resume_dir)
+            expert_parallel.check_resume(checkpointer.read_meta(resume_dir), cfg.train.expert_parallel_size,
+                                         resume_dir)
         lora = cfg.train.lora.enabled  # LoRA checkpoints hold only the adapters: the base comes from init_from
         source = checkpointer.read_meta(resume_dir).get("config", {}).get("model") if resume_dir else \
             checkpoint_model_config(cfg.train.init_from) if cfg.train.init_from else None
@@ -102,7 +105,6 @@ class Trainer:
         if lora:
             model = apply_lora(model, cfg.train.lora)
         self.num_params = sum(zero_init.numel(p) for p in model.parameters())
-        self.balancer = MoEBalancer(model, getattr(cfg.model, "moe", None))
         m = cfg.model
         embed = zero_init.numel(model.model.embed_tokens.weight)
         # FLOPs count the parameters a token is multiplied by: for a MoE model its active ones (top-k + shared)
@@ -120,15 +122,22 @@ class Trainer:
         lr_fn = lambda step: lr_multiplier(step, schedule=o.schedule, max_steps=cfg.train.max_steps,  # noqa: E731
                                            warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
                                            decay_fraction=o.decay_fraction)
-        optimizer = None
-        if "optimizer" not in ds_cfg:
-            optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                                          fused=self.device.type == "cuda")
+        groups = param_groups(model, o.weight_decay)
+        make_optimizer = None if "optimizer" in ds_cfg else (  # None: DeepSpeed builds the JSON's from the groups
+            lambda params: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                             fused=self.device.type == "cuda"))
+        if cfg.train.expert_parallel_size > 1:  # DeepSpeed AutoEP swaps the MoE blocks inside deepspeed.initialize
+            expert_parallel.prepare(model)
+            optimizer, params = expert_parallel.moe_optimizer(make_optimizer), groups
+        else:
+            optimizer, params = (make_optimizer(groups), None) if make_optimizer else (None, groups)
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_cfg,
-            model_parameters=param_groups(model, o.weight_decay) if optimizer is None else None,
+            model=model, optimizer=optimizer, config=ds_cfg, model_parameters=params,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), mpu=self.sp.mpu)
         self.loss_model = sequence_parallel.model_for_loss(self.engine, self.sp, cfg.model)
+        moe_cfg = getattr(cfg.model, "moe", None)
+        self.balancer = MoEBalancer(self.engine.module, moe_cfg, expert_parallel.attach(self.engine.module, moe_cfg)
+                                    if cfg.train.expert_parallel_size > 1 else None)
 
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.sp.dp_rank)
         self.loader = loader_factory() if loader_factory else self._build_loader("train")
