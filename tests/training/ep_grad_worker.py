@@ -54,6 +54,14 @@ def main():
         engine.backward(balancer.aux_loss(loss))
         if ep > 1:
             result["replaced"] = [i for i, _ in routers]
+            gate = routers[0][1].router.gate  # float32 logits whatever the weights' dtype, as the release's gate
+            x = torch.randn(5, cfg.hidden_size, dtype=torch.bfloat16)
+            with torch.no_grad():
+                w = gate.weight.data.clone()
+                gate.weight.data = w.bfloat16()
+                result["bf16_logits"] = (gate(x), torch.nn.functional.linear(x.float(), gate.weight.float()))
+                gate.weight.data = w
+            result["bias_dtypes"] = {str(r.expert_bias.dtype) for _, r in routers}
         grads = {to_model_names(n): p.grad.clone() for n, p in engine.module.named_parameters()}
         result[name] = {"loss": loss.item(), "grads": grads}
     torch.save(result, out / f"rank{rank}.pt")

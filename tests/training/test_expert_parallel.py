@@ -21,6 +21,9 @@ def test_ep2_gradients_equal_ep1(tmp_path):
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["replaced"] == [1, 2]
+        got, want = r["bf16_logits"]
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert r["bias_dtypes"] == {"torch.float32"}
         assert r["ep"]["loss"] == pytest.approx(r["ep1"]["loss"], rel=1e-6)
         ref, got = r["ep1"]["grads"], r["ep"]["grads"]
         assert set(ref) == set(got)
