@@ -10,7 +10,7 @@ back to the partitions before the next one is read. Fresh runs initialise each p
 Both backbones of :func:`llada_scale.model.registry.build_model` (dense and the LLaDA2 MoE) build this way,
 with or without Ulysses sequence parallelism (see :func:`build_partitioned` for the process group); buffers (the MoE routers' float32 ``expert_bias``) are not partitioned: every rank holds them in full and
 ``init_from`` broadcasts them from rank 0.
-Measurements and the 8B table: docs/LOG.md (2026-12-07, issue 19).
+Measurements and the 8B table: docs/LOG.md (2026-12-07, issue 19; under sequence parallelism 2026-12-08).
 """
 
 from __future__ import annotations
