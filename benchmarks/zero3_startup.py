@@ -4,6 +4,7 @@ weights streamed into the partitions (``true``, the default). Issue 19; results 
 
     nice python benchmarks/zero3_startup.py                 # preset 1b, 2 CPU processes
     python benchmarks/zero3_startup.py --preset small       # a quick look
+    python benchmarks/zero3_startup.py --preset 30m --sp 2  # under Ulysses sequence parallelism (SP 2, DP 1)
 
 The parent writes a random consolidated checkpoint of the preset (bf16 safetensors, what import-hf /
 convert-checkpoint write) as the ``init_from``, then runs the start-up (recipe
@@ -63,7 +64,7 @@ class _AnonPeak:
         return max(self.peak, _anon_gb())
 
 
-def child(init_from: str, zero3_init: str, preset: str, run_dir: str) -> None:
+def child(init_from: str, zero3_init: str, preset: str, run_dir: str, sp: str) -> None:
     import torch
 
     from llada_scale.training.config import load_config
@@ -75,7 +76,8 @@ def child(init_from: str, zero3_init: str, preset: str, run_dir: str) -> None:
     cfg = load_config("configs/diffusion_pretrain_1b.yaml", [
         f"model.preset={preset}", f"train.init_from={init_from}", f"train.zero3_init={zero3_init}",
         f"run_dir={run_dir}", "train.wandb=off", "train.micro_batch_size=1", f"train.global_batch_size={world}",
-        "train.compile=false", "data.train_shards=unused", "data.seq_len=64", "train.val_every=0"])
+        "train.compile=false", "data.train_shards=unused", "data.seq_len=64", "train.val_every=0",
+        f"train.sequence_parallel_size={sp}"])
     import deepspeed
 
     before = _rss_gb()
@@ -93,7 +95,7 @@ def child(init_from: str, zero3_init: str, preset: str, run_dir: str) -> None:
     seconds = time.perf_counter() - t0
     anon_peak = sampler.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"rank": rank, "zero3_init": zero3_init, "params": trainer.num_params,
+    print(json.dumps({"rank": rank, "zero3_init": zero3_init, "sp": int(sp), "params": trainer.num_params,
                       "rss_before_gb": before, "peak_rss_gb": peak, "peak_anon_gb": anon_peak,
                       "build_peak_rss_gb": build["peak"], "build_peak_anon_gb": build["anon"], "rss_after_gb": _rss_gb(),
                       "startup_s": seconds}))
@@ -103,7 +105,8 @@ def child(init_from: str, zero3_init: str, preset: str, run_dir: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--sp", type=int, default=1, help="train.sequence_parallel_size (1 or 2 on the 2 ranks)")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(*args.child)
@@ -128,11 +131,11 @@ def main() -> None:
         del model
         rows = []
         for flag in ("false", "true"):
-            out = run_ranks([__file__, "--child", f"{tmp}/init", flag, args.preset, f"{tmp}/run_{flag}"], 2,
-                            timeout=1800)
+            out = run_ranks([__file__, "--child", f"{tmp}/init", flag, args.preset, f"{tmp}/run_{flag}",
+                             str(args.sp)], 2, timeout=1800)
             rows += [json.loads(r.stdout.strip().splitlines()[-1]) for r in out]
     print(f"\npreset {args.preset}: {n / 1e9:.3f}B parameters (fp32 {4 * n / 2**30:.2f} GiB), largest tensor "
-          f"{largest / 1e6:.1f}M (fp32 {4 * largest / 2**30:.2f} GiB); ZeRO-3, 2 CPU ranks, "
+          f"{largest / 1e6:.1f}M (fp32 {4 * largest / 2**30:.2f} GiB); ZeRO-3, 2 CPU ranks, SP {args.sp}, "
           "init_from bf16 safetensors")
     print("\n| train.zero3_init | rank | RSS before (GiB) | model built + init_from: peak RSS / RssAnon (GiB) | "
           "whole start-up: peak RSS / RssAnon (GiB) | RSS after start-up (GiB) | start-up (s) |")

@@ -84,10 +84,11 @@ class Trainer:
         self.grad_accum = ds_cfg["gradient_accumulation_steps"]
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         init_from = cfg.train.init_from and (resume_dir is None or lora)
-        # ZeRO-3: no full model per rank (dense or MoE backbone, without sequence parallelism; see zero_init.enabled)
-        partitioned = zero_init.enabled(self.zero_stage, cfg.train) and self.sp.size == 1
+        # ZeRO-3: no full model per rank (dense or MoE backbone, any SP; see zero_init.enabled)
+        partitioned = zero_init.enabled(self.zero_stage, cfg.train)
         if partitioned:
-            model = zero_init.build_partitioned(cfg.model, ds_cfg, cfg.seed, random_init=not (init_from or resume_dir))
+            model = zero_init.build_partitioned(cfg.model, ds_cfg, cfg.seed, random_init=not (init_from or resume_dir),
+                                                mpu=self.sp.mpu)
         else:
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model)  # the dense Transformer or, for model_type llada2_moe, the MoE backbone

@@ -7,13 +7,15 @@ their own constructor (DeepSpeed partitions them when it returns), and each ``in
 rank 0 alone, copied into the gathered parameter (``GatheredParameters(p, modifier_rank=0)``) and scattered
 back to the partitions before the next one is read. Fresh runs initialise each parameter the same way
 (the backbone's ``init_weights`` under the same gather), drawing the same numbers as the unpartitioned path.
-Both backbones of :func:`llada_scale.model.registry.build_model` (dense and the LLaDA2 MoE) build this way;
-buffers (the MoE routers' float32 ``expert_bias``) are not partitioned: every rank holds them in full and
+Both backbones of :func:`llada_scale.model.registry.build_model` (dense and the LLaDA2 MoE) build this way,
+with or without Ulysses sequence parallelism (see :func:`build_partitioned` for the process group); buffers (the MoE routers' float32 ``expert_bias``) are not partitioned: every rank holds them in full and
 ``init_from`` broadcasts them from rank 0.
-Measurements and the 8B table: docs/LOG.md (2026-12-07, issue 19).
+Measurements and the 8B table: docs/LOG.md (2026-12-07, issue 19; under sequence parallelism 2026-12-08).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,8 @@ import torch.distributed as dist
 from llada_scale.model.registry import build_model
 from llada_scale.model.transformer import resize_vocab, state_dict_mismatch
 from llada_scale.training.engine import _VOCAB_ROWS, TrainError
+
+log = logging.getLogger("llada_scale")
 
 __all__ = ["enabled", "build_partitioned", "numel", "full_shapes", "load_init_weights_partitioned"]
 
@@ -37,21 +41,41 @@ def _gathered(params: list):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def build_partitioned(model_cfg, ds_cfg: dict, seed: int, random_init: bool) -> torch.nn.Module:
+def build_partitioned(model_cfg, ds_cfg: dict, seed: int, random_init: bool, mpu=None) -> torch.nn.Module:
     """``build_model(model_cfg)`` (dense Transformer or LLaDA2 MoE) with ZeRO-3 partitioned parameters
     (``deepspeed.zero.Init`` with the run's DeepSpeed config: its bf16 and ``offload_param`` settings apply).
 
     ``random_init``: initialise every parameter exactly as the unpartitioned ``torch.manual_seed(seed);
     build_model(cfg)`` does (one gathered parameter at a time); False when the weights are loaded next
     (``init_from`` or a resumed checkpoint), which skips that work.
+
+    ``mpu``: the sequence-parallel plan's mpu (DeepSpeed's ``parallel_state_sp``; None without SP), the one
+    ``deepspeed.initialize`` gets. zero.Init builds its own ``DeepSpeedConfig``, whose batch check needs it to
+    count world / SP data-parallel ranks (``train_batch_size`` = micro x accumulation x world / SP); without it
+    the check fails. The parameters are partitioned over ``mpu.get_sequence_data_parallel_group()`` (all
+    ranks: data x sequence parallel), the group DeepSpeed 0.19's engine hands the ZeRO-3 optimizer under an SP
+    mpu (``engine.seq_data_parallel_group``, gradients reduce-scattered over it), so each rank holds 1 / world
+    of every parameter, as without SP. (Unpartitioned start-up under SP: the engine's own conversion partitions
+    over the world group, the same ranks.)
+
+    Raises:
+        TrainError: the partition group is not the one the engine will use (a DeepSpeed change).
     """
     import deepspeed
 
+    group = None if mpu is None else mpu.get_sequence_data_parallel_group()
     torch.manual_seed(seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, mpu=mpu, data_parallel_group=group):
         model = build_model(model_cfg, init_weights=False)
+    ranks = {dist.get_world_size(p.ds_process_group) for p in model.parameters()}
+    if ranks != {dist.get_world_size(group)}:  # group None: the world group
+        raise TrainError(f"deepspeed.zero.Init partitioned the parameters over {sorted(ranks)} ranks, expected "
+                         f"{dist.get_world_size(group)}; set train.zero3_init=false")
     if random_init:
         model.init_weights(materialize=_gathered)
+    if dist.get_rank() == 0:
+        log.info(f"ZeRO-3 start-up: model built partitioned under deepspeed.zero.Init over {ranks.pop()} ranks"
+                 + ("" if mpu is None else f" (sequence parallel {mpu.get_sequence_parallel_world_size()})"))
     return model
 
 
