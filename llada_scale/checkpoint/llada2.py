@@ -45,10 +45,10 @@ from typing import Callable
 
 import torch
 
-from llada_scale.checkpoint.convert import consolidated_config
+from llada_scale.checkpoint.convert import _import_tokenizer, _write_tokenizer, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
                                           atomic_save_file, atomic_write_text, parse_dtype, parse_size, read_json)
-from llada_scale.checkpoint.llada import _check_tokenizer, _write_tokenizer
+from llada_scale.checkpoint.llada import _check_tokenizer
 from llada_scale.checkpoint.streaming import TensorInfo, scan_weights, staged_output
 from llada_scale.checkpoint.weights import (consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
@@ -306,15 +306,7 @@ def import_llada2(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_sh
     mask_str = _check_tokenizer(tok_dir, mc, cfg_path) if tok_dir else None
     with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp, contextlib.ExitStack() as stack:
         read = _Reader(tensors, stack)
-        ident = None
-        if tok_dir:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            _write_tokenizer(tok_src, tmp, mask_str)
-            ident = Tokenizer.load(tmp).identity()
-            ident["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(ident["path"]))
-        else:
-            print("warning: no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one")
+        ident = _import_tokenizer(tok_src if tok_dir else None, tmp, out_dir, mask_str)
         config = consolidated_config(mc, dtype, ident, source={"path": hf_dir, "kind": "llada2"})
         items = []
         for ours in expected:  # our module order

@@ -216,6 +216,20 @@ def test_import_llada2_refuses_missing_key_expert_and_mask(tmp_path, capsys):
     assert convert("import-llada2", tmp_path / "rel3", tmp_path / "out", "--quiet", "--mask_token", "<|mask|>") == 0
 
 
+
+def test_import_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
+    """No tokenizer next to the release (mask id from config.json): the import records none and says so on stderr,
+    like import-llada, so that stdout keeps only the converter's result lines."""
+    make_llada2_dir(tmp_path / "rel", mask_token_id=105)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "rel" / f).unlink()
+    assert convert("import-llada2", tmp_path / "rel", tmp_path / "out", "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "no tokenizer.json next to the checkpoint" in err and "no tokenizer" not in out
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["tokenizer"] is None and meta["model"]["mask_token_id"] == 105
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+
 @pytest.mark.parametrize("preset, widths", [
     ("llada2-mini", dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
                          num_attention_heads=16)),
