@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llada_scale.checkpoint as cio  # noqa: E402
 from tests.checkpoint.test_convert import convert  # noqa: E402
 from tests.model.test_llada2_moe import reference_logits  # noqa: E402
-from tiny_models import make_tokenizer, save_sharded  # noqa: E402
+from tiny_models import assert_same_checkpoint, make_tokenizer, save_sharded  # noqa: E402
 
 
 def llada2_config(**kw) -> dict:
@@ -167,12 +167,7 @@ def test_export_llada2_loads_with_transformers_and_round_trips(tmp_path):
 
     back = tmp_path / "back"
     assert convert("import-llada2", out, back, "--quiet") == 0
-    a, ma = cio.load_model_state(ours, progress=False)
-    b, mb = cio.load_model_state(back, progress=False)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ma["model"] == mb["model"]
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        assert (ours / f).read_bytes() == (back / f).read_bytes(), f
+    assert_same_checkpoint(ours, back)
 
 
 @pytest.mark.parametrize("change, fragment", [
