@@ -111,6 +111,27 @@ def _import_tokenizer(tok_src: str | None, staging: str, out_dir: str, mask_toke
     return ident
 
 
+def _export_tokenizer(tok_src: str | None, staging: str, mask_token_id: int):
+    """Copy our model's tokenizer into an exported release directory ``staging`` with its mask token recorded
+    (:func:`_write_tokenizer`); returns the loaded :class:`llada_scale.data.tokenizer.Tokenizer`, or None after a
+    warning on stderr when there is no ``tok_src``.
+
+    Raises:
+        CheckpointError: the tokenizer's mask token id is not the model's ``mask_token_id``.
+    """
+    if not tok_src:
+        _warn("no tokenizer recorded; pass --tokenizer PATH to include one")
+        return None
+    from llada_scale.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_src)
+    if tok.mask_token_id != mask_token_id:
+        raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
+                              f"{mask_token_id}; pass --tokenizer with the model's tokenizer")
+    _write_tokenizer(tok_src, staging, tok.mask_token)
+    return tok
+
+
 def consolidated_config(model_cfg, dtype: str | torch.dtype, tokenizer: dict | None, step=None, run_config=None,
                         source: dict | None = None) -> dict:
     """The ``config.json`` dict of our consolidated format (see the module docstring); ``dtype`` is the one

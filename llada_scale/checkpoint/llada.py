@@ -38,7 +38,7 @@ import re
 import shutil
 import sys
 
-from llada_scale.checkpoint.convert import (_import_tokenizer, _write_tokenizer, check_tokenizer_vocab,
+from llada_scale.checkpoint.convert import (_export_tokenizer, _import_tokenizer, check_tokenizer_vocab,
                                             consolidated_config)
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
                                           read_json, resolve_dtype, save_safetensors)
@@ -282,18 +282,10 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     llada_cfg = llada_config_from_model_config(mc, meta.get("tokenizer"), str(dt).replace("torch.", ""))
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
     with staged_output(out_dir, force, inputs=(source,)) as tmp:
-        if tok_src:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            tok = Tokenizer.load(tok_src)
-            if tok.mask_token_id != mc.mask_token_id:
-                raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
-                                      f"{mc.mask_token_id}; pass --tokenizer with the model's tokenizer")
-            _write_tokenizer(tok_src, tmp, tok.mask_token)
-            if tok.backend == "hf" and not _has_token(os.path.join(tmp, "tokenizer.json"), tok.mask_token):
-                tok._hf.save(os.path.join(tmp, "tokenizer.json"))  # with the mask token our wrapper added
-        else:
-            print("warning: no tokenizer recorded; pass --tokenizer PATH to include one", file=sys.stderr)
+        tok = _export_tokenizer(tok_src, tmp, mc.mask_token_id)
+        if tok is not None and tok.backend == "hf" and \
+                not _has_token(os.path.join(tmp, "tokenizer.json"), tok.mask_token):
+            tok._hf.save(os.path.join(tmp, "tokenizer.json"))  # with the mask token our wrapper added
         if sd is None:
             files = stream_convert(tensors, ours_to_llada,
                                    {ours_to_llada(k): v for k, v in expected_shapes(mc).items()}, tmp, dtype=dt,

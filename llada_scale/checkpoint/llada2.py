@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from llada_scale.checkpoint.convert import _import_tokenizer, _write_tokenizer, consolidated_config
+from llada_scale.checkpoint.convert import _export_tokenizer, _import_tokenizer, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
                                           atomic_save_file, atomic_write_text, parse_dtype, parse_size, read_json)
 from llada_scale.checkpoint.llada import _check_tokenizer
@@ -379,16 +379,7 @@ def export_llada2(source: str, out_dir: str, *, dtype: str | None = None, max_sh
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
     with staged_output(out_dir, force, inputs=(source,)) as tmp, contextlib.ExitStack() as stack:
         read = (lambda k: sd[k]) if sd is not None else _Reader(tensors, stack)
-        if tok_src:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            tok = Tokenizer.load(tok_src)
-            if tok.mask_token_id != mc.mask_token_id:
-                raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
-                                      f"{mc.mask_token_id}; pass --tokenizer with the model's tokenizer")
-            _write_tokenizer(tok_src, tmp, tok.mask_token)
-        else:
-            print("warning: no tokenizer recorded; pass --tokenizer PATH to include one")
+        _export_tokenizer(tok_src, tmp, mc.mask_token_id)
         items = []
         for ours, shape in expected.items():
             src_dt = sd[ours].dtype if sd is not None else tensors[ours].dtype

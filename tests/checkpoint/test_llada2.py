@@ -212,9 +212,9 @@ def test_import_llada2_refuses_missing_key_expert_and_mask(tmp_path, capsys):
 
 
 
-def test_import_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
+def test_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
     """No tokenizer next to the release (mask id from config.json): the import records none and says so on stderr,
-    like import-llada, so that stdout keeps only the converter's result lines."""
+    like import-llada, so that stdout keeps only the converter's result lines; so does the export of that model."""
     make_llada2_dir(tmp_path / "rel", mask_token_id=105)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "rel" / f).unlink()
@@ -224,6 +224,10 @@ def test_import_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
     assert meta["tokenizer"] is None and meta["model"]["mask_token_id"] == 105
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert convert("export-llada2", tmp_path / "out", tmp_path / "exported", "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "no tokenizer recorded" in err and "no tokenizer" not in out
+    assert not (tmp_path / "exported" / "tokenizer.json").exists()
 
 @pytest.mark.parametrize("preset, widths", [
     ("llada2-mini", dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
