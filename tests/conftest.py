@@ -72,6 +72,27 @@ def sft_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def tiny_sft_shards(tmp_path):
+    """Factory ``tiny_sft_shards(tokenizer) -> Path``: SFT shards of 40 short two-turn conversations ("what is two
+    plus W" / "two plus W is the W", W from the tiny test tokenizers' words) rendered with ``tokenizer``'s chat
+    template; writes ``tmp_path/sft.jsonl`` and returns ``tmp_path/shards`` (400-token shards, 4 val documents)."""
+    import json
+
+    from llada_scale.data.build import build_shards
+
+    def make(tokenizer) -> Path:
+        rows = [{"conversations": [{"role": "user", "content": f"what is two plus {w}"},
+                                   {"role": "assistant", "content": f"two plus {w} is the {w}"}]}
+                for w in "the a of and to in is you that it he was for on are as with his they at".split() * 2]
+        (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        build_shards([str(tmp_path / "sft.jsonl")], str(tokenizer), str(tmp_path / "shards"), "sft",
+                     shard_tokens=400, val_docs=4, progress=False, log=lambda m: None)
+        return tmp_path / "shards"
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer_path):
     """Factory ``tiny_checkpoint(causal, max_seq_len=256, run_config=None) -> str``: the path of a consolidated

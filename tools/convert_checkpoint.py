@@ -43,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    def command(name: str, func, source: str | None, source_help: str | None, **texts) -> argparse.ArgumentParser:
+        """Subcommand ``name`` running ``func`` (``texts``: its ``help`` and ``description``), with the positionals
+        ``source`` (help ``source_help``) and ``out_dir``; None: the caller adds its own positionals. Its own
+        options follow; :func:`common`'s are added to every subcommand last."""
+        p = sub.add_parser(name, **texts)
+        if source is not None:
+            p.add_argument(source, help=source_help)
+            p.add_argument("out_dir", help="output directory")
+        p.set_defaults(func=func)
+        return p
+
+    def override_max_seq_len(p, default: str):
+        p.add_argument("--max_seq_len", type=int, default=0, help=f"override max_seq_len (default: {default})")
+
     def common(p):
         p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                        help="dtype of the written weights. auto (default, like transformers' torch_dtype='auto'): "
@@ -64,128 +78,107 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", default=None,
                        help="tokenizer directory/file to copy and record (default: the one the checkpoint names)")
 
-    p = sub.add_parser("consolidate", help="DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors",
-                       description="Merge a DeepSpeed checkpoint tag directory (any ZeRO stage, any number of "
-                                   "ranks) into fp32 weights with deepspeed's zero_to_fp32 and write them as "
-                                   "safetensors + config.json + tokenizer files. A checkpoints/ or run directory "
-                                   "resolves to its 'latest' tag.")
-    p.add_argument("checkpoint", help="runs/<name>/checkpoints/<tag> (or checkpoints/ with a 'latest' file)")
-    p.add_argument("out_dir", help="output directory")
+    p = command("consolidate", convert.consolidate,
+                "checkpoint", "runs/<name>/checkpoints/<tag> (or checkpoints/ with a 'latest' file)",
+                help="DeepSpeed tag dir (ZeRO 0-3, any world size) -> safetensors",
+                description="Merge a DeepSpeed checkpoint tag directory (any ZeRO stage, any number of "
+                            "ranks) into fp32 weights with deepspeed's zero_to_fp32 and write them as "
+                            "safetensors + config.json + tokenizer files. A checkpoints/ or run directory "
+                            "resolves to its 'latest' tag.")
     p.add_argument("--any_source", action="store_true",
                    help="also accept consolidated/HF sources (re-shard / re-type them)")
-    common(p)
-    p.set_defaults(func=convert.consolidate)
 
-    p = sub.add_parser("export-hf", help="our model -> HF Llama / Qwen2 / Qwen3 directory",
-                       description="Write config.json + safetensors loadable by transformers: LlamaForCausalLM, "
-                                   "Qwen2ForCausalLM (q/k/v biases) or Qwen3ForCausalLM (QK-norm). Key names are "
-                                   "unchanged. Diffusion models record mask_token_id and llada_scale.causal=false; "
-                                   "load them with the causal mask removed (docs/EVAL.md), or use export-llada. "
-                                   "Weightless-norm models and biases together with QK-norm are refused.")
-    p.add_argument("source", help="tag dir, consolidated dir or .safetensors file")
-    p.add_argument("out_dir", help="output directory")
-    common(p)
-    p.set_defaults(func=convert.export_hf)
+    command("export-hf", convert.export_hf, "source", "tag dir, consolidated dir or .safetensors file",
+            help="our model -> HF Llama / Qwen2 / Qwen3 directory",
+            description="Write config.json + safetensors loadable by transformers: LlamaForCausalLM, "
+                        "Qwen2ForCausalLM (q/k/v biases) or Qwen3ForCausalLM (QK-norm). Key names are "
+                        "unchanged. Diffusion models record mask_token_id and llada_scale.causal=false; "
+                        "load them with the causal mask removed (docs/EVAL.md), or use export-llada. "
+                        "Weightless-norm models and biases together with QK-norm are refused.")
 
-    p = sub.add_parser("import-hf", help="local HF Llama / Mistral / Qwen2 / Qwen3 directory -> consolidated",
-                       description="Read a local Hugging Face directory (config.json + safetensors or "
-                                   "pytorch_model.bin, any number of shards) of model_type llama (Llama 2, 3, 3.x "
-                                   "with llama3 rope scaling), mistral, qwen2 (Qwen2, Qwen2.5: q/k/v biases) or "
-                                   "qwen3 (QK-norm, any head_dim) and write our consolidated format, one shard at a "
-                                   "time. The tokenizer files (chat template included) are copied. Anything else "
-                                   "(o_proj/MLP biases, other rope scaling, sliding windows, MoE) is refused with "
-                                   "the list of what is supported.")
-    p.add_argument("hf_dir", help="HF model directory")
-    p.add_argument("out_dir", help="output directory")
-    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
-    common(p)
-    p.set_defaults(func=convert.import_hf)
+    p = command("import-hf", convert.import_hf, "hf_dir", "HF model directory",
+                help="local HF Llama / Mistral / Qwen2 / Qwen3 directory -> consolidated",
+                description="Read a local Hugging Face directory (config.json + safetensors or "
+                            "pytorch_model.bin, any number of shards) of model_type llama (Llama 2, 3, 3.x "
+                            "with llama3 rope scaling), mistral, qwen2 (Qwen2, Qwen2.5: q/k/v biases) or "
+                            "qwen3 (QK-norm, any head_dim) and write our consolidated format, one shard at a "
+                            "time. The tokenizer files (chat template included) are copied. Anything else "
+                            "(o_proj/MLP biases, other rope scaling, sliding windows, MoE) is refused with "
+                            "the list of what is supported.")
+    override_max_seq_len(p, "max_position_embeddings")
 
-    p = sub.add_parser("import-llada", help="LLaDA's released format -> consolidated",
-                       description="Read a LLaDA checkpoint directory (config.json with model_type llada / "
-                                   "LLaDAModelLM, sharded safetensors, tokenizer; e.g. GSAI-ML/LLaDA-8B-Base or "
-                                   "-Instruct downloaded by you) and write our consolidated format, streaming one "
-                                   "shard at a time. Every shape is read from config.json; unsupported variants, a "
-                                   "missing or misshapen shard and a tokenizer that does not fit the vocabulary are "
-                                   "refused before anything is written. The tokenizer is copied with its chat "
-                                   "template and its mask token (<|mdm_mask|> = 126336) recorded.")
-    p.add_argument("hf_dir", help="LLaDA checkpoint directory")
-    p.add_argument("out_dir", help="output directory")
-    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_sequence_length)")
-    common(p)
-    p.set_defaults(func=llada.import_llada)
+    p = command("import-llada", llada.import_llada, "hf_dir", "LLaDA checkpoint directory",
+                help="LLaDA's released format -> consolidated",
+                description="Read a LLaDA checkpoint directory (config.json with model_type llada / "
+                            "LLaDAModelLM, sharded safetensors, tokenizer; e.g. GSAI-ML/LLaDA-8B-Base or "
+                            "-Instruct downloaded by you) and write our consolidated format, streaming one "
+                            "shard at a time. Every shape is read from config.json; unsupported variants, a "
+                            "missing or misshapen shard and a tokenizer that does not fit the vocabulary are "
+                            "refused before anything is written. The tokenizer is copied with its chat "
+                            "template and its mask token (<|mdm_mask|> = 126336) recorded.")
+    override_max_seq_len(p, "max_sequence_length")
 
-    p = sub.add_parser("export-llada", help="diffusion model -> LLaDA's format (+ trust_remote_code files)",
-                       description="Write a mask predictor in LLaDA's format: config.json (LLaDA keys, mask_token_id, "
-                                   "auto_map), safetensors in LLaDA's names (model.transformer.blocks.N.q_proj ...), "
-                                   "the tokenizer and our configuration_llada.py / modeling_llada.py, so that "
-                                   "transformers.AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) loads it "
-                                   "offline with llada_scale's logits, and LLaDA's generate.py / chat.py, Fast-dLLM "
-                                   "and dllm can use it. Causal, QK-norm, rope-scaled models and head_dim != "
-                                   "hidden/heads are refused (use export-hf).")
-    p.add_argument("source", help="tag dir, consolidated dir (streamed) or .safetensors file of a diffusion model")
-    p.add_argument("out_dir", help="output directory")
-    common(p)
-    p.set_defaults(func=llada.export_llada)
+    command("export-llada", llada.export_llada,
+            "source", "tag dir, consolidated dir (streamed) or .safetensors file of a diffusion model",
+            help="diffusion model -> LLaDA's format (+ trust_remote_code files)",
+            description="Write a mask predictor in LLaDA's format: config.json (LLaDA keys, mask_token_id, "
+                        "auto_map), safetensors in LLaDA's names (model.transformer.blocks.N.q_proj ...), "
+                        "the tokenizer and our configuration_llada.py / modeling_llada.py, so that "
+                        "transformers.AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) loads it "
+                        "offline with llada_scale's logits, and LLaDA's generate.py / chat.py, Fast-dLLM "
+                        "and dllm can use it. Causal, QK-norm, rope-scaled models and head_dim != "
+                        "hidden/heads are refused (use export-hf).")
 
-    p = sub.add_parser("import-llada2", help="LLaDA2.x MoE release format -> consolidated",
-                       description="Read a LLaDA2.0/2.1 checkpoint directory (config.json with model_type "
-                                   "llada2_moe, per-expert or dFactory merged-expert safetensors, tokenizer) and write "
-                                   "our consolidated format, one tensor at a time. Every value comes from "
-                                   "config.json; unknown keys and variants outside the release are refused.")
-    p.add_argument("hf_dir", help="LLaDA2 checkpoint directory")
-    p.add_argument("out_dir", help="output directory")
-    p.add_argument("--max_seq_len", type=int, default=0, help="override max_seq_len (default: max_position_embeddings)")
+    p = command("import-llada2", llada2.import_llada2, "hf_dir", "LLaDA2 checkpoint directory",
+                help="LLaDA2.x MoE release format -> consolidated",
+                description="Read a LLaDA2.0/2.1 checkpoint directory (config.json with model_type "
+                            "llada2_moe, per-expert or dFactory merged-expert safetensors, tokenizer) and write "
+                            "our consolidated format, one tensor at a time. Every value comes from "
+                            "config.json; unknown keys and variants outside the release are refused.")
+    override_max_seq_len(p, "max_position_embeddings")
     p.add_argument("--mask_token", default=None,
                    help="mask token string, only when neither config.json nor tokenizer_config.json names one")
-    common(p)
-    p.set_defaults(func=llada2.import_llada2)
 
-    p = sub.add_parser("export-llada2", help="LLaDA2 MoE model -> release format (+ trust_remote_code files)",
-                       description="Write a LLaDA2 MoE model with the release's tensor names (per-expert) and "
-                                   "config keys, the tokenizer and our configuration_llada2_moe.py / "
-                                   "modeling_llada2_moe.py, so that transformers.AutoModelForCausalLM."
-                                   "from_pretrained(OUT_DIR, trust_remote_code=True) loads it offline.")
-    p.add_argument("source", help="tag dir or consolidated dir (streamed) of a LLaDA2 MoE model")
-    p.add_argument("out_dir", help="output directory")
-    common(p)
-    p.set_defaults(func=llada2.export_llada2)
+    command("export-llada2", llada2.export_llada2,
+            "source", "tag dir or consolidated dir (streamed) of a LLaDA2 MoE model",
+            help="LLaDA2 MoE model -> release format (+ trust_remote_code files)",
+            description="Write a LLaDA2 MoE model with the release's tensor names (per-expert) and "
+                        "config keys, the tokenizer and our configuration_llada2_moe.py / "
+                        "modeling_llada2_moe.py, so that transformers.AutoModelForCausalLM."
+                        "from_pretrained(OUT_DIR, trust_remote_code=True) loads it offline.")
 
-    p = sub.add_parser("merge-lora", help="LoRA checkpoint + base -> merged consolidated weights",
-                       description="Fold the adapters of a LoRA run (train.lora.rank > 0) into its base weights "
-                                   "(W + alpha/rank B A) and write an ordinary consolidated checkpoint (export it "
-                                   "further with export-llada / export-hf).")
-    p.add_argument("checkpoint", help="the LoRA run's directory, checkpoints/ directory or step######## tag")
-    p.add_argument("out_dir", help="output directory")
+    p = command("merge-lora", lora.merge_lora_checkpoint,
+                "checkpoint", "the LoRA run's directory, checkpoints/ directory or step######## tag",
+                help="LoRA checkpoint + base -> merged consolidated weights",
+                description="Fold the adapters of a LoRA run (train.lora.rank > 0) into its base weights "
+                            "(W + alpha/rank B A) and write an ordinary consolidated checkpoint (export it "
+                            "further with export-llada / export-hf).")
     p.add_argument("--base", default=None, help="base weights (default: the run's train.init_from)")
-    common(p)
-    p.set_defaults(func=lora.merge_lora_checkpoint)
 
-    p = sub.add_parser("average", help="weighted mean of checkpoints of one model (top-k merge)",
-                       description="Average checkpoints of the same model (LLaDA 2.0's top-k checkpoint merge) into "
-                                   "a consolidated directory: uniform or --weights, streamed tensor by tensor from "
-                                   "consolidated sources (DeepSpeed tags are loaded one at a time). Sources with "
-                                   "another model config, tensor names or shapes are refused. --best_k K takes one "
-                                   "run directory and averages its K checkpoints with the lowest val/loss logged in "
-                                   "metrics.jsonl.")
+    p = command("average", _average, None, None,
+                help="weighted mean of checkpoints of one model (top-k merge)",
+                description="Average checkpoints of the same model (LLaDA 2.0's top-k checkpoint merge) into "
+                            "a consolidated directory: uniform or --weights, streamed tensor by tensor from "
+                            "consolidated sources (DeepSpeed tags are loaded one at a time). Sources with "
+                            "another model config, tensor names or shapes are refused. --best_k K takes one "
+                            "run directory and averages its K checkpoints with the lowest val/loss logged in "
+                            "metrics.jsonl.")
     p.add_argument("paths", nargs="+", metavar="CKPT", help="source checkpoints (or, with --best_k, one run "
                    "directory), then the output directory")
     p.add_argument("--weights", type=float, nargs="+", default=None,
                    help="one weight per source (normalised to sum 1; default uniform)")
     p.add_argument("--best_k", type=int, default=None, help="average the K checkpoints of RUN_DIR with the lowest "
                    "logged validation loss")
-    common(p)
-    p.set_defaults(func=_average)
 
-    p = sub.add_parser("import-nano-llada", help="Nano-LLaDA / minimind .pt state dict -> consolidated",
-                       description="Import a Nano-LLaDA diffusion or AR model (token_emb, blocks.N.attn.c_q, ...) "
-                                   "or a minimind MiniMindForCausalLM state dict (HF names, optional q_norm/k_norm, "
-                                   "tied head). Shapes are read from the tensors; head count, RoPE base, norm eps, "
-                                   "activation, YaRN and causal/bidirectional from the 'args' Nano-LLaDA saves in "
-                                   "its checkpoints. Without that record the flags below are required; a flag that "
-                                   "contradicts the record is refused.")
-    p.add_argument("pt_file", help="torch .pt file: a state dict or {'model_state_dict'|'state_dict'|'model': ...}")
-    p.add_argument("out_dir", help="output directory")
+    p = command("import-nano-llada", nano_llada.import_nano_llada,
+                "pt_file", "torch .pt file: a state dict or {'model_state_dict'|'state_dict'|'model': ...}",
+                help="Nano-LLaDA / minimind .pt state dict -> consolidated",
+                description="Import a Nano-LLaDA diffusion or AR model (token_emb, blocks.N.attn.c_q, ...) "
+                            "or a minimind MiniMindForCausalLM state dict (HF names, optional q_norm/k_norm, "
+                            "tied head). Shapes are read from the tensors; head count, RoPE base, norm eps, "
+                            "activation, YaRN and causal/bidirectional from the 'args' Nano-LLaDA saves in "
+                            "its checkpoints. Without that record the flags below are required; a flag that "
+                            "contradicts the record is refused.")
     p.add_argument("--arch", default="auto", choices=["auto", "nano-llada", "minimind"],
                    help="source architecture (default: detect from key names)")
     p.add_argument("--num_heads", type=int, default=None,
@@ -223,21 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of the source's RoPE table; YaRN applies only above original_max_position_embeddings "
                         "(default: from the .pt's args, Nano-LLaDA max(max_position_embeddings, 2*seq_len); "
                         "else 32768)")
-    common(p)
-    p.set_defaults(func=nano_llada.import_nano_llada)
 
-    p = sub.add_parser("ar-to-diffusion", help="AR model -> LLaDA mask predictor",
-                       description="Add the mask token (grow embedding/head rows via llada_scale.model.transformer.resize_vocab "
-                                   "when it is outside the vocabulary), record mask_token_id and causal=false.")
-    p.add_argument("source", help="tag dir, consolidated dir or .safetensors file of an AR model")
-    p.add_argument("out_dir", help="output directory")
+    p = command("ar-to-diffusion", convert.ar_to_diffusion,
+                "source", "tag dir, consolidated dir or .safetensors file of an AR model",
+                help="AR model -> LLaDA mask predictor",
+                description="Add the mask token (grow embedding/head rows via llada_scale.model.transformer.resize_vocab "
+                            "when it is outside the vocabulary), record mask_token_id and causal=false.")
     p.add_argument("--mask_token_id", type=int, default=None,
                    help="mask token id (default: the recorded tokenizer's mask_token_id)")
     p.add_argument("--vocab_multiple", type=int, default=64, help="round a grown vocabulary up to this (default 64)")
     p.add_argument("--reset_head_row", action="store_true",
                    help="reset the mask token's embedding and head rows to the mean row even if they exist")
-    common(p)
-    p.set_defaults(func=convert.ar_to_diffusion)
+
+    for p in sub.choices.values():  # the options every subcommand shares, after its own
+        common(p)
     return ap
 
 

@@ -86,6 +86,52 @@ def _copy_tokenizer(meta: dict, out_dir: str, override: str | None) -> dict | No
     return ident
 
 
+def _write_tokenizer(tok_src: str, out_dir: str, mask_token: str) -> None:
+    """Copy tokenizer files and record ``mask_token`` in ``tokenizer_config.json`` (HF's field), so that both
+    :class:`llada_scale.data.tokenizer.Tokenizer` and ``AutoTokenizer`` use the model's own mask token."""
+    copy_tokenizer_files(tok_src, out_dir)
+    tc_path = os.path.join(out_dir, "tokenizer_config.json")
+    tc = read_json(tc_path) if os.path.isfile(tc_path) else {}
+    if tc.get("mask_token") is None:
+        tc["mask_token"] = mask_token
+        atomic_write_text(tc_path, json.dumps(tc, indent=2, ensure_ascii=False))
+
+
+def _import_tokenizer(tok_src: str | None, staging: str, out_dir: str, mask_token: str | None) -> dict | None:
+    """Copy a released checkpoint's tokenizer into ``staging`` (see :func:`_write_tokenizer`) and return the identity
+    to record, its path under the final ``out_dir``; with no ``tok_src``, warn on stderr and return None."""
+    if not tok_src:
+        _warn("no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one")
+        return None
+    from llada_scale.data.tokenizer import Tokenizer
+
+    _write_tokenizer(tok_src, staging, mask_token)
+    ident = Tokenizer.load(staging).identity()
+    ident["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(ident["path"]))
+    return ident
+
+
+def _export_tokenizer(tok_src: str | None, staging: str, mask_token_id: int):
+    """Copy our model's tokenizer into an exported release directory ``staging`` with its mask token recorded
+    (:func:`_write_tokenizer`); returns the loaded :class:`llada_scale.data.tokenizer.Tokenizer`, or None after a
+    warning on stderr when there is no ``tok_src``.
+
+    Raises:
+        CheckpointError: the tokenizer's mask token id is not the model's ``mask_token_id``.
+    """
+    if not tok_src:
+        _warn("no tokenizer recorded; pass --tokenizer PATH to include one")
+        return None
+    from llada_scale.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_src)
+    if tok.mask_token_id != mask_token_id:
+        raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
+                              f"{mask_token_id}; pass --tokenizer with the model's tokenizer")
+    _write_tokenizer(tok_src, staging, tok.mask_token)
+    return tok
+
+
 def consolidated_config(model_cfg, dtype: str | torch.dtype, tokenizer: dict | None, step=None, run_config=None,
                         source: dict | None = None) -> dict:
     """The ``config.json`` dict of our consolidated format (see the module docstring); ``dtype`` is the one

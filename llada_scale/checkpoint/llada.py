@@ -38,9 +38,10 @@ import re
 import shutil
 import sys
 
-from llada_scale.checkpoint.convert import check_tokenizer_vocab, consolidated_config
+from llada_scale.checkpoint.convert import (_export_tokenizer, _import_tokenizer, check_tokenizer_vocab,
+                                            consolidated_config)
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
-                                          copy_tokenizer_files, read_json, resolve_dtype, save_safetensors)
+                                          read_json, resolve_dtype, save_safetensors)
 from llada_scale.checkpoint.streaming import scan_weights, staged_output, stream_convert
 from llada_scale.checkpoint.weights import (check_state_dict, consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
@@ -206,17 +207,6 @@ def _check_tokenizer(tok_dir: str, mc, source: str) -> str:
     return token
 
 
-def _write_tokenizer(tok_src: str, out_dir: str, mask_token: str) -> None:
-    """Copy tokenizer files and record ``mask_token`` in ``tokenizer_config.json`` (HF's field), so that both
-    :class:`llada_scale.data.tokenizer.Tokenizer` and ``AutoTokenizer`` use the model's own mask token."""
-    copy_tokenizer_files(tok_src, out_dir)
-    tc_path = os.path.join(out_dir, "tokenizer_config.json")
-    tc = read_json(tc_path) if os.path.isfile(tc_path) else {}
-    if tc.get("mask_token") is None:
-        tc["mask_token"] = mask_token
-        atomic_write_text(tc_path, json.dumps(tc, indent=2, ensure_ascii=False))
-
-
 def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_size: str = "5GB",
                  force: bool = False, quiet: bool = False, tokenizer: str | None = None, max_seq_len: int = 0) -> None:
     """Read a LLaDA checkpoint directory and write our consolidated format, one shard at a time.
@@ -252,16 +242,7 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     mask_token = _check_tokenizer(tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src), mc, cfg_path) \
         if tok_src else None
     with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp:
-        ident = None
-        if tok_src:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            _write_tokenizer(tok_src, tmp, mask_token)
-            ident = Tokenizer.load(tmp).identity()
-            ident["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(ident["path"]))
-        else:
-            print("warning: no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one",
-                  file=sys.stderr)
+        ident = _import_tokenizer(tok_src, tmp, out_dir, mask_token)
         config = consolidated_config(mc, dt, ident, source={"path": hf_dir, "kind": "llada"})
         files = stream_convert(tensors, llada_to_ours, expected_shapes(mc), tmp, dtype=dt,
                                max_shard_size=max_shard_size, metadata={FORMAT: json.dumps(config)},
@@ -301,18 +282,10 @@ def export_llada(source: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     llada_cfg = llada_config_from_model_config(mc, meta.get("tokenizer"), str(dt).replace("torch.", ""))
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
     with staged_output(out_dir, force, inputs=(source,)) as tmp:
-        if tok_src:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            tok = Tokenizer.load(tok_src)
-            if tok.mask_token_id != mc.mask_token_id:
-                raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
-                                      f"{mc.mask_token_id}; pass --tokenizer with the model's tokenizer")
-            _write_tokenizer(tok_src, tmp, tok.mask_token)
-            if tok.backend == "hf" and not _has_token(os.path.join(tmp, "tokenizer.json"), tok.mask_token):
-                tok._hf.save(os.path.join(tmp, "tokenizer.json"))  # with the mask token our wrapper added
-        else:
-            print("warning: no tokenizer recorded; pass --tokenizer PATH to include one", file=sys.stderr)
+        tok = _export_tokenizer(tok_src, tmp, mc.mask_token_id)
+        if tok is not None and tok.backend == "hf" and \
+                not _has_token(os.path.join(tmp, "tokenizer.json"), tok.mask_token):
+            tok._hf.save(os.path.join(tmp, "tokenizer.json"))  # with the mask token our wrapper added
         if sd is None:
             files = stream_convert(tensors, ours_to_llada,
                                    {ours_to_llada(k): v for k, v in expected_shapes(mc).items()}, tmp, dtype=dt,

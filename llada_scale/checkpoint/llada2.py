@@ -45,10 +45,10 @@ from typing import Callable
 
 import torch
 
-from llada_scale.checkpoint.convert import consolidated_config
+from llada_scale.checkpoint.convert import _export_tokenizer, _import_tokenizer, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
                                           atomic_save_file, atomic_write_text, parse_dtype, parse_size, read_json)
-from llada_scale.checkpoint.llada import _check_tokenizer, _write_tokenizer
+from llada_scale.checkpoint.llada import _check_tokenizer
 from llada_scale.checkpoint.streaming import TensorInfo, scan_weights, staged_output
 from llada_scale.checkpoint.weights import (consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
@@ -306,15 +306,7 @@ def import_llada2(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_sh
     mask_str = _check_tokenizer(tok_dir, mc, cfg_path) if tok_dir else None
     with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp, contextlib.ExitStack() as stack:
         read = _Reader(tensors, stack)
-        ident = None
-        if tok_dir:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            _write_tokenizer(tok_src, tmp, mask_str)
-            ident = Tokenizer.load(tmp).identity()
-            ident["path"] = os.path.join(os.path.abspath(out_dir), os.path.basename(ident["path"]))
-        else:
-            print("warning: no tokenizer.json next to the checkpoint; pass --tokenizer PATH to copy one")
+        ident = _import_tokenizer(tok_src if tok_dir else None, tmp, out_dir, mask_str)
         config = consolidated_config(mc, dtype, ident, source={"path": hf_dir, "kind": "llada2"})
         items = []
         for ours in expected:  # our module order
@@ -387,16 +379,7 @@ def export_llada2(source: str, out_dir: str, *, dtype: str | None = None, max_sh
     tok_src = tokenizer or tokenizer_path_from_meta(meta)
     with staged_output(out_dir, force, inputs=(source,)) as tmp, contextlib.ExitStack() as stack:
         read = (lambda k: sd[k]) if sd is not None else _Reader(tensors, stack)
-        if tok_src:
-            from llada_scale.data.tokenizer import Tokenizer
-
-            tok = Tokenizer.load(tok_src)
-            if tok.mask_token_id != mc.mask_token_id:
-                raise CheckpointError(f"tokenizer {tok_src} has mask token id {tok.mask_token_id} but the model "
-                                      f"{mc.mask_token_id}; pass --tokenizer with the model's tokenizer")
-            _write_tokenizer(tok_src, tmp, tok.mask_token)
-        else:
-            print("warning: no tokenizer recorded; pass --tokenizer PATH to include one")
+        _export_tokenizer(tok_src, tmp, mc.mask_token_id)
         items = []
         for ours, shape in expected.items():
             src_dt = sd[ours].dtype if sd is not None else tensors[ours].dtype

@@ -32,7 +32,7 @@ from llada_scale.model import attention
 from llada_scale.model.head import IGNORE_INDEX, linear_cross_entropy
 from llada_scale.model.moe import MoEBlock
 from llada_scale.model.rope import apply_rotary, rotary_cos_sin
-from llada_scale.model.transformer import MLP, ModelConfig, RMSNorm
+from llada_scale.model.transformer import MLP, Backbone, ModelConfig, PreNormLayer, RMSNorm
 
 MODEL_TYPE = "llada2_moe"
 MOE_DEFAULTS = {"bias_update_rate": 0.0, "aux_loss_coef": 0.0}
@@ -190,36 +190,24 @@ class LLaDA2Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-class LLaDA2DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then x + ffn(norm(x)); ffn dense SwiGLU (layer < first_k_dense_replace) or MoE."""
+def _feed_forward(cfg: LLaDA2Config, index: int) -> nn.Module:
+    """Layer ``index``'s FFN: dense SwiGLU (layer < first_k_dense_replace) or MoE with shared experts."""
+    if not cfg.is_moe_layer(index):
+        return MLP(cfg)
+    shared = MLP(ModelConfig(hidden_size=cfg.hidden_size, num_heads=1, num_kv_heads=1, head_dim=2,
+                             intermediate_size=cfg.moe_intermediate_size * cfg.num_shared_experts))
+    block = MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                     cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, shared)
+    block.gate.aux_loss_coef = float(cfg.moe["aux_loss_coef"])
+    return block
+
+
+class LLaDA2DecoderLayer(PreNormLayer):
+    """x + attn(norm(x)), then x + ffn(norm(x)) (:class:`PreNormLayer`) with release norms and fused-QKV attention."""
 
     def __init__(self, cfg: LLaDA2Config, index: int):
-        super().__init__()
-        self.input_layernorm = ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LLaDA2Attention(cfg)
-        self.post_attention_layernorm = ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps)
-        if cfg.is_moe_layer(index):
-            shared = MLP(ModelConfig(hidden_size=cfg.hidden_size, num_heads=1, num_kv_heads=1, head_dim=2,
-                                     intermediate_size=cfg.moe_intermediate_size * cfg.num_shared_experts))
-            self.mlp = MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                                cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, shared)
-            self.mlp.gate.aux_loss_coef = float(cfg.moe["aux_loss_coef"])
-        else:
-            self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LLaDA2Backbone(nn.Module):
-    """Embedding, decoder layers, final norm (our name ``model``; the release's ``model`` too)."""
-
-    def __init__(self, cfg: LLaDA2Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LLaDA2DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps)
+        super().__init__(ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps), LLaDA2Attention(cfg),
+                         ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps), _feed_forward(cfg, index))
 
 
 class LLaDA2MoeModel(nn.Module):
@@ -235,7 +223,10 @@ class LLaDA2MoeModel(nn.Module):
     def __init__(self, cfg: LLaDA2Config, init_weights: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = LLaDA2Backbone(cfg)
+        # embedding, decoder layers, final norm (our name ``model``; the release's ``model`` too)
+        self.model = Backbone(nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                              [LLaDA2DecoderLayer(cfg, i) for i in range(cfg.num_layers)],
+                              ReleaseRMSNorm(cfg.hidden_size, cfg.norm_eps))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if init_weights:  # False: the caller runs init_weights() itself (partitioned parameters) or loads weights
             self.init_weights()
@@ -285,9 +276,7 @@ class LLaDA2MoeModel(nn.Module):
                                         device=input_ids.device, backend=cfg.attention_backend)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, torch.float32)  # rotation in float32, cast back (model/rope.py)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        return self.model.norm(x)
+        return self.model.decode(x, cos, sin, mask)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
         if labels is None:

@@ -187,29 +187,51 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class PreNormLayer(nn.Module):
+    """Pre-norm decoder layer of both model families: x + self_attn(input_layernorm(x), cos, sin, mask), then
+    x + mlp(post_attention_layernorm(x)); x [B, L, hidden_size] in and out, in the weights' dtype.
 
-    def __init__(self, cfg: ModelConfig):
+    The four modules are registered in that order (parameter order: state-dict order and the init RNG order).
+    ``self_attn`` has ``qkv(x, cos, sin)`` and ``o_proj`` (the KV-cache walk and the sequence-parallel rebinding
+    use them); activation checkpointing and compile wrap this class's ``forward`` per layer instance.
+    """
+
+    def __init__(self, input_layernorm: nn.Module, self_attn: nn.Module, post_attention_layernorm: nn.Module,
+                 mlp: nn.Module):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = input_layernorm
+        self.self_attn = self_attn
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Backbone(nn.Module):
-    """Embedding, decoder layers and final norm (HF name: ``model``)."""
+class DecoderLayer(PreNormLayer):
+    """Llama layer: RMSNorm, grouped-query :class:`Attention`, RMSNorm, SwiGLU :class:`MLP`."""
 
     def __init__(self, cfg: ModelConfig):
+        super().__init__(RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight), Attention(cfg),
+                         RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight), MLP(cfg))
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers and final norm (HF name: ``model``), given as modules (both model families)."""
+
+    def __init__(self, embed_tokens: nn.Embedding, layers, norm: nn.Module):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight)
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def decode(self, x, cos, sin, mask):
+        """Final-norm hidden states [B, L, hidden_size] of embeddings ``x`` [B, L, hidden_size]: every layer in
+        order, then ``norm``. A plain method, not a module call: no hooks of its own."""
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
 
 
 class Transformer(nn.Module):
@@ -237,7 +259,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                              [DecoderLayer(cfg) for _ in range(cfg.num_layers)],
+                              RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weight))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if init_weights:  # False: the caller runs init_weights() itself (partitioned parameters) or loads weights
             self.init_weights()
@@ -284,9 +308,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         # float32 tables: apply_rotary rotates in float32 and casts back (LLaDA's modeling code does the same)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, torch.float32, cfg.rope_scaling)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        return self.model.norm(x)
+        return self.model.decode(x, cos, sin, mask)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
         if labels is None:

@@ -32,7 +32,7 @@ import torch
 
 from llada_scale.model import block_attention as ba
 from llada_scale.sampling.common import (GenerationResult, apply_repetition_penalty, check_generator, check_length,
-                                         check_prompts, model_device)
+                                         check_prompts, length_batches, model_device)
 from llada_scale.sampling.kv_cache import KVCache, cached_hidden, core_of, lm_head
 
 
@@ -252,27 +252,21 @@ def generate_blocks_batch(model, prompts: Sequence[Sequence[int]], *, mask_token
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model)
-    groups: dict[int, list[int]] = {}
-    for i, pr in enumerate(rows):
-        groups.setdefault(len(pr), []).append(i)
     out: list[list[int] | None] = [None] * len(rows)
     totals = {"prefill": 0, "denoise": 0, "append": 0}
     calls = 0
-    for length, idx in sorted(groups.items()):
-        size = batch_size or len(idx)
-        for c in range(0, len(idx), size):
-            chunk = idx[c:c + size]
-            ids = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device).view(len(chunk), length)
-            gen = generator if seeds is None else [torch.Generator(device=device).manual_seed(int(seeds[i]))
-                                                   for i in chunk]
-            x, counts = _decode(model, ids, gen_length, block_length, steps_per_block, mask_token_id, temperature,
-                                use_cache, gen, suppress_token_ids, callback, repetition_penalty, allow_extrapolation)
-            for j, i in enumerate(x[:, length:].tolist()):
-                out[chunk[j]] = i
-            for k in totals:
-                totals[k] += counts[k]
-            calls += 1
-            if progress is not None:
-                progress(len(chunk))
+    for chunk, ids in length_batches(rows, batch_size, device):
+        gen = generator if seeds is None else [torch.Generator(device=device).manual_seed(int(seeds[i]))
+                                               for i in chunk]
+        x, counts = _decode(model, ids, gen_length, block_length, steps_per_block, mask_token_id, temperature,
+                            use_cache, gen, suppress_token_ids, callback, repetition_penalty, allow_extrapolation)
+        for j, i in enumerate(x[:, ids.shape[1]:].tolist()):
+            out[chunk[j]] = i
+        for k in totals:
+            totals[k] += counts[k]
+        calls += 1
+        if progress is not None:
+            progress(len(chunk))
+    groups = len({len(r) for r in rows})
     return GenerationResult(tokens=out, nfe=sum(totals.values()), seconds=time.perf_counter() - t0,
-                            steps=totals["denoise"], extra={**totals, "calls": calls, "groups": len(groups)})
+                            steps=totals["denoise"], extra={**totals, "calls": calls, "groups": groups})

@@ -17,14 +17,14 @@ numbers of rows) pass ``sync_ranks=True``: :func:`any_global` / :func:`max_globa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["GenerationResult", "left_pad", "truncate_at", "add_gumbel_noise", "apply_repetition_penalty", "call_model",
            "selected_logits", "range_logits", "any_global", "max_global", "check_prompts", "check_length",
-           "check_generator", "model_device", "pad_id_for"]
+           "check_generator", "model_device", "pad_id_for", "length_batches"]
 
 
 @dataclass
@@ -149,6 +149,22 @@ def check_prompts(prompts, name="prompts", allow_empty=True) -> list[list[int]]:
             raise ValueError(f"{name}[{i}] is empty; AR decoding needs at least one context token (e.g. bos)")
         out.append(list(p))
     return out
+
+
+def length_batches(rows: Sequence[Sequence[int]], batch_size: int | None,
+                   device) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Prompts grouped by length, no padding (each row decodes as if alone): yields ``(indices, ids)`` per batch,
+    groups shortest first, input order within a group, at most ``batch_size`` rows per batch (None or 0 = a
+    whole group); ``ids`` int64 [len(indices), length] on ``device``. The caller validates ``batch_size``."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(i)
+    for length, idx in sorted(groups.items()):
+        size = batch_size or len(idx)
+        for c in range(0, len(idx), size):
+            chunk = idx[c:c + size]
+            yield chunk, torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device).view(len(chunk),
+                                                                                                       length)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, extra: int = 0, fill_id: int | None = None,

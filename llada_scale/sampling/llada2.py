@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 
 from llada_scale.sampling.block import cached_block_logits
-from llada_scale.sampling.common import GenerationResult, check_length, check_prompts, model_device
+from llada_scale.sampling.common import (GenerationResult, check_length, check_prompts, length_batches,
+                                         model_device)
 from llada_scale.sampling.kv_cache import KVCache
 
 __all__ = ["release_schedule", "generate_llada2"]
@@ -124,20 +125,13 @@ def generate_llada2(model, prompts: Sequence[Sequence[int]], *, mask_token_id: i
     steps = min(steps, gen_length // minimal_topk) or 1
     device = model_device(model)
     banned = torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=device)
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(len(r), []).append(i)
     out: list = [None] * len(rows)
     nfe = 0
-    for length, idx in sorted(groups.items()):
-        size = batch_size or len(idx)
-        for c in range(0, len(idx), size):
-            chunk = idx[c:c + size]
-            ids = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device).view(len(chunk), length)
-            gen = torch.Generator(device=device).manual_seed(seed + chunk[0])
-            toks, n = _decode_group(model, ids, gen_length, block_length, steps, threshold, mask_token_id,
-                                    eos_token_id, temperature, gen, banned, allow_extrapolation)
-            nfe += n
-            for j, t in enumerate(toks.tolist()):
-                out[chunk[j]] = t
+    for chunk, ids in length_batches(rows, batch_size, device):
+        gen = torch.Generator(device=device).manual_seed(seed + chunk[0])
+        toks, n = _decode_group(model, ids, gen_length, block_length, steps, threshold, mask_token_id,
+                                eos_token_id, temperature, gen, banned, allow_extrapolation)
+        nfe += n
+        for j, t in enumerate(toks.tolist()):
+            out[chunk[j]] = t
     return GenerationResult(tokens=out, nfe=nfe, seconds=time.perf_counter() - t0, steps=nfe)

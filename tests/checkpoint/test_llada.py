@@ -21,7 +21,7 @@ from llada_scale.checkpoint.llada import model_config_from_llada  # noqa: E402
 from llada_scale.data.tokenizer import Tokenizer  # noqa: E402
 from llada_scale.model.transformer import ModelConfig, preset  # noqa: E402
 from llada_scale.testing import assert_close_to_scale  # noqa: E402
-from tiny_models import llada_config, llada_reference, make_llada_dir, make_tokenizer, save_sharded  # noqa: E402
+from tiny_models import assert_same_checkpoint, llada_config, llada_reference, make_llada_dir, make_tokenizer, save_sharded  # noqa: E402
 
 
 def _x(n=2, length=12, vocab=100, seed=0):
@@ -81,12 +81,7 @@ def test_export_llada_loads_with_transformers_and_round_trips(tmp_path):
     # import-llada(export-llada(x)) == x, bit for bit
     back = tmp_path / "back"
     assert convert("import-llada", out, back, "--dtype", "fp32", "--quiet") == 0
-    a, ma = cio.load_model_state(ours, progress=False)
-    b, mb = cio.load_model_state(back, progress=False)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ma["model"] == mb["model"]
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        assert (ours / f).read_bytes() == (back / f).read_bytes(), f
+    assert_same_checkpoint(ours, back)
 
 
 def test_export_llada_adds_mask_token_to_minimind_tokenizer(tmp_path, tokenizer_path):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llada_scale.checkpoint as cio  # noqa: E402
 from tests.checkpoint.test_convert import convert  # noqa: E402
 from tests.model.test_llada2_moe import reference_logits  # noqa: E402
-from tiny_models import make_tokenizer, save_sharded  # noqa: E402
+from tiny_models import assert_same_checkpoint, make_tokenizer, save_sharded  # noqa: E402
 
 
 def llada2_config(**kw) -> dict:
@@ -167,12 +167,7 @@ def test_export_llada2_loads_with_transformers_and_round_trips(tmp_path):
 
     back = tmp_path / "back"
     assert convert("import-llada2", out, back, "--quiet") == 0
-    a, ma = cio.load_model_state(ours, progress=False)
-    b, mb = cio.load_model_state(back, progress=False)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ma["model"] == mb["model"]
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        assert (ours / f).read_bytes() == (back / f).read_bytes(), f
+    assert_same_checkpoint(ours, back)
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -215,6 +210,24 @@ def test_import_llada2_refuses_missing_key_expert_and_mask(tmp_path, capsys):
     assert "--mask_token" in capsys.readouterr().err
     assert convert("import-llada2", tmp_path / "rel3", tmp_path / "out", "--quiet", "--mask_token", "<|mask|>") == 0
 
+
+
+def test_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
+    """No tokenizer next to the release (mask id from config.json): the import records none and says so on stderr,
+    like import-llada, so that stdout keeps only the converter's result lines; so does the export of that model."""
+    make_llada2_dir(tmp_path / "rel", mask_token_id=105)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "rel" / f).unlink()
+    assert convert("import-llada2", tmp_path / "rel", tmp_path / "out", "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "no tokenizer.json next to the checkpoint" in err and "no tokenizer" not in out
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["tokenizer"] is None and meta["model"]["mask_token_id"] == 105
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert convert("export-llada2", tmp_path / "out", tmp_path / "exported", "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "no tokenizer recorded" in err and "no tokenizer" not in out
+    assert not (tmp_path / "exported" / "tokenizer.json").exists()
 
 @pytest.mark.parametrize("preset, widths", [
     ("llada2-mini", dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,

@@ -150,3 +150,16 @@ def llada_reference(sd: dict, cfg: dict, x: torch.Tensor) -> torch.Tensor:
         z = z + (F.silu(m @ sd[b + "ff_proj.weight"].T) * (m @ sd[b + "up_proj.weight"].T)) @ sd[b + "ff_out.weight"].T
     z = rms(z, sd[p + "ln_f.weight"])
     return z @ (sd[p + "wte.weight"] if cfg["weight_tying"] else sd[p + "ff_out.weight"]).T
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Two consolidated checkpoints hold the same tensors bit for bit (names, dtypes, values), the same model
+    config and byte-identical tokenizer files (``tokenizer.json``, ``tokenizer_config.json``)."""
+    import llada_scale.checkpoint as cio
+
+    sa, ma = cio.load_model_state(a, progress=False)
+    sb, mb = cio.load_model_state(b, progress=False)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ma["model"] == mb["model"]
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes(), f

@@ -47,6 +47,26 @@ def check_rows_are_the_sources(batches, refs):
             assert all(torch.equal(batch[k][i], want[k][0]) for k in want), (i, s)
 
 
+def resharded_two_to_one(a, b, local, read: int, then: int):
+    """Two ranks read ``read`` rows each of ``mixture(a, b)``; one rank resumes from both states (a new layout) and
+    reads ``then`` batches. Returns those batches and, per source, a single-row loader of the ``local`` path resharded
+    from the same per-source states: the arguments of :func:`check_rows_are_the_sources`."""
+    states = []
+    for rank in range(2):
+        ds = mixture(a, b, rank=rank, world_size=2)
+        rows(ds, read)
+        states.append(ds.state_dict())
+    new = mixture(a, b)
+    assert not new.same_layout(states[0])
+    new.load_resharded(states)
+    refs = []
+    for i, p in enumerate(local):
+        ref = PackedDataset(p, "train", L, 1)
+        ref.load_resharded([st["sources"][i] for st in states])
+        refs.append(iter(ref))
+    return rows(new, then), refs
+
+
 def test_rows_follow_weights_and_come_from_their_source(two_sources):
     a, b = two_sources
     batches = rows(mixture(a, b), 200)
@@ -80,20 +100,7 @@ def test_resume_exact_with_workers(two_sources):
 
 def test_reshard_two_ranks_to_one_reshards_every_source(two_sources):
     a, b = two_sources
-    states = []
-    for rank in range(2):
-        ds = mixture(a, b, rank=rank, world_size=2)
-        rows(ds, 7)
-        states.append(ds.state_dict())
-    new = mixture(a, b)
-    assert not new.same_layout(states[0])
-    new.load_resharded(states)
-    refs = []
-    for i, p in enumerate((a, b)):
-        ref = PackedDataset(p, "train", L, 1)
-        ref.load_resharded([st["sources"][i] for st in states])
-        refs.append(iter(ref))
-    check_rows_are_the_sources(rows(new, 40), refs)
+    check_rows_are_the_sources(*resharded_two_to_one(a, b, (a, b), read=7, then=40))
 
 
 def test_pipe_and_fsspec_sources_read_like_local_ones(two_sources):
@@ -109,19 +116,8 @@ def test_pipe_and_fsspec_sources_read_like_local_ones(two_sources):
         by_url = PackedDataset(f"file://{a}", "train", L, B)
         assert all(same(x, y) for x, y in zip(rows(by_url, 10), rows(PackedDataset(a, "train", L, B), 10)))
         # resharding reads the tar headers of partly read shards: through the pipe and fsspec too
-        states = []
-        for rank in range(2):
-            ds = mixture(f"pipe:cat {a}/{{}}", "memory://mix/b", rank=rank, world_size=2)
-            rows(ds, 5)
-            states.append(ds.state_dict())
-        new = mixture(f"pipe:cat {a}/{{}}", "memory://mix/b")
-        new.load_resharded(states)
-        refs = []
-        for i, p in enumerate((a, b)):
-            ref = PackedDataset(p, "train", L, 1)
-            ref.load_resharded([st["sources"][i] for st in states])
-            refs.append(iter(ref))
-        check_rows_are_the_sources(rows(new, 20), refs)
+        check_rows_are_the_sources(*resharded_two_to_one(f"pipe:cat {a}/{{}}", "memory://mix/b", (a, b), read=5,
+                                                         then=20))
     finally:
         fs.rm("/mix", recursive=True)
 

@@ -223,6 +223,16 @@ def test_left_pad_and_truncate():
     assert truncate_at([4, 5, 2, 7], 2) == [4, 5] and truncate_at([4, 5, 2], [2], include=True) == [4, 5, 2]
 
 
+
+def test_length_batches_groups_by_length_in_input_order():
+    from llada_scale.sampling.common import length_batches
+
+    rows = [[1, 2], [3], [4, 5], [], [6, 7], [8]]
+    got = [(idx, ids.tolist(), ids.dtype) for idx, ids in length_batches(rows, 2, "cpu")]
+    assert got == [([3], [[]], torch.long), ([1, 5], [[3], [8]], torch.long), ([0, 2], [[1, 2], [4, 5]], torch.long),
+                   ([4], [[6, 7]], torch.long)]
+    assert [idx for idx, _ in length_batches(rows, None, "cpu")] == [[3], [1, 5], [0, 2, 4]]
+
 SYNC_SCRIPT = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.environ["REPO"])

@@ -55,10 +55,9 @@ def test_experts_need_dropout_zero_and_a_moe_model():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("ds", ["ds_configs/zero2.json", "ds_configs/zero3.json"])
-def test_llada2_lora_sft_recipe_end_to_end(tmp_path, ds):
+def test_llada2_lora_sft_recipe_end_to_end(tmp_path, ds, tiny_sft_shards):
     import llada_scale.checkpoint as cio
     from convert_checkpoint import main as convert
-    from llada_scale.data.build import build_shards
 
     sys.path.insert(0, str(REPO / "tests" / "checkpoint"))
     from test_llada2 import make_llada2_dir
@@ -68,18 +67,13 @@ def test_llada2_lora_sft_recipe_end_to_end(tmp_path, ds):
     models = tmp_path / "models"
     assert convert(["import-llada2", str(tmp_path / "rel"), str(models / "llada2-mini"), "--dtype", "fp32",
                     "--quiet"]) == 0
-    rows = [{"conversations": [{"role": "user", "content": f"what is two plus {w}"},
-                               {"role": "assistant", "content": f"two plus {w} is the {w}"}]}
-            for w in "the a of and to in is you that it he was for on are as with his they at".split() * 2]
-    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    build_shards([str(tmp_path / "sft.jsonl")], str(models / "llada2-mini"), str(tmp_path / "shards"), "sft",
-                 shard_tokens=400, val_docs=4, progress=False, log=lambda m: None)
+    shards = tiny_sft_shards(models / "llada2-mini")
     run = tmp_path / "run"
     shape = {"num_layers": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4, "num_kv_heads": 2,
              "head_dim": 16, "moe_intermediate_size": 8, "num_experts": 8, "num_experts_per_tok": 3, "n_group": 4,
              "topk_group": 2, "max_seq_len": 256, "norm_eps": 1e-6, "rope_theta": 600000.0}
     run_ranks(["-m", "llada_scale.train", "--config", "configs/sft_llada2_mini_lora.yaml", "--deepspeed_config",
-               ds, f"run_dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+               ds, f"run_dir={run}", f"data.train_shards={shards}",
                "model.preset=none", *[f"model.{k}={v}" for k, v in shape.items()], "data.seq_len=32",
                "data.num_workers=0", "train.wandb=off", "train.val_every=0", "train.log_every=1",
                "train.num_samples=0", "train.max_steps=2", "train.micro_batch_size=2", "train.global_batch_size=2",

@@ -151,15 +151,12 @@ def test_trainer_lora_checkpoints_adapters_and_merges(tmp_path, pretrain_shards,
 
 
 @pytest.mark.distributed
-def test_llada_lora_sft_recipe_end_to_end(tmp_path):
+def test_llada_lora_sft_recipe_end_to_end(tmp_path, tiny_sft_shards):
     """configs/sft_llada8b_lora.yaml at a tiny shape under ZeRO-3: import-llada (embedding 136 rows: not a multiple
     of 64, mask token <|mdm_mask|> inside the tokenizer) -> SFT shards rendered with the imported chat template ->
     2 LoRA steps -> merge-lora -> export-llada -> transformers loads it with the merged model's logits."""
-    import json
-
     import llada_scale.checkpoint as cio
     from convert_checkpoint import main as convert
-    from llada_scale.data.build import build_shards
 
     sys.path.insert(0, str(REPO / "tests" / "checkpoint"))
     from tiny_models import make_llada_dir
@@ -168,16 +165,11 @@ def test_llada_lora_sft_recipe_end_to_end(tmp_path):
     cfg, _ = make_llada_dir(tmp_path / "llada", n_shards=2, embedding_size=136, vocab_size=136)
     models = tmp_path / "models"
     assert convert(["import-llada", str(tmp_path / "llada"), str(models / "llada-8b-instruct"), "--quiet"]) == 0
-    rows = [{"conversations": [{"role": "user", "content": f"what is two plus {w}"},
-                               {"role": "assistant", "content": f"two plus {w} is the {w}"}]}
-            for w in "the a of and to in is you that it he was for on are as with his they at".split() * 2]
-    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    build_shards([str(tmp_path / "sft.jsonl")], str(models / "llada-8b-instruct"), str(tmp_path / "shards"), "sft",
-                 shard_tokens=400, val_docs=4, progress=False, log=lambda m: None)
+    shards = tiny_sft_shards(models / "llada-8b-instruct")
     run = tmp_path / "run"
     env = {"LLADA_MODELS": str(models)}
     run_ranks(["-m", "llada_scale.train", "--config", "configs/sft_llada8b_lora.yaml", "--deepspeed_config",
-               "ds_configs/zero3.json", f"run_dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+               "ds_configs/zero3.json", f"run_dir={run}", f"data.train_shards={shards}",
                "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4",
                "model.intermediate_size=160", "model.max_seq_len=256", "data.seq_len=32", "data.num_workers=0",
                "train.wandb=off", "train.val_every=0", "train.log_every=1", "train.num_samples=0", "train.max_steps=2",
