@@ -14,6 +14,10 @@ Expert compute is dropless token choice in grouped form: the (token, expert) pai
 expert multiplies one contiguous slice of the permuted tokens (``torch._grouped_mm`` in one call on CUDA when
 available, one GEMM per expert with tokens otherwise), and the outputs are un-permuted and combined with the
 routing weights in float32. No tokens x experts dense product is ever formed.
+
+The whole block, statistics and auxiliary loss included, compiles without a graph break (``torch.compile`` per
+decoder layer, with or without activation checkpointing; ``tests/model/test_moe_compile.py``): counts have a
+static size (:func:`expert_counts`), the statistics are tensors, the per-expert loop is one opaque operator.
 """
 
 from __future__ import annotations

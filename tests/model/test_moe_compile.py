@@ -73,8 +73,7 @@ def test_loop_operator_gradients_equal_autograd_of_the_loop():
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([3, 0, 5, 2])
     x = torch.randn(10, 8, generator=g, dtype=torch.float64)
-    ws = [torch.randn(4, 6, 8, generator=g, dtype=torch.float64), torch.randn(4, 6, 8, generator=g, dtype=torch.float64),
-          torch.randn(4, 8, 6, generator=g, dtype=torch.float64)]
+    ws = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 6, 8), (4, 6, 8), (4, 8, 6))]
     dy = torch.randn(10, 8, generator=g, dtype=torch.float64)
     grads = {}
     for name, fn in (("op", moe.expert_loop_swiglu), ("loop", moe._loop_swiglu)):
