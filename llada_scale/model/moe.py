@@ -14,6 +14,10 @@ Expert compute is dropless token choice in grouped form: the (token, expert) pai
 expert multiplies one contiguous slice of the permuted tokens (``torch._grouped_mm`` in one call on CUDA when
 available, one GEMM per expert with tokens otherwise), and the outputs are un-permuted and combined with the
 routing weights in float32. No tokens x experts dense product is ever formed.
+
+The whole block, statistics and auxiliary loss included, compiles without a graph break (``torch.compile`` per
+decoder layer, with or without activation checkpointing; ``tests/model/test_moe_compile.py``): counts have a
+static size (:func:`expert_counts`), the statistics are tensors, the per-expert loop is one opaque operator.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RouterStats", "Router", "Experts", "MoEBlock", "route", "grouped_swiglu"]
+__all__ = ["RouterStats", "Router", "Experts", "MoEBlock", "route", "grouped_swiglu", "expert_counts", "recomputing"]
 
 
 def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -55,6 +59,32 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, n_group: 
     return topk_idx, w * routed_scaling_factor, scores
 
 
+def recomputing() -> bool:
+    """True while eager activation checkpointing recomputes a forward inside the backward (an autograd graph
+    task is running: ``torch._C._current_graph_task_id() != -1``).
+
+    Under ``torch.compile`` (the call is then never traced) always False: a checkpoint inside the compiled
+    region (:func:`llada_scale.training.parallelize.apply_compile`, which compiles the checkpointed decoder layer)
+    becomes dynamo's checkpoint operator, whose recompute is part of the compiled backward graph and runs no
+    Python, so the forward's recorded side effects (the statistics) happen once per forward, as in eager. Not
+    covered: a compiled module called inside an *eager* ``checkpoint`` re-runs its compiled code, statistics
+    included, in the backward (no configuration of the trainer does this)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """(token, expert) pairs per expert: [num_experts] in ``dtype`` from int64 ``topk_idx`` [N, top_k].
+
+    Equal to ``torch.bincount(topk_idx.flatten(), minlength=num_experts)`` (exact in float32 below 2^24 pairs
+    per expert), but with a static output size, so ``torch.compile`` traces it (bincount's size depends on the
+    data: a graph break)."""
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device, dtype=dtype).scatter_add_(
+        0, flat, torch.ones(flat.shape, device=flat.device, dtype=dtype))
+
+
 class RouterStats:
     """Training-time statistics of a router, kept on the router object for the trainer
     (:mod:`llada_scale.training.moe_balance`): after :meth:`observe` of a training forward, ``last_load``
@@ -67,29 +97,38 @@ class RouterStats:
     def init_stats(self, top_k: int) -> None:
         self.top_k, self.aux_loss_coef = top_k, 0.0
         self.last_load = self.last_entropy = self.aux_loss = self.load_sum = self.entropy_sum = None
-        self.forwards = 0
+        self.forwards = None  # float32 0-d tensor once observed (a Python int: a torch.compile guard)
 
     def observe(self, scores: torch.Tensor, topk_idx: torch.Tensor, seq_shape: tuple[int, int] | None) -> None:
         """Record a training forward: ``scores`` float32 [N, E] unbiased sigmoid scores (with gradient),
-        ``topk_idx`` int64 [N, top_k] the chosen experts, ``seq_shape`` (B, L) with N = B L (None: no aux loss)."""
-        if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+        ``topk_idx`` int64 [N, top_k] the chosen experts, ``seq_shape`` (B, L) with N = B L (None: no aux loss).
+
+        Traceable by ``torch.compile`` without a graph break: the sums are tensors, rebound (not mutated in
+        place), so a compiled layer has two variants at most (sums None: first forward after :meth:`take_stats`;
+        sums present: later forwards of a gradient-accumulation step), the loads a fixed-size count
+        (:func:`expert_counts`), and the recompute test :func:`recomputing`."""
+        if not recomputing():
             with torch.no_grad():  # statistics only
-                self.last_load = torch.bincount(topk_idx.reshape(-1), minlength=scores.shape[1]).float()
+                self.last_load = expert_counts(topk_idx, scores.shape[1], torch.float32)
                 p = scores / scores.sum(-1, keepdim=True)
                 self.last_entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
-                self.load_sum = self.last_load if self.load_sum is None else self.load_sum + self.last_load
-                self.entropy_sum = self.last_entropy + (0 if self.entropy_sum is None else self.entropy_sum)
-                self.forwards += 1
+                if self.load_sum is None:
+                    self.load_sum, self.entropy_sum = self.last_load, self.last_entropy
+                    self.forwards = torch.ones((), device=scores.device)
+                else:
+                    self.load_sum = self.load_sum + self.last_load
+                    self.entropy_sum = self.entropy_sum + self.last_entropy
+                    self.forwards = self.forwards + 1
         # also in a recompute, which must save the same tensors as the forward
         self.aux_loss = (self.sequence_aux_loss(scores, topk_idx, seq_shape)
                          if self.aux_loss_coef > 0 and seq_shape is not None else None)
 
     def take_stats(self):
         """``(load_sum [E], entropy_sum, forwards)`` accumulated since the last call (training forwards outside
-        backward recomputes), then reset; ``(None, None, 0)`` when there were none."""
-        out = (self.load_sum, self.entropy_sum, self.forwards)
-        self.load_sum = self.entropy_sum = None
-        self.forwards = 0
+        backward recomputes; ``forwards`` a Python int, read with one device sync), then reset;
+        ``(None, None, 0)`` when there were none."""
+        out = (self.load_sum, self.entropy_sum, int(self.forwards)) if self.forwards is not None else (None, None, 0)
+        self.load_sum = self.entropy_sum = self.forwards = None
         return out
 
     def sequence_aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, seq_shape: tuple[int, int]):
@@ -172,13 +211,21 @@ def grouped_swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate: torch.T
         w_gate, w_up: [E, I, hidden]; w_down: [E, hidden, I].
     Returns:
         [M, hidden] in x's dtype. On CUDA with bf16 and aligned shapes one ``torch._grouped_mm`` per projection
-        (offsets = cumulative counts); otherwise one matmul per expert with rows (contiguous slices).
+        (offsets = cumulative counts); otherwise one matmul per expert with rows (contiguous slices). Under
+        ``torch.compile`` the per-expert loop (its ``counts.tolist()`` is a graph break) runs as the opaque
+        operator ``llada_scale::expert_loop_swiglu`` with a hand-written backward (:func:`_loop_backward`).
     """
     if _grouped_mm_ok(x_sorted, w_gate):
         offs = counts.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x_sorted, w_gate.transpose(1, 2), offs=offs)) * \
             torch._grouped_mm(x_sorted, w_up.transpose(1, 2), offs=offs)
         return torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)
+    if torch.compiler.is_compiling():
+        return expert_loop_swiglu(x_sorted, counts, w_gate, w_up, w_down)
+    return _loop_swiglu(x_sorted, counts, w_gate, w_up, w_down)
+
+
+def _loop_swiglu(x_sorted, counts, w_gate, w_up, w_down):
     outs, start = [], 0
     for e, c in enumerate(counts.tolist()):
         if c == 0:
@@ -187,6 +234,64 @@ def grouped_swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate: torch.T
         outs.append(F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e]))
         start += c
     return torch.cat(outs, 0) if outs else x_sorted.new_zeros(0, w_down.shape[1])
+
+
+@torch.library.custom_op("llada_scale::expert_loop_swiglu", mutates_args=())
+def expert_loop_swiglu(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       w_down: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop of :func:`grouped_swiglu` as one operator (same arguments and result), which
+    ``torch.compile`` keeps whole: its output shape [M, hidden] is static, the data-dependent split inside."""
+    return _loop_swiglu(x_sorted, counts, w_gate, w_up, w_down)
+
+
+@expert_loop_swiglu.register_fake
+def _(x_sorted, counts, w_gate, w_up, w_down):
+    return x_sorted.new_empty(x_sorted.shape[0], w_down.shape[1])
+
+
+@torch.library.custom_op("llada_scale::expert_loop_swiglu_backward", mutates_args=())
+def _loop_backward(grad: torch.Tensor, x_sorted: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor,
+                   w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """Gradients (x_sorted, w_gate, w_up, w_down) of :func:`expert_loop_swiglu` for the output gradient
+    ``grad`` [M, hidden], per expert e with rows x (g = x W_g^T, u = x W_u^T, a = silu(g) u, y = a W_d^T):
+    dW_d = dy^T a, da = dy W_d, du = da silu(g), dg = da u s (1 + g (1 - s)) with s = sigmoid(g) (silu'),
+    dx = dg W_g + du W_u, dW_g = dg^T x, dW_u = du^T x. Experts without rows get zero weight gradients."""
+    dx, dwg, dwu, dwd = (torch.zeros_like(t) for t in (x_sorted, w_gate, w_up, w_down))
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        x, dy = x_sorted[start:start + c], grad[start:start + c]
+        g, u = F.linear(x, w_gate[e]), F.linear(x, w_up[e])
+        s = torch.sigmoid(g)
+        silu = g * s
+        da = dy @ w_down[e]
+        du = da * silu
+        dg = da * u * s * (1 + g * (1 - s))
+        dwd[e] = dy.t() @ (silu * u)
+        dx[start:start + c] = dg @ w_gate[e] + du @ w_up[e]
+        dwg[e], dwu[e] = dg.t() @ x, du.t() @ x
+        start += c
+    return dx, dwg, dwu, dwd
+
+
+@_loop_backward.register_fake
+def _(grad, x_sorted, counts, w_gate, w_up, w_down):
+    return tuple(torch.empty_like(t) for t in (x_sorted, w_gate, w_up, w_down))
+
+
+def _loop_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _loop_grad(ctx, grad):
+    x_sorted, counts, w_gate, w_up, w_down = ctx.saved_tensors
+    dx, dwg, dwu, dwd = _loop_backward(grad, x_sorted, counts, w_gate, w_up, w_down)
+    return dx, None, dwg, dwu, dwd
+
+
+expert_loop_swiglu.register_autograd(_loop_grad, setup_context=_loop_setup)
 
 
 class MoEBlock(nn.Module):
@@ -218,7 +323,7 @@ class MoEBlock(nn.Module):
         n, e = flat.shape[0], self.num_experts
         pairs = topk_idx.reshape(-1)
         order = torch.argsort(pairs, stable=True)
-        counts = torch.bincount(pairs, minlength=e)
+        counts = expert_counts(pairs, e, torch.int64)
         out_sorted = self.experts(flat.index_select(0, order // self.top_k), counts)
         out = out_sorted.new_zeros(out_sorted.shape).index_copy(0, order, out_sorted)  # back to (token, k) order
         y = (out.view(n, self.top_k, -1).float() * topk_weight.unsqueeze(-1)).sum(1)

@@ -92,8 +92,13 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> None:
     All layers share one code object (``Module._call_impl``), whose cache holds one entry per (input shape,
     train/eval, checkpointed or not): a block-diffusion run with selective checkpointing needs 2 x 2 x 2 = 8,
     dynamo's default ``recompile_limit``, so the limit is raised to 32 (past it dynamo silently runs eager).
+    Sets dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (process-wide, like the limit).
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    # a checkpointed layer is traced as one checkpoint operator, in which dynamo refuses attribute side effects
+    # (graph break: the whole layer ran eager) unless told that they need not be replayed in the recompute; the
+    # MoE router statistics are such side effects and must NOT be replayed (llada_scale.model.moe.recomputing)
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in model.model.layers:
         layer.compile(dynamic=False, backend=backend)
 
