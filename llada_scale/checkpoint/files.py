@@ -290,12 +290,18 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], out_dir: str, config_d
     return names
 
 
+def tokenizer_dir(src: str) -> str:
+    """The directory of a tokenizer given as a directory or as one of its files (a bare file name included: its
+    directory is the working directory, not "")."""
+    return src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+
+
 def copy_tokenizer_files(src: str, out_dir: str) -> list[str]:
     """Copy tokenizer files (tokenizer.json, tokenizer_config.json, *.model, special_tokens_map.json,
     chat_template.jinja) from ``src`` (a directory or a tokenizer file, whose directory is used) into
     ``out_dir`` atomically. Returns the copied file names; [] when ``src`` does not exist.
     """
-    d = src if os.path.isdir(src) else os.path.dirname(src)
+    d = tokenizer_dir(src)
     if not os.path.isdir(d):
         return []
     wanted = [f for f in sorted(os.listdir(d))

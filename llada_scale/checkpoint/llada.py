@@ -41,7 +41,7 @@ import sys
 from llada_scale.checkpoint.convert import (_export_tokenizer, _import_tokenizer, check_tokenizer_vocab,
                                             consolidated_config)
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, CheckpointError, atomic_write_text,
-                                          read_json, resolve_dtype, save_safetensors)
+                                          read_json, resolve_dtype, save_safetensors, tokenizer_dir)
 from llada_scale.checkpoint.streaming import scan_weights, staged_output, stream_convert
 from llada_scale.checkpoint.weights import (check_state_dict, consolidated_meta, expected_shapes, load_model_state,
                                             model_config_from_meta, resolve_checkpoint, tokenizer_path_from_meta)
@@ -239,7 +239,7 @@ def import_llada(hf_dir: str, out_dir: str, *, dtype: str = "auto", max_shard_si
     tensors = scan_weights(hf_dir)
     dt, origin = resolve_dtype(dtype, (t.dtype for t in tensors.values()))
     tok_src = tokenizer or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
-    mask_token = _check_tokenizer(tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src), mc, cfg_path) \
+    mask_token = _check_tokenizer(tokenizer_dir(tok_src), mc, cfg_path) \
         if tok_src else None
     with staged_output(out_dir, force, inputs=(hf_dir,)) as tmp:
         ident = _import_tokenizer(tok_src, tmp, out_dir, mask_token)

@@ -47,7 +47,8 @@ import torch
 
 from llada_scale.checkpoint.convert import _export_tokenizer, _import_tokenizer, consolidated_config
 from llada_scale.checkpoint.files import (CONFIG_FILE, FORMAT, SAFE_INDEX, SAFE_SINGLE, CheckpointError,
-                                          atomic_save_file, atomic_write_text, parse_dtype, parse_size, read_json)
+                                          atomic_save_file, atomic_write_text, parse_dtype, parse_size, read_json,
+                                          tokenizer_dir)
 from llada_scale.checkpoint.llada import _check_tokenizer
 from llada_scale.checkpoint.streaming import TensorInfo, scan_weights, staged_output
 from llada_scale.checkpoint.weights import (consolidated_meta, expected_shapes, load_model_state,
@@ -263,7 +264,7 @@ def import_llada2(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_sh
         raise CheckpointError(f"{hf_dir} has no {CONFIG_FILE}; expected a LLaDA2 checkpoint directory")
     raw = read_json(cfg_path)
     tok_src = tokenizer or (hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else None)
-    tok_dir = None if tok_src is None else (tok_src if os.path.isdir(tok_src) else os.path.dirname(tok_src))
+    tok_dir = None if tok_src is None else tokenizer_dir(tok_src)
     mask_id = _mask_from_tokenizer(tok_dir, mask_token, cfg_path) if "mask_token_id" not in raw else None
     mc = config_from_llada2(raw, cfg_path, mask_id)
     if max_seq_len:

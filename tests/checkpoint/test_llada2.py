@@ -229,6 +229,16 @@ def test_llada2_without_tokenizer_warns_on_stderr(tmp_path, capsys):
     assert "no tokenizer recorded" in err and "no tokenizer" not in out
     assert not (tmp_path / "exported" / "tokenizer.json").exists()
 
+def test_llada2_tokenizer_given_as_a_bare_file_name(tmp_path, monkeypatch):
+    """`--tokenizer tokenizer.json` relative to the working directory is that tokenizer, not "no tokenizer"
+    (its directory used to come out as "", which read as none given)."""
+    make_llada2_dir(tmp_path / "rel", mask_token_id=105)
+    monkeypatch.chdir(tmp_path / "rel")
+    assert convert("import-llada2", tmp_path / "rel", tmp_path / "out", "--tokenizer", "tokenizer.json", "--quiet") == 0
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["tokenizer"] is not None and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 @pytest.mark.parametrize("preset, widths", [
     ("llada2-mini", dict(num_hidden_layers=20, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
                          num_attention_heads=16)),
