@@ -142,15 +142,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from llada_scale.train import main as _main  # import as a module so error classes keep their module name
-    from llada_scale.training.signals import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
     _code = _main()
-    if _code in (PREEMPTED_EXIT, INTERRUPTED_EXIT):
-        # Every rank has just left a barrier: exit now, all within a millisecond, skipping the interpreter's
-        # teardown. Otherwise srun --kill-on-bad-exit=1 may see one rank's 75 while another is still tearing
-        # down, kill that one, and report 143 instead of 75 (no requeue; slurm/launch.sh copes, but late).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_code)
-    sys.exit(_code)
+    # Leave without the interpreter's teardown, once everything is written and closed (trainer.close: loader
+    # workers, logger and wandb, engine.destroy, run lock). (1) Preempted or interrupted: every rank has just left
+    # a barrier and exits within a millisecond; otherwise srun --kill-on-bad-exit=1 may see one rank's 75 while
+    # another is still tearing down, kill that one, and report 143 instead of 75 (no requeue; slurm/launch.sh
+    # copes, but late). (2) Any other end: C++ destructors of DeepSpeed/gloo state at teardown abort now and then
+    # ("terminate called without an active exception", exit -6) after a finished ZeRO-3 run: the shared
+    # DeepSpeed-on-CPU note measured 3 in 8 without engine.destroy(), and a ZeRO-3 expert-parallel resume did it
+    # once in ~20 runs even with it (docs/LOG.md 2026-12-08).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)
