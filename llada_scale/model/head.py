@@ -15,7 +15,10 @@ head weight is only ever read inside a module forward (which ZeRO-3 needs to gat
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label of a position without loss (PyTorch's cross_entropy default ignore_index)
 CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MiB in float32 (265 positions at vocab 126,464)
@@ -95,3 +98,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 __all__ = ["IGNORE_INDEX", "CHUNK_ELEMENTS", "default_chunk_size", "linear_cross_entropy"]
+
+
+def head_forward(hidden_states: Callable[[], torch.Tensor], output_weight: Callable[[], torch.Tensor],
+                 labels: torch.Tensor | None) -> torch.Tensor:
+    """A language model's output from its decoder (``hidden_states()`` -> [B, L, d]) and head weight
+    (``output_weight()`` -> [V, d]), both read inside the caller's forward (ZeRO-3 gathers them there).
+
+    Returns:
+        ``labels`` None: the logits [B, L, V] in the hidden states' dtype. Otherwise the float32 per-position
+        cross-entropy [B, L] (0 where ``labels`` is :data:`IGNORE_INDEX`) through :func:`linear_cross_entropy` on
+        the labelled positions only; these are selected before the decoder runs, so the host waits (``nonzero``)
+        only for the few small ops that made the labels, not for the forward.
+    """
+    if labels is None:
+        return F.linear(hidden_states(), output_weight())
+    keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden_states()
+    ce = linear_cross_entropy(h.reshape(-1, h.shape[-1]).index_select(0, keep), output_weight(),
+                              labels.reshape(-1).index_select(0, keep))
+    return ce.new_zeros(labels.numel()).index_copy(0, keep, ce).view(labels.shape)

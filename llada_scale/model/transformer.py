@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llada_scale.model import attention
-from llada_scale.model.head import IGNORE_INDEX, linear_cross_entropy
+from llada_scale.model.head import head_forward
 from llada_scale.model.rope import apply_rotary, normalize_rope_scaling, rotary_cos_sin
 
 
@@ -311,16 +311,8 @@ class Transformer(nn.Module):
         return self.model.decode(x, cos, sin, mask)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, attention_mask=None, labels=None):
-        if labels is None:
-            h = self.hidden_states(input_ids, position_ids, document_ids, attention_mask)
-            return F.linear(h, self.output_weight())
-        # Select the labelled positions before the layers run: the host waits here (nonzero) only for the
-        # few small ops that made the labels, not for the forward.
-        keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-        h = self.hidden_states(input_ids, position_ids, document_ids, attention_mask)
-        ce = linear_cross_entropy(h.reshape(-1, h.shape[-1]).index_select(0, keep), self.output_weight(),
-                                  labels.reshape(-1).index_select(0, keep))
-        return ce.new_zeros(labels.numel()).index_copy(0, keep, ce).view(labels.shape)
+        return head_forward(lambda: self.hidden_states(input_ids, position_ids, document_ids, attention_mask),
+                            self.output_weight, labels)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``exclude_embeddings`` drops the input embedding (kept if tied to the head)."""
