@@ -11,7 +11,6 @@ Usage: python tests/training/sequence_parallel_llada2_worker.py OUT_JSON
 """
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -24,11 +23,11 @@ from llada_scale.model.llada2_moe import LLaDA2Config, LLaDA2MoeModel  # noqa: E
 from llada_scale.objectives.config import ObjectiveConfig  # noqa: E402
 from llada_scale.objectives.losses import compute_loss  # noqa: E402
 from llada_scale.training import sequence_parallel as sp  # noqa: E402
-from llada_scale.training.config import RunConfig  # noqa: E402
 from llada_scale.training.engine import init_distributed  # noqa: E402
 from llada_scale.training.moe_balance import MoEBalancer  # noqa: E402
 from llada_scale.training.parallelize import apply_activation_checkpointing  # noqa: E402
-from tests.training.sequence_parallel_worker import MASK, VOCAB, B, L, batch  # noqa: E402
+from tests.training.sequence_parallel_worker import (MASK, VOCAB, batch, compare_grads, install_plan,  # noqa: E402
+                                                     write_results)
 
 CASES = {"sft_block_diffusion": "none", "sft_block_diffusion_ckpt": "full"}  # name: activation checkpointing
 AUX = 0.1
@@ -62,23 +61,15 @@ def main():
         par = copy.deepcopy(ref)
         data = batch(True)
         ref_loss, ref_aux, ref_loads, ref_grads = run(ref, ref, data)
-        cfg = RunConfig()
-        cfg.model, cfg.data.seq_len = mcfg, L
-        cfg.train.sequence_parallel_size, cfg.train.micro_batch_size, cfg.train.global_batch_size = world, B, B
-        plan = sp.setup(cfg, rank, world)
-        assert sp.install(par, plan) == mcfg.num_layers
+        plan = install_plan(par, mcfg, rank, world)
         loss, aux, loads, grads = run(par, sp.model_for_loss(par, plan, mcfg), data)
         for t in [aux, loads, *grads.values()]:
             dist.all_reduce(t, group=plan.group)
-        rel = max(((grads[n] - r).abs().max() / r.abs().max().clamp(min=1e-30)).item() for n, r in ref_grads.items())
         router = max(grads[n].abs().max().item() for n in grads if n.endswith("gate.weight"))
         results[name] = {"loss": loss.item(), "ref_loss": ref_loss.item(), "aux": aux.item(),
                          "ref_aux": ref_aux.item(), "loads": loads.tolist(), "ref_loads": ref_loads.tolist(),
-                         "grad_rel": rel, "router_grad": router,
-                         "grad_norm": torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()}
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
+                         "router_grad": router, **compare_grads(grads, ref_grads)}
+    write_results(out, results, rank)
 
 
 if __name__ == "__main__":

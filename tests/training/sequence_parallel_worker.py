@@ -65,6 +65,29 @@ def run(model, loss_model, data, obj, causal):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def install_plan(par, mcfg, rank: int, world: int):
+    """Sequence parallelism over all ``world`` ranks (this worker's B x L batch) bound to every attention of
+    ``par``; returns the plan."""
+    cfg = RunConfig()
+    cfg.model, cfg.data.seq_len = mcfg, L
+    cfg.train.sequence_parallel_size, cfg.train.micro_batch_size, cfg.train.global_batch_size = world, B, B
+    plan = sp.setup(cfg, rank, world)
+    assert sp.install(par, plan) == mcfg.num_layers
+    return plan
+
+
+def compare_grads(grads: dict, ref_grads: dict) -> dict:
+    """``grad_rel``: the largest |grad - ref| / max |ref| over the parameters; ``grad_norm``: the reference's."""
+    rel = max(((grads[n] - r).abs().max() / r.abs().max().clamp(min=1e-30)).item() for n, r in ref_grads.items())
+    return {"grad_rel": rel, "grad_norm": torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()}
+
+
+def write_results(out: str, results: dict, rank: int) -> None:
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+
+
 def main():
     out = sys.argv[1]
     rank, _, world = init_distributed()
@@ -79,20 +102,12 @@ def main():
         obj = ObjectiveConfig(**okw)
         data = batch(sft)
         ref_loss, ref_grads = run(ref, ref, data, obj, causal)
-        cfg = RunConfig()
-        cfg.model, cfg.data.seq_len = mcfg, L
-        cfg.train.sequence_parallel_size, cfg.train.micro_batch_size, cfg.train.global_batch_size = world, B, B
-        plan = sp.setup(cfg, rank, world)
-        assert sp.install(par, plan) == mcfg.num_layers
+        plan = install_plan(par, mcfg, rank, world)
         loss, grads = run(par, sp.model_for_loss(par, plan, mcfg), data, obj, causal)
         for g in grads.values():
             dist.all_reduce(g, group=plan.group)  # the sum over the SP group (DeepSpeed: sum over SP, mean over DP)
-        rel = max(((grads[n] - r).abs().max() / r.abs().max().clamp(min=1e-30)).item() for n, r in ref_grads.items())
-        results[name] = {"loss": loss.item(), "ref_loss": ref_loss.item(), "grad_rel": rel,
-                         "grad_norm": torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()}
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
+        results[name] = {"loss": loss.item(), "ref_loss": ref_loss.item(), **compare_grads(grads, ref_grads)}
+    write_results(out, results, rank)
 
 
 if __name__ == "__main__":
