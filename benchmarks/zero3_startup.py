@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -32,10 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-
-def _rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+from memory import peak_rss_gb, rss_gb  # noqa: E402  (benchmarks/memory.py, beside this script)
 
 
 def _anon_gb() -> float:
@@ -80,13 +76,13 @@ def child(init_from: str, zero3_init: str, preset: str, run_dir: str, sp: str) -
         f"train.sequence_parallel_size={sp}"])
     import deepspeed
 
-    before = _rss_gb()
+    before = rss_gb()
     sampler = _AnonPeak()
     build: dict = {}
     initialize = deepspeed.initialize
 
     def measured_initialize(*a, **kw):  # the model is built and init_from loaded: what zero3_init changes
-        build.update(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, anon=sampler.peak)
+        build.update(peak=peak_rss_gb(), anon=sampler.peak)
         return initialize(*a, **kw)
 
     deepspeed.initialize = measured_initialize
@@ -94,10 +90,10 @@ def child(init_from: str, zero3_init: str, preset: str, run_dir: str, sp: str) -
     trainer = Trainer(cfg, "ds_configs/zero3.json", loader_factory=lambda: None)
     seconds = time.perf_counter() - t0
     anon_peak = sampler.stop()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gb()
     print(json.dumps({"rank": rank, "zero3_init": zero3_init, "sp": int(sp), "params": trainer.num_params,
                       "rss_before_gb": before, "peak_rss_gb": peak, "peak_anon_gb": anon_peak,
-                      "build_peak_rss_gb": build["peak"], "build_peak_anon_gb": build["anon"], "rss_after_gb": _rss_gb(),
+                      "build_peak_rss_gb": build["peak"], "build_peak_anon_gb": build["anon"], "rss_after_gb": rss_gb(),
                       "startup_s": seconds}))
     trainer.engine.destroy()
 
