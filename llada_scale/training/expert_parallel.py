@@ -37,6 +37,7 @@ from llada_scale.training.config import ConfigError
 
 __all__ = ["ds_section", "check", "prepare", "moe_optimizer", "attach", "AutoEPRouter", "check_resume"]
 
+
 def ds_section(model_cfg, ep_size: int, device: torch.device) -> dict:
     """The DeepSpeed ``expert_parallel`` (AutoEP) section for a LLaDA2 config: module patterns of
     :class:`llada_scale.model.llada2_moe.LLaDA2DecoderLayer` and the router of the release (see the module
@@ -57,7 +58,7 @@ def check(cfg, world_size: int) -> None:
 
     Raises:
         ConfigError: expert parallelism asked of a DeepSpeed without AutoEP, of a dense model, with LoRA or
-            sequence parallelism (not supported together), or a size that divides neither the world size nor the
+            sequence parallelism (not supported together), or a size that does not divide the world size or the
             number of experts.
     """
     ep = cfg.train.expert_parallel_size
